@@ -109,6 +109,20 @@ def model_import_gguf(file: Path = typer.Argument(..., help="GGUF file."),
     typer.echo(f"wrote {out}")
 
 
+@model_app.command("export-gguf")
+def model_export_gguf(model: str = typer.Argument(..., help="Llama-architecture HF directory (or 'tiny')."),
+                      out: Path = typer.Option(..., "--out", help="Output .gguf file."),
+                      dtype: str = typer.Option("f32", help="f32 or f16 for matrices (norms stay f32).")) -> None:
+    """Write a Llama-architecture HF directory as a GGUF file."""
+    from .gguf import export_gguf
+    from .models import resolve_model
+
+    if dtype not in ("f32", "f16"):
+        raise RlmError(f"--dtype must be f32 or f16, not {dtype!r}")
+    export_gguf(resolve_model(model), out, dtype=dtype)
+    typer.echo(f"wrote {out}")
+
+
 _loaded = False
 
 

@@ -119,4 +119,11 @@ def import_gguf(file: str | Path, out: str | Path, overwrite: bool = False) -> P
         tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     except Exception as exc:
         raise ModelError(f"cannot import GGUF file {file}: {exc}") from exc
-    return save_model(model, tok, out, overwrite=overwrite)
+    # transformers marks GGUF-loaded models as quantized and refuses to save them: rebuild a plain model.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return save_model(plain, tok, out, overwrite=overwrite)

@@ -1,0 +1,31 @@
+"""GGUF: export the tiny model, import it back through transformers, same tokens and logits."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from rlm.core.cli import main
+from rlm.core.models import load_model
+
+
+def test_gguf_round_trip_through_cli(tiny_model_dir, tmp_path):
+    gguf_file = tmp_path / "tiny.gguf"
+    assert main(["model", "export-gguf", str(tiny_model_dir), "--out", str(gguf_file)]) == 0
+    out = tmp_path / "imported"
+    assert main(["model", "import-gguf", str(gguf_file), "--out", str(out)]) == 0
+    assert json.loads((out / "rlm_manifest.json").read_text())["inputs"]["gguf"]["sha256"]
+    a, tok_a = load_model(tiny_model_dir)
+    b, tok_b = load_model(out)
+    text = "What is 12 + 30? The answer is 42. ünï ✓"
+    ids = tok_a(text, return_tensors="pt")
+    assert tok_b(text)["input_ids"] == ids["input_ids"][0].tolist()
+    assert tok_b.chat_template == tok_a.chat_template
+    with torch.no_grad():
+        assert torch.allclose(a(**ids).logits, b(**ids).logits, atol=1e-6)
+
+
+def test_import_gguf_missing_file(tmp_path, capsys):
+    assert main(["model", "import-gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "o")]) == 2
+    assert "GGUF file not found" in capsys.readouterr().err
