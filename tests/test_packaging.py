@@ -17,8 +17,22 @@ def _pip(*args, cwd=REPO):
                           timeout=600)
 
 
+def _source_copy(dst: Path) -> Path:
+    """Copy the sources to build from: building in the checkout would leave an ``rlm.egg-info`` there that
+    shadows the installed distribution's entry points whenever Python runs from the checkout."""
+    import shutil
+
+    dst.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, dst / name)
+    for top in ("core", "plugins"):
+        shutil.copytree(REPO / top, dst / top, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
 def test_wheel_contains_every_package_folder(tmp_path):
-    res = _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO))
+    src = _source_copy(tmp_path / "src")
+    res = _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(src))
     assert res.returncode == 0, res.stderr[-2000:]
     wheel = next(tmp_path.glob("rlm-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -37,8 +51,12 @@ def test_wheel_contains_every_package_folder(tmp_path):
 
 def test_example_plugin_installs_and_is_listed(tmp_path):
     target = tmp_path / "site"
-    res = _pip("install", "--no-deps", "--no-build-isolation", "--target", str(target),
-               str(REPO / "examples" / "rlm-example-plugin"))
+    import shutil
+
+    src = tmp_path / "example"
+    shutil.copytree(REPO / "examples" / "rlm-example-plugin", src,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    res = _pip("install", "--no-deps", "--no-build-isolation", "--target", str(target), str(src))
     assert res.returncode == 0, res.stderr[-2000:]
     env = dict(os.environ, PYTHONPATH=str(target))
     res = subprocess.run([sys.executable, "-m", "rlm.core.cli", "plugins", "--json"], capture_output=True,
