@@ -23,7 +23,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
 
 # Modules under rlm.core that add command groups: each defines ``add_commands(app)``.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["cli_merge", "cli_conflicts", "cli_train", "cli_eval", "cli_experiment"]
 
 
 def _version(value: bool) -> None:

@@ -42,16 +42,78 @@ class Plugin:
         return doc.splitlines()[0] if doc else ""
 
 
+def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
+    """The 63-bit seed of the random generator for one (seed, tensor name, model index): a hash, so a random
+    mask never depends on the order of tensors or on threads."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}\0{tensor_name}\0{int(model_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class MergeContext:
+    """What a merge method knows about the tensor at hand besides the numbers.
+
+    ``rows`` is ``None`` when ``merge`` receives the whole tensor, else the ``(start, stop)`` block of dim 0
+    it receives (large tensors are merged in row blocks); ``shape`` is the whole tensor's shape. ``stats[i]``
+    is what :meth:`MergeMethod.prepare` returned for model ``i`` on the whole tensor."""
+
+    tensor_name: str
+    shape: tuple[int, ...]
+    seed: int = 0
+    rows: tuple[int, int] | None = None
+    stats: list[Any] = field(default_factory=list)
+    #: the model whose task vector :meth:`MergeMethod.prepare` is looking at (``None`` inside ``merge``)
+    model_index: int | None = None
+
+    def generator(self, model_index: int) -> Any:
+        """A fresh ``torch.Generator`` seeded by :func:`tensor_seed` (seed, tensor name, model index)."""
+        import torch
+
+        g = torch.Generator(device="cpu")
+        g.manual_seed(tensor_seed(self.seed, self.tensor_name, model_index))
+        return g
+
+    def block(self, whole: Any) -> Any:
+        """The rows of a whole-tensor array (e.g. a mask from ``prepare``) that match the current block."""
+        return whole if self.rows is None else whole[self.rows[0]:self.rows[1]]
+
+
 class MergeMethod(Plugin, abc.ABC):
     """Combines task vectors tensor by tensor. ``Config`` holds global parameters (lambda, normalize, ...);
-    ``ModelParams`` holds per-model parameters (weight, density, ...)."""
+    ``ModelParams`` holds per-model parameters (weight, density, ...); ``presets`` maps a preset name (e.g.
+    ``paper``) to settings ``{"params": {...global...}, "model_params": {...per model...}}``."""
 
     class ModelParams(PluginConfig):
         weight: float = 1.0
 
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def check(self, params: list[Any]) -> None:
+        """Reject unusable parameters before any tensor is read (raise ``rlm.core.errors.ConfigError``)."""
+
+    def prepare(self, delta: Any, param: Any, *, context: MergeContext) -> Any:
+        """Optional whole-tensor statistic of model ``i``'s fp32 task vector ``delta`` (e.g. a magnitude
+        threshold or a random mask), computed before :meth:`merge` and handed to it as ``context.stats[i]``.
+        The default computes nothing (``None``)."""
+        return None
+
+    def prepare_blocks(self, blocks: Any, param: Any, *, context: MergeContext) -> Any:
+        """:meth:`prepare` for a tensor too large to hold whole: ``blocks()`` yields ``(rows, delta_block)``
+        over model ``i``'s task vector in row order and may be called again for another pass. The default
+        assembles the whole fp32 task vector and calls :meth:`prepare`; override it to stream."""
+        import torch
+
+        full = torch.empty(context.shape, dtype=torch.float32)
+        for (start, stop), block in blocks():
+            full[start:stop] = block
+        return self.prepare(full, param, context=context)
+
     @abc.abstractmethod
     def merge(self, base: Any, deltas: Any, params: list[Any], *, context: Any = None) -> Any:
-        """Return the merged tensor given the base tensor and stacked fp32 task vectors ``deltas[i]``."""
+        """Return the merged tensor given the base tensor and stacked fp32 task vectors ``deltas[i]``
+        (``deltas`` has shape ``(n_models, *base.shape)``; ``context`` is a :class:`MergeContext`)."""
 
 
 @dataclass
@@ -69,6 +131,8 @@ class Task(Plugin, abc.ABC):
     """A verifiable task: data (generated or loaded), a reward for one completion and aggregate metrics."""
 
     subsets: ClassVar[dict[str, str]] = {}
+    #: system message put before every prompt by the chat template (``None``: no system turn)
+    system_prompt: ClassVar[str | None] = None
 
     @abc.abstractmethod
     def examples(self, subset: str | None = None, *, split: str = "train", limit: int | None = None,
@@ -79,22 +143,70 @@ class Task(Plugin, abc.ABC):
     def reward(self, example: Example, completion: str) -> float:
         """Score one completion in [0, 1]; never raises on garbage input."""
 
+    def check_subset(self, subset: str | None) -> str | None:
+        """Return ``subset`` if it is one of ``subsets`` (or ``None``); otherwise raise with the closest names."""
+        if subset is None or subset in self.subsets:
+            return subset
+        import difflib
+
+        from .errors import RlmError
+
+        close = difflib.get_close_matches(subset, list(self.subsets), n=3, cutoff=0.4)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise RlmError(f"unknown subset {subset!r} of task {self.name!r}{hint} "
+                       f"(subsets: {', '.join(self.subsets) or 'none'})")
+
+    def score(self, example: Example, completion: str) -> dict[str, Any]:
+        """Per-example scores written to evaluation records (JSON-serialisable; never raises).
+        Default: ``{"reward": self.reward(example, completion)}``."""
+        return {"reward": self.reward(example, completion)}
+
+    def score_batch(self, examples: list[Example], completions: list[str], *,
+                    progress: bool = False) -> list[dict[str, Any]]:
+        """:meth:`score` for many examples; override to run them in parallel (e.g. sandboxed code)."""
+        return [self.score(e, c) for e, c in zip(examples, completions)]
+
+    def metrics(self, scores: list[dict[str, Any]]) -> dict[str, float]:
+        """Aggregate per-example :meth:`score` dicts into the reported metrics. Default: the mean of every
+        numeric (or boolean) score key over the examples."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for s in scores:
+            for k, v in s.items():
+                if isinstance(v, (bool, int, float)):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                    counts[k] = counts.get(k, 0) + 1
+        return {k: sums[k] / counts[k] for k in sums}
+
 
 class Trainer(Plugin, abc.ABC):
     """Turns a start model and a task into an expert checkpoint."""
 
     @abc.abstractmethod
     def train(self, run: Any) -> Any:
-        """Run training described by ``run`` and return the final checkpoint directory."""
+        """Run training described by ``run`` and return the final checkpoint directory.
+
+        ``run`` is a :class:`rlm.core.training.TrainRun` (start model, task instance, subset, output directory,
+        resume/overwrite). The built-in trainers hand it to the shared engines ``rlm.core.training.run_sft``,
+        ``rlm.core.rollout.run_rft`` and ``rlm.core.rollout.run_rl``, which write checkpoints, ``final/``,
+        ``metrics.jsonl`` and the manifest."""
 
 
 class Metric(Plugin, abc.ABC):
-    """A task-vector statistic accumulated tensor by tensor in one streaming pass."""
+    """A task-vector statistic accumulated tensor by tensor in one streaming pass.
+
+    ``scope`` is ``"model"`` (one value per model) or ``"pair"`` (one per pair of models; the engine refuses
+    fewer than two models). ``needs_topk`` asks the engine for top-k thresholds (``context.first_kept``)."""
+
+    scope: ClassVar[str] = "model"
+    needs_topk: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def update(self, tensor_name: str, deltas: dict[str, Any]) -> None:
-        """Accumulate the statistic for one tensor; ``deltas`` maps model name to its task-vector tensor."""
+    def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
+        """Accumulate the statistic for one block of a tensor (called once or more per tensor, so keep sums
+        over positions); ``deltas`` maps model name to its flat task-vector block, ``context`` is the
+        engine's :class:`rlm.core.analysis.Chunk` with shared derived quantities."""
 
     @abc.abstractmethod
     def result(self) -> dict[str, Any]:
-        """Return the accumulated statistic as JSON-serialisable data."""
+        """Return ``{"models": {name: {...}}, "pairs": {"A|B": {...}}}`` (JSON-serialisable)."""

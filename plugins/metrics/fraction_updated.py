@@ -1,0 +1,65 @@
+"""``fraction_updated``: share of parameters with |τ| above a threshold (exact, float64), and a histogram of
+log10|τ| with ``2**sub_bits`` bins per power of two (exact float32 intervals, see
+``rlm.core.analysis.octave_histogram``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from rlm.core.contracts import Metric, PluginConfig
+from rlm.core.hookspecs import hookimpl
+
+
+class FractionUpdated(Metric):
+    """Share of parameters with |τ| > threshold (default 1e-5), with a histogram of log10|τ|."""
+
+    name = "fraction_updated"
+
+    class Config(PluginConfig):
+        threshold: float = Field(1e-5, ge=0.0)
+        sub_bits: int = Field(2, ge=0, le=6)  # histogram bins per power of two: 2**sub_bits
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._acc: dict[str, dict[str, Any]] = {}
+
+    def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
+        from rlm.core.analysis import count_above, octave_bins, octave_histogram
+
+        import torch
+
+        sub = self.config.sub_bits
+        for name, d in deltas.items():
+            a = self._acc.setdefault(name, {"n": 0, "above": 0, "hist": 0})
+            a["n"] += d.numel()
+            a["above"] += count_above(d, self.config.threshold)
+            if context is not None and context.bits >= 9 + sub:  # reuse the engine's magnitude bins
+                h = torch.bincount(context.bins(name) >> (context.bits - 9 - sub), minlength=octave_bins(sub))
+            else:
+                h = octave_histogram(d, sub)
+            a["hist"] = h + a["hist"]
+
+    def result(self) -> dict[str, Any]:
+        from rlm.core.analysis import octave_edges_log10
+
+        lo = octave_edges_log10(self.config.sub_bits).tolist()
+        models = {}
+        for name, a in self._acc.items():
+            hist = a["hist"].tolist()
+            used = [i for i, c in enumerate(hist) if c and i > 0]
+            first, last = (used[0], used[-1]) if used else (1, 0)
+            models[name] = {
+                "fraction_updated": a["above"] / a["n"] if a["n"] else None,
+                "num_updated": a["above"],
+                # non-empty range only: counts[i] holds log10|τ| in [edges[i], edges[i+1])
+                "log10_abs_histogram": {"edges": lo[first:last + 2], "counts": hist[first:last + 1],
+                                        "zeros": hist[0]},
+            }
+        return {"models": models}
+
+
+@hookimpl
+def register_metrics(register):
+    register(FractionUpdated)

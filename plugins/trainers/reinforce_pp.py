@@ -1,0 +1,35 @@
+"""REINFORCE++: per-token reward -beta*k1 plus the outcome at the last token, return-to-go, batch whitening;
+the KL lives in the reward, not the loss. ``advantage=reinforce_pp_baseline`` subtracts the group mean first."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rlm.core.contracts import Trainer
+from rlm.core.hookspecs import hookimpl
+from rlm.core.rollout import RLConfig
+
+
+class ReinforcePP(Trainer):
+    """REINFORCE++ (KL in the reward, whitened return-to-go advantages), optionally with a group baseline."""
+
+    name = "reinforce_pp"
+    aliases = ("reinforce++",)
+
+    class Config(RLConfig):
+        advantage: Literal["reinforce_pp", "reinforce_pp_baseline"] = "reinforce_pp"
+        kl_in: Literal["reward", "none"] = "reward"
+        kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+        kl_coef: float = Field(1e-3, ge=0)
+
+    def train(self, run):
+        from rlm.core.rollout import run_rl
+
+        return run_rl(self, run)
+
+
+@hookimpl
+def register_trainers(register):
+    register(ReinforcePP)

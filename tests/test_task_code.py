@@ -1,0 +1,199 @@
+"""The code task: canonical solutions pass (HumanEval through `rlm score`, HumanEval+ and MBPP+ base and plus),
+corrupted and hostile ones fail, completions may be bodies or full solutions."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+
+import pytest
+
+from conftest import shared_file
+from rlm.core.cli import main
+from rlm.core.code_eval import build_solution, extract_code
+from rlm.plugins.tasks.code import CodeTask
+
+# Canonical MBPP+ solutions that may fail on a loaded machine, and why (all 378 passed in the last full run):
+# - Mbpp/599 (sum_average): its plus inputs hold 16 calls with n around 1e8 (about 2 s each with `sum(range)` on
+#   this machine); the run is near the 60 s CPU limit, and a loaded machine can push it over.
+# - Mbpp/255 (combinations_colors): plus inputs ask for combinations with replacement of large lists; the
+#   expected outputs pickle to more than 512 MB (so they are kept as a digest of their repr), the candidate's
+#   outputs are large too, and the per-input time limit (4x the reference time, measured in another process)
+#   is tight when the machine's load changes between the two runs.
+MBPP_PLUS_EXCEPTIONS = {"Mbpp/599", "Mbpp/255"}
+
+
+def _rows(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_humaneval_canonical_through_rlm_score(tmp_path):
+    path = shared_file("HumanEval.jsonl.gz")
+    rows = _rows(path)
+    comp = tmp_path / "canonical.jsonl"
+    with open(comp, "w") as f:
+        for i, r in enumerate(rows):
+            # half as function bodies (evalplus `completion`), half as full solutions in a fenced block
+            c = r["canonical_solution"] if i % 2 else f"Here you go:\n```python\n{r['prompt']}{r['canonical_solution']}```"
+            f.write(json.dumps({"task_id": r["task_id"], "completion": c}) + "\n")
+    t0 = time.perf_counter()
+    assert main(["score", "--task", "code:humaneval", "--data", str(path), "--completions", str(comp),
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary == {"code:humaneval": {"pass@1": 1.0, "n": 164}}
+    assert (tmp_path / "out" / "manifest.json").is_file() and not (tmp_path / "out" / "errors.jsonl").exists()
+    print(f"HumanEval canonical: {time.perf_counter() - t0:.1f} s")
+
+    # corrupted: flip the first `return` into returning None for ten tasks
+    bad = tmp_path / "bad.jsonl"
+    with open(bad, "w") as f:
+        for r in rows[:10]:
+            f.write(json.dumps({"task_id": r["task_id"],
+                                "completion": r["canonical_solution"].replace("return ", "return None and ", 1)}) + "\n")
+    assert main(["score", "--task", "code:humaneval", "--data", str(path), "--completions", str(bad),
+                 "--out", str(tmp_path / "bad_out"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "bad_out" / "summary.json").read_text())
+    assert summary["code:humaneval"]["n"] == 10 and summary["code:humaneval"]["pass@1"] <= 0.1
+
+
+def _canonical(subset, name):
+    task = CodeTask()
+    ex = task.examples(subset, split="test", path=str(shared_file(name)))
+    t0 = time.perf_counter()
+    scores = task.score_batch(ex, [e.reference for e in ex])
+    return task, ex, scores, time.perf_counter() - t0
+
+
+def test_humaneval_plus_canonical_pass_base_and_plus():
+    task, ex, scores, dt = _canonical("humaneval_plus", "HumanEvalPlus.jsonl.gz")
+    assert len(ex) == 164
+    failed = [e.id for e, s in zip(ex, scores) if s != {"pass_base": 1.0, "pass_plus": 1.0}]
+    assert failed == []
+    assert task.metrics(scores) == {"pass@1_base": 1.0, "pass@1_plus": 1.0}
+    print(f"HumanEval+ canonical: {dt:.1f} s")
+
+
+@pytest.mark.slow
+def test_mbpp_plus_canonical_pass_base_and_plus():
+    task, ex, scores, dt = _canonical("mbpp_plus", "MbppPlus.jsonl.gz")
+    assert len(ex) == 378
+    failed = {e.id for e, s in zip(ex, scores) if s != {"pass_base": 1.0, "pass_plus": 1.0}}
+    assert failed <= MBPP_PLUS_EXCEPTIONS, failed
+    base_failed = {e.id for e, s in zip(ex, scores) if s["pass_base"] != 1.0}
+    assert base_failed <= {"Mbpp/599"}, base_failed
+    print(f"MBPP+ canonical: {dt:.1f} s, failed: {sorted(failed)}")
+
+
+def test_plus_counts_only_when_base_passes():
+    task = CodeTask()
+    ex = task.examples("gen", limit=1)[0]
+    ex.answer = dict(ex.answer, dataset="humaneval", entry_point="f", canonical="def f(x):\n    return x * 2\n",
+                     base_input=[[1], [2]], plus_input=[[3], [100]])
+    assert task.score(ex, "def f(x):\n    return x * 2\n") == {"pass_base": 1.0, "pass_plus": 1.0}
+    # right on the plus inputs, wrong on a base input: plus does not count
+    assert task.score(ex, "def f(x):\n    return 0 if x == 1 else x * 2\n") == {"pass_base": 0.0, "pass_plus": 0.0}
+    # right on base, wrong on plus
+    assert task.score(ex, "def f(x):\n    return x * 2 if x < 50 else 0\n") == {"pass_base": 1.0, "pass_plus": 0.0}
+    # floats: within atol passes, outside fails
+    ex.answer = dict(ex.answer, canonical="def f(x):\n    return x / 3\n", atol=1e-3)
+    assert task.score(ex, "def f(x):\n    return x / 3 + 1e-4\n")["pass_plus"] == 1.0
+    assert task.score(ex, "def f(x):\n    return x / 3 + 1e-2\n")["pass_plus"] == 0.0
+
+
+def test_body_full_and_fenced_completions():
+    task = CodeTask()
+    path = shared_file("HumanEval.jsonl.gz")
+    ex = task.examples("humaneval", path=str(path), limit=3)
+    r = _rows(path)[:3]
+    for e, row in zip(ex, r):
+        assert task.reward(e, row["canonical_solution"]) == 1.0  # body
+        assert task.reward(e, row["prompt"] + row["canonical_solution"]) == 1.0  # full, unfenced
+        assert task.reward(e, f"```python\n{row['prompt']}{row['canonical_solution']}\n```\nDone.") == 1.0
+        assert task.reward(e, "    return None\n") == 0.0
+    assert extract_code("a\n```py\nx=1\n```\n```python\ndef g():\n  pass\n```", "g").startswith("def g")
+    full = build_solution(ex[0], "def has_close_elements(numbers, threshold):\n    return False\n")
+    assert full.startswith("from typing import List")  # the prompt's imports are kept for full solutions
+
+
+def test_generator_reference_passes_and_wrong_fails():
+    task = CodeTask()
+    ex = task.examples("gen", split="train", limit=12, seed=1)
+    assert [e.prompt for e in ex] == [e.prompt for e in task.examples("gen", split="train", limit=12, seed=1)]
+    scores = task.score_batch(ex, [e.reference for e in ex])
+    assert task.metrics(scores) == {"pass@1": 1.0}
+    wrong = [f"def {e.answer['entry_point']}(x):\n    return None\n" for e in ex]
+    assert task.metrics(task.score_batch(ex, wrong)) == {"pass@1": 0.0}
+
+
+HOSTILE = {
+    "infinite loop": "def {f}(x):\n    while True:\n        pass\n",
+    "fork bomb": "import os\nfor _ in range(1000):\n    try:\n        os.fork()\n    except Exception:\n        pass\n"
+                 "def {f}(x):\n    return None\n",
+    "memory hog": "def {f}(x):\n    a = []\n    while True:\n        a.append(bytearray(10 ** 8))\n",
+    "early exit": "import os\nos._exit(0)\n",
+    "fake verdict": "print('pass base 1')\nimport sys\nsys.exit(0)\n",
+    "network": "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\ndef {f}(x):\n    return x\n",
+    "delete": "import shutil\nshutil.rmtree('{victim}')\ndef {f}(x):\n    return None\n",
+}
+
+
+def test_hostile_completions_score_zero(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("x")
+    task = CodeTask(min_time_limit=0.5, program_timeout=3.0,
+                    sandbox=dict(cpu_seconds=3, wall_seconds=6, memory_mb=1024, max_processes=16))
+    ex = task.examples("gen", limit=len(HOSTILE), seed=5)
+    comps = [code.format(f=e.answer["entry_point"], victim=victim) for e, code in zip(ex, HOSTILE.values())]
+    t0 = time.perf_counter()
+    scores = task.score_batch(ex, comps)
+    assert [s["pass"] for s in scores] == [0.0] * len(HOSTILE), dict(zip(HOSTILE, scores))
+    assert time.perf_counter() - t0 < 60
+    assert (victim / "keep.txt").read_text() == "x"
+
+
+@pytest.mark.parametrize("garbage", [None, "", "   ", "\x00\xff", "```python\n", "def (", "import antigravity" * 3])
+def test_reward_never_raises(garbage):
+    task = CodeTask()
+    e = task.examples("gen", limit=1)[0]
+    assert task.reward(e, garbage) == 0.0
+
+
+def test_opencodeinstruct_fixture(tmp_path):
+    f = tmp_path / "oci.jsonl"
+    rows = [{"id": "abc", "input": "Write add(a, b).", "output": "```python\ndef add(a, b):\n    return a + b\n```",
+             "unit_tests": json.dumps(["assert add(1, 2) == 3", "assert add(-1, 1) == 0"])}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = CodeTask()
+    ex = task.examples("opencodeinstruct", path=str(f))
+    assert ex[0].id == "abc" and task.reward(ex[0], ex[0].reference) == 1.0
+    assert task.reward(ex[0], "def add(a, b):\n    return a - b\n") == 0.0
+
+
+def test_reference_outputs_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLM_CACHE", str(tmp_path / "cache"))
+    task = CodeTask()
+    ex = task.examples("gen", limit=1)[0]
+    ex.answer = dict(ex.answer, dataset="humaneval", entry_point="f", canonical="def f(x):\n    return [x] * 3\n",
+                     base_input=[[1], [2]], plus_input=[[3]])
+    assert task.score(ex, "def f(x):\n    return [x, x, x]\n") == {"pass_base": 1.0, "pass_plus": 1.0}
+    files = list((tmp_path / "cache" / "code_reference").glob("*.pkl"))
+    assert len(files) == 1
+    fresh = CodeTask()  # a new process-level cache: the disk copy is used, the results are the same
+    assert fresh.reference_outputs(ex) == files[0].read_bytes()
+    assert fresh.score(ex, "def f(x):\n    return [x] * 2\n") == {"pass_base": 0.0, "pass_plus": 0.0}
+    # a canonical solution that cannot run makes every candidate fail (nothing to compare against)
+    ex.answer = dict(ex.answer, canonical="def f(x):\n    raise RuntimeError\n")
+    assert fresh.reference_outputs(ex) is None
+    assert fresh.score(ex, "def f(x):\n    return [x] * 3\n") == {"pass_base": 0.0, "pass_plus": 0.0}
+
+
+def test_large_outputs_are_compared_by_digest():
+    task = CodeTask(digest_mb=0.0)  # every expected output stored as a digest of its repr
+    ex = task.examples("gen", limit=1)[0]
+    ex.answer = dict(ex.answer, dataset="humaneval", entry_point="f", canonical="def f(x):\n    return [(x, 'a')] * 3\n",
+                     base_input=[[1], [2]], plus_input=[[3]])
+    assert task.score(ex, "def f(x):\n    return [(x, 'a'), (x, 'a'), (x, 'a')]\n")["pass_plus"] == 1.0
+    assert task.score(ex, "def f(x):\n    return [(x, 'b')] * 3\n")["pass_base"] == 0.0
