@@ -19,9 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p runs/demo
-	$(BIN)/rlm plugins
-	$(BIN)/rlm model init tiny --out runs/demo/base --seed 0 --overwrite
+	$(BIN)/rlm experiment run cpu-tiny --quick --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
