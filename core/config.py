@@ -71,7 +71,7 @@ def merge_sources(file: str | Path | None = None, sets: Sequence[str] = (),
     """Combine the sources in precedence order: base < file < --set < flags (flags that are None are unset)."""
     data: dict[str, Any] = json.loads(json.dumps(dict(base or {})))
     if file is not None:
-        _deep_update(data, read_config_file(file))
+        deep_update(data, read_config_file(file))
     for item in sets:
         path, value = parse_set(item)
         apply_set(data, path, value)
@@ -81,12 +81,13 @@ def merge_sources(file: str | Path | None = None, sets: Sequence[str] = (),
     return data
 
 
-def _deep_update(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
+def deep_update(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
+    """Merge ``src`` into ``dst``: mappings merge key by key, everything else is replaced by a copy."""
     for k, v in src.items():
         if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
+            deep_update(dst[k], v)
         else:
-            dst[k] = v
+            dst[k] = json.loads(json.dumps(v))
 
 
 def validate(model: type[M], data: Mapping[str, Any], source: str = "config") -> M:

@@ -46,7 +46,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import parse_set, read_config_file, validate
+from .config import deep_update, parse_set, read_config_file, validate
 from .contracts import PluginConfig
 from .errors import ConfigError
 from .graph import Graph
@@ -325,14 +325,6 @@ def preset_data(name: str) -> dict[str, Any]:
     return data
 
 
-def _deep_merge(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
-    for k, v in src.items():
-        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
-            _deep_merge(dst[k], v)
-        else:
-            dst[k] = json.loads(json.dumps(v))
-
-
 def _apply_set(data: dict[str, Any], path: Sequence[str], value: Any, item: str) -> None:
     """``a.b.c=value`` where a list may be indexed by position or by an item's ``label`` / ``name``."""
     node: Any = data
@@ -390,7 +382,7 @@ def load_experiment(config_or_preset: str | Path | Mapping[str, Any], quick: boo
     if quick:
         if not quick_block:
             raise ConfigError(f"{source} has no quick block; run without --quick")
-        _deep_merge(data, quick_block)
+        deep_update(data, quick_block)
         source += " (quick)"
     for item in sets:
         path, value = parse_set(item)
