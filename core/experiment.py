@@ -222,6 +222,9 @@ class ExperimentConfig(PluginConfig):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads for the whole run (None: torch's "
                                                         "default; 1 is fastest for the tiny model on a busy CPU)")
+    keep_merged_models: bool = Field(True, description="False: delete each merged model's weights once its "
+                                     "evaluations (and landscape) have finished; it is merged again only when a "
+                                     "step that reads it has to run again (for large bases: 16 GB per 8B merge)")
 
     @model_validator(mode="after")
     def _cross_check(self) -> "ExperimentConfig":
@@ -468,6 +471,7 @@ class PlannedStep:
     kind: str
     deps: list[str]
     config: dict[str, Any] = field(default_factory=dict)
+    ephemeral: bool = False  # output deleted once every dependent has finished (see rlm.core.graph.Step)
 
 
 def _task_train(t: TaskConfig) -> dict[str, Any]:
@@ -498,7 +502,8 @@ def plan_steps(cfg: ExperimentConfig) -> list[PlannedStep]:
             if steps[name].config != config or steps[name].deps != deps:
                 raise ConfigError(f"internal: step {name} planned twice with different configs")
             return name
-        steps[name] = PlannedStep(name, kind, deps, config)
+        steps[name] = PlannedStep(name, kind, deps, config,
+                                  ephemeral=kind == "merge" and not cfg.keep_merged_models)
         return name
 
     ev = {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
@@ -615,7 +620,7 @@ def build_graph(plan: Sequence[PlannedStep], functions: Mapping[str, StepFunctio
     g = Graph()
     for s in plan:
         g.add(s.name, functions[s.kind], deps=s.deps, config=s.config, version=(versions or {}).get(s.kind, "1"),
-              kind=s.kind)
+              kind=s.kind, ephemeral=s.ephemeral)
     return g
 
 

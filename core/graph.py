@@ -149,6 +149,10 @@ class Step:
     config: Any = None
     version: str = "1"
     kind: str | None = None  # free label (e.g. "train"), recorded in step.json and graph.json
+    # An ephemeral step's output files are deleted (step.json stays, marked "pruned") once every dependent has
+    # finished; it is recomputed only when a dependent has to run again. For outputs too large to keep, such as
+    # merged models of a large base.
+    ephemeral: bool = False
 
 
 @dataclass
@@ -254,7 +258,7 @@ class Graph:
         self.steps: dict[str, Step] = {}
 
     def add(self, name: str, fn: StepFn, deps: Iterable[str] = (), config: Any = None, version: str = "1",
-            kind: str | None = None) -> Step:
+            kind: str | None = None, ephemeral: bool = False) -> Step:
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise GraphError(f"bad step name {name!r}: use letters, digits and _ . + = @ - "
                              f"(starting with a letter or digit)")
@@ -263,7 +267,8 @@ class Graph:
         deps = tuple(deps)
         if len(set(deps)) != len(deps):
             raise GraphError(f"step {name!r} lists a dependency twice: {list(deps)}")
-        step = Step(name=name, fn=fn, deps=deps, config=_plain(config), version=str(version), kind=kind)
+        step = Step(name=name, fn=fn, deps=deps, config=_plain(config), version=str(version), kind=kind,
+                    ephemeral=ephemeral)
         self.steps[name] = step
         return step
 
@@ -361,6 +366,17 @@ class Graph:
         for n in order:
             summary.steps[n] = StepStatus(name=n, key=keys[n], status=PENDING if n in wanted else SKIPPED)
 
+        # A pruned ephemeral step is recomputed only if a wanted dependent has to run.
+        dependents: dict[str, list[str]] = {n: [] for n in order}
+        for n in order:
+            for d in self.steps[n].deps:
+                if n in wanted:
+                    dependents[d].append(n)
+        finished = {n: read_step_json(self.step_dir(run_dir, n, keys[n])) for n in order}
+        must_run = {n for n in wanted if finished[n] is None or n in force}
+        revive = {n for n in wanted if self.steps[n].ephemeral and (finished[n] or {}).get("pruned")
+                  and any(c in must_run for c in dependents[n])}
+
         from rich.console import Console
 
         console = console or Console(stderr=True)
@@ -387,9 +403,10 @@ class Graph:
                     bar.advance()
                     continue
                 cached = read_step_json(final)
-                if cached is not None and n not in force:
+                if cached is not None and n not in force and n not in revive:
                     st.status, st.result, st.seconds = CACHED, cached.get("result"), cached.get("seconds")
                     bar.advance()
+                    self._prune_finished(step.deps, dependents, summary)
                     continue
                 inputs = {d: summary.output(d) for d in step.deps}
                 bar.describe(n)
@@ -408,6 +425,7 @@ class Graph:
                     if not keep_going:
                         stop = True
                 bar.advance()
+                self._prune_finished(step.deps, dependents, summary)
                 self._write_graph_json(run_dir, summary)
             self._write_graph_json(run_dir, summary)
         counts = {k: len(summary.names(k)) for k in (DONE, CACHED, FAILED, BLOCKED)}
@@ -442,6 +460,21 @@ class Graph:
             failed_file.unlink()
         shutil.rmtree(run_dir / STEPS_DIR / WORK_DIR / final.name, ignore_errors=True)
         return record["result"], record["seconds"]
+
+    def _prune_finished(self, names: Iterable[str], dependents: Mapping[str, list[str]], summary: RunSummary) -> None:
+        """Delete the output files of ephemeral steps among ``names`` whose dependents have all finished."""
+        for d in names:
+            st = summary.steps[d]
+            if (not self.steps[d].ephemeral or st.dir is None or st.status not in (DONE, CACHED)
+                    or not all(summary.steps[c].status in (DONE, CACHED) for c in dependents[d])):
+                continue
+            record = read_step_json(st.dir)
+            if record is None or record.get("pruned"):
+                continue
+            for child in st.dir.iterdir():
+                if child.name != STEP_FILE:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            atomic_write_json(st.dir / STEP_FILE, {**record, "pruned": True})
 
     def _write_graph_json(self, run_dir: Path, summary: RunSummary) -> None:
         data = {"updated": _now(), "ok": summary.ok,

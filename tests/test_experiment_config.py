@@ -358,3 +358,16 @@ def test_collect_scores_feeds_table1_and_curve():
     assert c.ci_low is not None and c.n_examples == 4
     partial = t.cell("grpo", "averaging", "math")
     assert partial.partners == ["puzzle"] and not partial.complete
+
+
+def test_merged_models_are_ephemeral_only_when_not_kept():
+    from rlm.core.experiment import load_experiment, plan_steps
+
+    paper = plan_steps(load_experiment("paper"))
+    merges = [s for s in paper if s.kind == "merge"]
+    assert merges and all(s.ephemeral for s in merges)
+    assert not any(s.ephemeral for s in paper if s.kind != "merge")
+    tiny = plan_steps(load_experiment("cpu-tiny"))
+    assert not any(s.ephemeral for s in tiny)
+    kept = plan_steps(load_experiment("paper", sets=["keep_merged_models=true"]))
+    assert not any(s.ephemeral for s in kept)

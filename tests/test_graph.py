@@ -281,3 +281,45 @@ def test_work_dir_survives_failure_and_is_removed_after_success(tmp_path):
     assert s.ok and attempts == [False, True]
     assert (s.output("train").dir / "final.txt").read_text() == "half way"
     assert not (tmp_path / "steps" / ".work" / s.output("train").dir.name).exists()
+
+
+def ephemeral_chain(rec: Recorder, c_value: int = 100) -> Graph:
+    """a -> m (ephemeral, a large output) -> (b, c)."""
+    g = Graph()
+    g.add("a", rec.fn, config={"value": 1})
+    g.add("m", rec.fn, deps=["a"], config={"value": 2}, ephemeral=True)
+    g.add("b", rec.fn, deps=["m"], config={"value": 10})
+    g.add("c", rec.fn, deps=["m"], config={"value": c_value})
+    return g
+
+
+def test_ephemeral_step_is_pruned_after_its_dependents_and_revived_only_when_needed(tmp_path):
+    rec = Recorder()
+    s = ephemeral_chain(rec).run(tmp_path, progress=False)
+    assert s.ok and rec.calls == ["a", "m", "b", "c"]
+    m_dir = s.steps["m"].dir
+    assert sorted(p.name for p in m_dir.iterdir()) == [STEP_FILE]  # output files gone, record kept
+    assert read_step_json(m_dir)["pruned"] is True
+    assert (s.steps["a"].dir / "out.txt").is_file()  # ordinary steps keep their files
+
+    rec.calls.clear()
+    s = ephemeral_chain(rec).run(tmp_path, progress=False)
+    assert s.ok and rec.calls == []  # everything cached: the pruned step is not recomputed
+
+    rec.calls.clear()
+    s = ephemeral_chain(rec, c_value=200).run(tmp_path, progress=False)
+    assert s.ok and rec.calls == ["m", "c"]  # c must run and reads m's files, so m is recomputed first
+    assert s.steps["c"].result == {"total": 200 + (2 + 1)}
+    assert read_step_json(s.steps["m"].dir)["pruned"] is True
+
+
+def test_ephemeral_step_is_kept_while_a_dependent_failed(tmp_path):
+    rec = Recorder()
+    rec.fail = {"c"}
+    s = ephemeral_chain(rec).run(tmp_path, progress=False)
+    assert s.failed == ["c"]
+    assert (s.steps["m"].dir / "out.txt").is_file()
+    rec.fail, rec.calls = set(), []
+    s = ephemeral_chain(rec).run(tmp_path, progress=False)
+    assert s.ok and rec.calls == ["c"]
+    assert read_step_json(s.steps["m"].dir)["pruned"] is True
