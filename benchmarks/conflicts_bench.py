@@ -8,7 +8,10 @@ then runs each phase in a fresh subprocess and reports wall time and peak RSS:
 * ``norms``: update_norm, fraction_updated, conflict_norm, cosine (one streaming pass);
 * ``global``: all six metrics with global top-k only (histogram pre-pass + statistics pass);
 * ``all``: all six metrics, global and per-tensor top-k (the default of ``rlm conflicts``);
-* ``all32``: as ``all`` with τ formed in float32 instead of float64 (sums still in float64).
+* ``norms64`` / ``all64``: as ``norms`` / ``all`` with ``delta_dtype: float64`` (τ and every elementwise
+  product in float64, the engine's path for float32 inputs) instead of the default ``auto`` (float32 τ for
+  bf16/fp16 inputs, sums in float64);
+* ``all32``: as ``all`` with ``delta_dtype: float32`` forced for every input.
 
     python benchmarks/conflicts_bench.py --params 400 --experts 2 [--workdir DIR] [--keep]
 """
@@ -44,6 +47,9 @@ else:
     cfg = {"norms": {"metrics": ["update_norm", "fraction_updated", "conflict_norm", "cosine"]},
            "global": {"topk_modes": ["global"]},
            "all": {},
+           "norms64": {"metrics": ["update_norm", "fraction_updated", "conflict_norm", "cosine"],
+                       "delta_dtype": "float64"},
+           "all64": {"delta_dtype": "float64"},
            "all32": {"delta_dtype": "float32"}}[phase]
     res = compute_conflicts(base, models, ConflictsConfig(**cfg, threads=int(sys.argv[4]),
                                                           chunk_elements=int(sys.argv[5])))

@@ -1,11 +1,17 @@
 """Streaming task-vector statistics (``rlm conflicts``): the engine that drives Metric plugins.
 
 Task vectors are ``τ_m = θ_m − θ_base`` for every model ``m``. The engine reads the base and every model one
-tensor at a time (in blocks of rows for large tensors) through :mod:`rlm.core.safetensors_io`, forms τ in
-float64 (``delta_dtype``), and hands each block to every metric as a :class:`Chunk`, which caches the derived
-quantities that several metrics share (|τ|, magnitude bins, top-k levels, sign conflicts). Every statistic is
-a sum over positions, accumulated in float64 (counts in int64), so blocks and tensors can come in any order
-and memory is bounded by one block per model, whatever the model size.
+tensor at a time (in blocks of rows for large tensors) through :mod:`rlm.core.safetensors_io`, forms τ
+(``delta_dtype``: ``auto`` = float32 for bf16/fp16 inputs, where the conversion and the difference are exact
+but for values more than 2^15 apart, float64 otherwise) in reused buffers, and hands each block to every
+metric as a :class:`Chunk`, which computes the shared quantities once (squares, products τ_a·τ_b, sign bits,
+|τ| bit patterns, magnitude bins, top-k codes). Every statistic is a sum over positions accumulated in float64
+(counts in int64; float32 blocks whose sums would underflow or overflow are redone in float64), so blocks and
+tensors can come in any order and memory is bounded by one block per model, whatever the model size.
+
+Passes: the first pass computes every statistic that needs no top-k threshold and the magnitude histograms
+(per tensor and per model); top-k statistics follow in a second pass over the tensors whose thresholds were
+not known while they were read (all of them for global top-k; multi-block tensors for per-tensor top-k).
 
 Top-k masks ("keep each model's top-k fraction by |τ|", used by ``sign_conflict`` and ``topk_overlap``):
 
@@ -17,15 +23,15 @@ Top-k masks ("keep each model's top-k fraction by |τ|", used by ``sign_conflict
   the threshold bin and above bin 0 (zeros, and |τ| below about 6e-42, are never kept). So exact ties are
   always kept together, and the kept set can exceed ``n_keep`` only by positions within one bin (relative
   2^-11) of the exact threshold: the kept fraction actually used is reported per model (``kept_fraction``).
-  Global thresholds need the whole model, so the engine runs one histogram pre-pass over all tensors first
-  (only when a top-k metric is requested; it yields the per-tensor thresholds too); per-tensor thresholds
-  alone need only a histogram sweep over each tensor before its statistics.
+  Global thresholds need the whole model, hence the second pass (only when a top-k metric is requested; the
+  first pass yields the per-tensor thresholds too).
 * Sign-conflict rate at ``k``: among positions kept by both models, the fraction with opposite signs
   (denominator = |K_a(k) ∩ K_b(k)|; ``null`` when that set is empty).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -57,7 +63,9 @@ class ConflictsConfig(PluginConfig):
         description="Top-k scopes to compute; the first one is reported as 'rate'.")
     threshold_bits: int = Field(20, ge=9, le=24, description="Float32 bits kept when binning |τ| for top-k.")
     chunk_elements: int = Field(1 << 18, ge=1, description="Elements per model processed at once.")
-    delta_dtype: Literal["float64", "float32"] = "float64"
+    delta_dtype: Literal["auto", "float64", "float32"] = Field(
+        "auto", description="dtype of τ: 'auto' forms τ in float32 when base and model are bf16/fp16 (exact but "
+                            "for values 2^15 apart) and in float64 otherwise; sums are float64 in every case.")
     check_finite: bool = True
     threads: int | None = Field(1, ge=1, description="torch intra-op threads while computing (None: leave "
                                                      "torch's setting); 1 is fastest on a shared machine.")
@@ -164,27 +172,36 @@ def n_keep(k: float, total: int) -> int:
     return max(1, int(math.floor(k * total + 0.5)))
 
 
-def threshold_bins(hist: Any, total: int, kept_rates: Sequence[float]) -> Any:
+def threshold_bins(hist: Any, total: int, kept_rates: Sequence[float], cum: Any = None) -> Any:
     """For each k, the bin holding the ``n_keep(k, total)``-th largest magnitude (0 when it falls among the
-    zeros); non-increasing in k. ``hist`` counts every position, zeros included."""
+    zeros); non-increasing in k. ``hist`` counts every position, zeros included; ``cum`` is its cumulative
+    sum (``hist.cumsum(0)``) when the caller has it."""
     torch = _torch()
-    # at_or_above[j] = #positions in bins >= (nbins - 1 - j): non-decreasing in j
-    at_or_above = torch.cumsum(torch.flip(hist.to(torch.int64), [0]), 0)
-    need = torch.tensor([n_keep(k, total) for k in kept_rates], dtype=torch.int64)
-    # the threshold bin is the largest b with #positions in bins >= b reaching n_keep
-    j = torch.searchsorted(at_or_above, need, right=False)
-    return (len(hist) - 1 - j).clamp_(min=0)
+    if cum is None:
+        cum = hist.to(torch.int64).cumsum(0)
+    # #positions in bins >= b is total - cum[b-1]; the threshold bin is the largest b where that reaches
+    # n_keep, i.e. the number of indices j with cum[j] <= total - n_keep (cum is non-decreasing)
+    n = int(cum[-1])
+    limit = torch.tensor([n - n_keep(k, total) for k in kept_rates], dtype=cum.dtype)
+    return torch.searchsorted(cum, limit, right=True).clamp_(min=0, max=len(hist) - 1)
 
 
-def first_kept_table(thresholds: Any, bits: int) -> Any:
-    """Lookup table bin -> index of the first grid point at which that bin is kept (``len(thresholds)`` when
-    never): kept at g iff bin >= thresholds[g] and bin > 0 (zeros are never kept)."""
+def first_kept_table(thresholds: Any, bits: int, scale: int = 1) -> Any:
+    """Lookup table bin -> ``scale`` × index of the first grid point at which that bin is kept
+    (``len(thresholds)`` when never): kept at g iff bin >= thresholds[g] and bin > 0 (zeros are never kept).
+    ``thresholds`` is non-increasing, so the table is a step function filled segment by segment."""
     torch = _torch()
-    g = len(thresholds)
-    marks = torch.zeros(n_bins(bits), dtype=torch.int32)
-    marks.index_add_(0, thresholds.to(torch.int64), torch.ones(g, dtype=torch.int32))
-    table = g - torch.cumsum(marks, 0, dtype=torch.int32)  # g - #{g': thresholds[g'] <= bin}
-    table[0] = g
+    thr = [int(x) for x in thresholds]
+    g = len(thr)
+    table = torch.empty(n_bins(bits), dtype=torch.int32)
+    hi = n_bins(bits)
+    for k in range(g):  # bins in [thr[k], previous threshold) are first kept at grid point k
+        lo = max(thr[k], 0)
+        if lo < hi:
+            table[lo:hi] = k * scale
+            hi = lo
+    table[:hi] = g * scale
+    table[0] = g * scale
     return table
 
 
@@ -203,17 +220,48 @@ def first_kept(bins: Any, thresholds: Any, bits: int, table: Any = None) -> Any:
 
 
 class Thresholds:
-    """Threshold bins of one model (and scope) for every kept rate, with a lazily built lookup table."""
+    """Threshold bins of one model (and scope) for every kept rate, with lazily built lookup tables."""
 
     def __init__(self, bins: Any, bits: int) -> None:
         self.bins = bins
         self.bits = bits
         self._table: Any = None
+        self._scaled: dict[int, Any] = {}
+
+    def _use_table(self, block_bins: Any) -> bool:
+        return bool(self._table is not None or self._scaled or block_bins.numel() * 4 >= n_bins(self.bits))
 
     def first_kept(self, block_bins: Any) -> Any:
-        if self._table is None and block_bins.numel() * 4 >= n_bins(self.bits):
+        if self._table is None and self._use_table(block_bins):
             self._table = first_kept_table(self.bins, self.bits)
         return first_kept(block_bins, self.bins, self.bits, self._table)
+
+    def codes(self, block_bins: Any, scale: int, out: Any, scope_numel: int = 0) -> Any:
+        """``first_kept(block_bins) * scale`` written into ``out`` (int32): one table lookup per position.
+        The table is built once per threshold set, worth it when the scope (``scope_numel`` positions, e.g.
+        the whole tensor) is large, whatever the block size."""
+        torch = _torch()
+        if not (self._use_table(block_bins) or scope_numel * 4 >= n_bins(self.bits)):
+            return torch.mul(self.first_kept(block_bins), scale, out=out)
+        if scale not in self._scaled:
+            self._scaled[scale] = first_kept_table(self.bins, self.bits, scale)
+        return torch.index_select(self._scaled[scale], 0, block_bins, out=out)
+
+
+def joint_counts(c: Any, g: int) -> tuple[Any, Any, Any]:
+    """``(both, union, conflicts)`` at grid points 0..g-1 from ``c[first_a, first_b, opposite]`` counts:
+    both(k) = #{first_a <= k and first_b <= k}, union(k) = #{first_a <= k or first_b <= k}, conflicts(k) =
+    those of both(k) with opposite signs (int64)."""
+    torch = _torch()
+    c = c.to(torch.int64)
+    joint = c.sum(dim=2)
+    cum = joint.cumsum(0).cumsum(1)
+    conf_cum = c[:, :, 1].cumsum(0).cumsum(1)
+    idx = torch.arange(g)
+    both = cum[idx, idx]
+    rows = joint.sum(dim=1).cumsum(0)[:g]  # first_a <= k
+    cols = joint.sum(dim=0).cumsum(0)[:g]  # first_b <= k
+    return both, rows + cols - both, conf_cum[idx, idx]
 
 
 def kept_counts(first: Any, g: int) -> Any:
@@ -236,12 +284,48 @@ def pair_counts(first_a: Any, first_b: Any, conflict: Any, g: int) -> tuple[Any,
     return both, union, conf
 
 
-def kept_from_histogram(hist: Any, thresholds: Any) -> Any:
-    """Kept positions at each grid point from a magnitude-bin histogram: bins >= threshold, bin 0 excluded."""
+def kept_from_histogram(hist: Any, thresholds: Any, cum: Any = None) -> Any:
+    """Kept positions at each grid point from a magnitude-bin histogram: bins >= threshold, bin 0 excluded.
+    ``cum``: ``hist.cumsum(0)`` when the caller has it."""
     torch = _torch()
-    from_top = torch.flip(torch.cumsum(torch.flip(hist.to(torch.int64), [0]), 0), [0])
-    from_top = torch.cat([from_top, torch.zeros(1, dtype=torch.int64)])
-    return from_top[thresholds.clamp(min=1)]
+    if cum is None:
+        cum = hist.to(torch.int64).cumsum(0)
+    return cum[-1] - cum[thresholds.clamp(min=1) - 1]
+
+
+def histogram_thresholds(hist: Any, total: int, kept_rates: Sequence[float], block: int = 512) -> tuple[Any, Any]:
+    """``(threshold_bins(hist, total, kept_rates), kept_from_histogram(hist, thresholds))`` without a
+    cumulative sum over every bin: cumulative sums of ``block``-bin sums locate the block holding each
+    threshold, then only that block is summed bin by bin (the histograms have 2^19 bins, most of them empty)."""
+    import numpy as np
+
+    torch = _torch()
+    h = hist.numpy() if hasattr(hist, "numpy") else np.asarray(hist)
+    nb = h.shape[0]
+    if nb % block:
+        cum = torch.from_numpy(np.cumsum(h, dtype=np.int64))
+        thr = threshold_bins(hist, total, kept_rates, cum)
+        return thr, kept_from_histogram(hist, thr, cum)
+    ccum = np.cumsum(h.reshape(-1, block).sum(axis=1, dtype=np.int64))
+    n = int(ccum[-1])
+
+    def cum_at(i: int) -> int:  # Σ h[0..i]
+        b = i // block
+        return (int(ccum[b - 1]) if b else 0) + int(h[b * block:i + 1].sum(dtype=np.int64))
+
+    thr, kept = [], []
+    for k in kept_rates:
+        limit = n - n_keep(k, total)
+        cb = int(np.searchsorted(ccum, limit, side="right"))  # blocks whose cumulative sum stays <= limit
+        if cb >= len(ccum):
+            t = nb - 1
+        else:
+            start = int(ccum[cb - 1]) if cb else 0
+            fine = np.cumsum(h[cb * block:(cb + 1) * block], dtype=np.int64) + start
+            t = min(cb * block + int(np.searchsorted(fine, limit, side="right")), nb - 1)
+        thr.append(t)
+        kept.append(n - cum_at(max(t, 1) - 1))
+    return torch.tensor(thr, dtype=torch.int64), torch.tensor(kept, dtype=torch.int64)
 
 
 def safe_ratio(num: float, den: float) -> float | None:
@@ -279,16 +363,69 @@ def pair_key(a: str, b: str) -> str:
 # the chunk handed to metrics
 # ------------------------------------------------------------------------------------------------------
 
+class Workspace:
+    """Scratch buffers reused from block to block (no allocation, hence no page faults, per block)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[Any, Any] = {}
+
+    def get(self, key: Any, n: int, dtype: Any) -> Any:
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = _torch().empty(n, dtype=dtype)
+            self._bufs[key] = buf
+        return buf[:n]
+
+    def ones(self, n: int, dtype: Any) -> Any:
+        buf = self._bufs.get(("ones", dtype))
+        if buf is None or buf.numel() < n:
+            buf = _torch().ones(n, dtype=dtype)
+            self._bufs[("ones", dtype)] = buf
+        return buf[:n]
+
+
+# float32 block sums below this (or non-finite) are recomputed in float64: squares and products of float32
+# values below ~1e-19 underflow, those above ~1e19 overflow
+_F32_TINY = 2.0 ** -100
+_F32_HUGE = 2.0 ** 100
+
+
+def _sum64(x: Any) -> float:
+    """Σ x accumulated in float64 (x may be float32)."""
+    torch = _torch()
+    return float(torch.sum(x, dtype=torch.float64))
+
+
+@functools.lru_cache(maxsize=64)
+def float32_floor_bits(threshold: float) -> int:
+    """Bit pattern (as int32) of the largest float32 <= ``threshold`` (>= 0): for a float32 v,
+    |v| > threshold  <=>  bits(|v|) > float32_floor_bits(threshold)."""
+    import numpy as np
+
+    f = np.float32(threshold)
+    if float(f) > threshold:
+        f = np.nextafter(f, np.float32(0))
+    return int(np.array(f, dtype=np.float32).view(np.int32))
+
+
 class Chunk:
-    """A block of one tensor for every model: ``deltas[name]`` is the flat τ block. Derived quantities are
-    computed once and shared by every metric that asks for them."""
+    """A block of one tensor for every model: ``deltas[name]`` is the flat τ block (float32 or float64).
+    Derived quantities (squares, products τ_a·τ_b, sign conflicts, |τ| bit patterns, magnitude bins, top-k
+    codes) are computed once, into reusable buffers of ``workspace``, and shared by every metric that asks.
+
+    Float32 blocks: elementwise work in float32, every sum accumulated in float64; a block whose float32 sums
+    are tiny (< 2^-100) or non-finite is recomputed in float64, so underflow of squares/products of tiny τ
+    cannot zero a statistic. Float64 blocks: float64 throughout.
+
+    In the engine, ``deltas`` and every derived array are views of buffers reused by the next block: a metric
+    must not keep them beyond its ``update`` call (it keeps sums)."""
 
     def __init__(self, tensor_name: str, deltas: dict[str, Any], *, numel: int,
                  kept_rates: Sequence[float] = DEFAULT_KEPT_RATES, bits: int = 20,
                  thresholds: Mapping[str, Mapping[str, Any]] | None = None,
-                 modes: Sequence[str] | None = None) -> None:
+                 modes: Sequence[str] | None = None, workspace: Workspace | None = None) -> None:
         self.tensor_name = tensor_name
-        self.deltas = deltas
+        self.deltas = {n: d.reshape(-1) for n, d in deltas.items()}
         self.names = list(deltas)
         self.pairs = list(itertools.combinations(self.names, 2))
         self.numel = numel  # elements of the whole tensor (the block may be smaller)
@@ -296,6 +433,8 @@ class Chunk:
         self.bits = bits
         self.thresholds = dict(thresholds or {})  # mode -> model -> threshold bins
         self.modes = list(modes) if modes is not None else list(self.thresholds)  # first = reported mode
+        self.ws = workspace if workspace is not None else Workspace()
+        self.size = next(iter(self.deltas.values())).numel() if self.deltas else 0
         self._cache: dict[tuple, Any] = {}
 
     def _cached(self, key: tuple, fn: Callable[[], Any]) -> Any:
@@ -303,55 +442,186 @@ class Chunk:
             self._cache[key] = fn()
         return self._cache[key]
 
+    def _buf(self, key: Any, dtype: Any) -> Any:
+        return self.ws.get(key, self.size, dtype)
+
+    def _is32(self, name: str) -> bool:
+        return self.deltas[name].dtype == _torch().float32
+
+    def _f64(self, name: str) -> Any:
+        return self._cached(("f64", name), lambda: self.deltas[name].to(_torch().float64))
+
+    def _suspect(self, name: str) -> bool:
+        """Float32 sums of this model's block cannot be trusted (tiny non-zero or huge values)."""
+        def compute() -> bool:
+            ss = self._ss32(name)
+            if math.isfinite(ss) and _F32_TINY <= ss < _F32_HUGE:
+                return False
+            return ss != 0.0 or bool(self.deltas[name].any())
+
+        return self._cached(("suspect", name), compute)
+
+    def _ss32(self, name: str) -> float:
+        torch = _torch()
+
+        def compute() -> float:
+            d = self.deltas[name]
+            return _sum64(torch.mul(d, d, out=self._buf(("sq", name), torch.float32)))
+
+        return self._cached(("ss32", name), compute)
+
     def sum_squares(self, name: str) -> float:
-        return self._cached(("ss", name), lambda: sum_squares(self.deltas[name]))
+        def compute() -> float:
+            if self._is32(name) and not self._suspect(name):
+                return self._ss32(name)
+            return sum_squares(self.deltas[name] if not self._is32(name) else self._f64(name))
+
+        return self._cached(("ss", name), compute)
+
+    def _exact(self, a: str, b: str) -> bool:
+        """Whether pair sums of (a, b) are formed in float32 (else float64)."""
+        return self._is32(a) and self._is32(b) and not (self._suspect(a) or self._suspect(b))
 
     def product(self, a: str, b: str) -> Any:
-        """τ_a ⊙ τ_b in float64 (no underflow for float32/bf16 inputs)."""
+        """τ_a ⊙ τ_b in the blocks' dtype (float32 or float64); see :meth:`dot` for how sums are formed."""
         torch = _torch()
-        return self._cached(("prod", a, b), lambda: self.deltas[a].to(torch.float64) * self.deltas[b].to(torch.float64))
+
+        def compute() -> Any:
+            da, db = self.deltas[a], self.deltas[b]
+            if da.dtype != db.dtype:
+                da, db = self._f64(a), self._f64(b)
+            return torch.mul(da, db, out=self._buf(("prod", a, b), da.dtype))
+
+        return self._cached(("prod", a, b), compute)
+
+    def _product64(self, a: str, b: str) -> Any:
+        return self._cached(("prod64", a, b), lambda: self._f64(a) * self._f64(b))
 
     def dot(self, a: str, b: str) -> float:
-        return self._cached(("dot", a, b), lambda: float(self.product(a, b).sum()))
+        def compute() -> float:
+            p = self.product(a, b) if (self._exact(a, b) or not (self._is32(a) or self._is32(b))) \
+                else self._product64(a, b)
+            return _sum64(p)
+
+        return self._cached(("dot", a, b), compute)
 
     def conflict(self, a: str, b: str) -> Any:
-        """τ_a ⊙ τ_b < 0 (from the float64 product: no float32 underflow)."""
-        return self._cached(("conflict", a, b), lambda: self.product(a, b) < 0)
+        """τ_a ⊙ τ_b < 0: opposite signs, both non-zero (no underflow)."""
+        return self._cached(("conflict", a, b), lambda: conflict_mask(self.deltas[a], self.deltas[b]))
 
     def conflict_sum_squares(self, a: str, b: str) -> float:
+        """Σ (τ_a·τ_b)² over positions with τ_a·τ_b < 0 (Eq. 10 squared), summed in float64."""
+        torch = _torch()
+
         def compute() -> float:
-            torch = _torch()
-            w = torch.where(self.conflict(a, b), self.product(a, b), 0.0)
-            return float(torch.dot(w, w))
+            p = self.product(a, b) if (self._exact(a, b) or not (self._is32(a) or self._is32(b))) \
+                else self._product64(a, b)
+            if p.dtype == torch.float32:
+                m = torch.clamp(p, max=0.0, out=self._buf(("neg", a, b), torch.float32))
+            else:
+                m = torch.clamp(p, max=0.0)
+            return _sum64(m.mul_(m))
 
         return self._cached(("css", a, b), compute)
 
+    def abs_bits(self, name: str) -> Any:
+        """int32 bit pattern of float32 |τ| (monotone in |τ|)."""
+        torch = _torch()
+
+        def compute() -> Any:
+            d = self.deltas[name]
+            if d.dtype != torch.float32:
+                d = d.to(torch.float32)
+            return torch.bitwise_and(d.view(torch.int32), 0x7FFFFFFF, out=self._buf(("abs", name), torch.int32))
+
+        return self._cached(("absbits", name), compute)
+
+    def count_above(self, name: str, threshold: float) -> int:
+        """#positions with |τ| > threshold (exact: float32 blocks compare bit patterns)."""
+        def compute() -> int:
+            if self._is32(name):
+                return int(_torch().count_nonzero(self.abs_bits(name) > float32_floor_bits(threshold)))
+            return count_above(self.deltas[name], threshold)
+
+        return self._cached(("above", name, threshold), compute)
+
     def bins(self, name: str) -> Any:
-        return self._cached(("bins", name), lambda: magnitude_bins(self.deltas[name], self.bits))
+        torch = _torch()
+        return self._cached(("bins", name), lambda: torch.bitwise_right_shift(
+            self.abs_bits(name), 32 - self.bits, out=self._buf(("bins", name), torch.int32)))
 
     def bin_histogram(self, name: str) -> Any:
         return self._cached(("hist", name), lambda: bin_histogram(self.bins(name), self.bits))
 
-    def first_kept(self, name: str, mode: str) -> Any:
-        def compute() -> Any:
-            thr = self.thresholds.get(mode, {}).get(name)
-            if thr is None:
-                raise RlmError(f"top-k mode {mode!r} has no thresholds for model {name} (the engine computes "
-                               f"only the modes in topk_modes)")
-            if not isinstance(thr, Thresholds):
-                thr = Thresholds(thr, self.bits)
-            return thr.first_kept(self.bins(name))
+    def add_bin_histogram(self, name: str, hist: Any, bits: int | None = None) -> None:
+        """hist += this block's histogram of ``bits``-bit magnitude bins (default: the chunk's ``bits``), in
+        place; coarser bins keep the histogram cache-resident."""
+        torch = _torch()
+        if bits is None or bits == self.bits:
+            idx = self.bins(name)
+        else:
+            idx = torch.bitwise_right_shift(self.abs_bits(name), 32 - bits,
+                                            out=self._buf(("cbins", name), torch.int32))
+        if hist.numel() <= 4096:  # small histograms: bincount is faster, large ones: index_add_
+            hist.add_(torch.bincount(idx, minlength=hist.numel()).to(hist.dtype))
+        else:
+            hist.index_add_(0, idx, self.ws.ones(self.size, hist.dtype))
 
-        return self._cached(("first", name, mode), compute)
+    def first_kept(self, name: str, mode: str) -> Any:
+        return self._thresholds(name, mode).first_kept(self.bins(name))
+
+    def _thresholds(self, name: str, mode: str) -> "Thresholds":
+        thr = self.thresholds.get(mode, {}).get(name)
+        if thr is None:
+            raise RlmError(f"top-k mode {mode!r} has no thresholds for model {name} (the engine computes "
+                           f"only the modes in topk_modes)")
+        if not isinstance(thr, Thresholds):
+            thr = Thresholds(thr, self.bits)
+            self.thresholds.setdefault(mode, {})
+            self.thresholds[mode] = {**self.thresholds[mode], name: thr}
+        return thr
 
     def kept_counts(self, name: str, mode: str) -> Any:
         return self._cached(("kept", name, mode), lambda: kept_counts(self.first_kept(name, mode),
                                                                       len(self.kept_rates)))
 
+    def _sign_xor(self, a: str, b: str) -> Any:
+        """1 where τ_a and τ_b have opposite sign bits (int32; zeros are sorted out by the top-k codes)."""
+        torch = _torch()
+
+        def compute() -> Any:
+            da, db = self.deltas[a], self.deltas[b]
+            if da.dtype == torch.float32 and db.dtype == torch.float32:
+                x = torch.bitwise_xor(da.view(torch.int32), db.view(torch.int32),
+                                      out=self._buf(("xor", a, b), torch.int32))
+                return x.bitwise_right_shift_(31).neg_()  # arithmetic shift: -1 / 0 -> 1 / 0
+            return (torch.signbit(da) ^ torch.signbit(db)).to(torch.int32)
+
+        return self._cached(("xor", a, b), compute)
+
+    def pair_joint(self, a: str, b: str, mode: str) -> Any:
+        """Counts ``c[first_a, first_b, opposite_signs]`` of this block (int64, shape (g+1, g+1, 2)): one
+        bincount of the codes ``(first_a·(g+1) + first_b)·2 + opposite_signs``. Zeros are never kept, so the
+        sign bit only matters where both are kept. Sums of these over blocks give every top-k pair count
+        (:func:`joint_counts`)."""
+        torch = _torch()
+
+        def compute() -> Any:
+            g = len(self.kept_rates)
+            scope = self.numel if mode == "per_tensor" else 1 << 62
+            ta = self._thresholds(a, mode).codes(self.bins(a), 2 * (g + 1),
+                                                 self._buf(("code", a, mode, 0), torch.int32), scope)
+            tb = self._thresholds(b, mode).codes(self.bins(b), 2, self._buf(("code", b, mode, 1), torch.int32),
+                                                 scope)
+            code = ta.add_(tb).add_(self._sign_xor(a, b))
+            return torch.bincount(code, minlength=2 * (g + 1) ** 2).reshape(g + 1, g + 1, 2)
+
+        return self._cached(("joint", a, b, mode), compute)
+
     def pair_counts(self, a: str, b: str, mode: str) -> tuple[Any, Any, Any]:
-        """``(both, union, conflicts)`` of this block (see :func:`pair_counts`)."""
-        return self._cached(("pair", a, b, mode), lambda: pair_counts(
-            self.first_kept(a, mode), self.first_kept(b, mode), self.conflict(a, b), len(self.kept_rates)))
+        """``(both, union, conflicts)`` of this block at each grid point (see :func:`pair_counts`)."""
+        return self._cached(("pair", a, b, mode),
+                            lambda: joint_counts(self.pair_joint(a, b, mode), len(self.kept_rates)))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -428,11 +698,21 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
     if not tensors:
         raise RlmError(f"base model {base} holds no floating-point tensors")
     total = sum(t.numel for t in tensors)
-    dtype = getattr(torch, config.delta_dtype)
-    needs_topk = any(getattr(m, "needs_topk", False) for m in metrics)
-    modes = list(config.topk_modes) if needs_topk else []
+    auto = config.delta_dtype == "auto"
+    dtype = torch.float64 if auto else getattr(torch, config.delta_dtype)
+    half = (torch.bfloat16, torch.float16)
+    topk_metrics = [m for m in metrics if getattr(m, "needs_topk", False)]
+    plain_metrics = [m for m in metrics if not getattr(m, "needs_topk", False)]
+    hist_metrics = [m for m in plain_metrics if hasattr(m, "update_histogram")]
+    modes = list(config.topk_modes) if topk_metrics else []
     bits = config.threshold_bits
     g = len(config.kept_rates)
+    nb = n_bins(bits)
+    need_hist = bool(modes) or bool(hist_metrics)
+    # without top-k only the log10 histograms are wanted: bin as coarsely as they allow (cache-resident)
+    hist_bits = bits if modes else max([int(getattr(m, "histogram_bits", bits)) for m in hist_metrics] or [bits])
+    hist_bits = min(max(hist_bits, 9), bits)
+    ws = Workspace()
 
     def blocks(t: Any) -> list[tuple[int, int] | None]:
         if not t.shape:
@@ -441,94 +721,110 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
         step = max(1, config.chunk_elements // row)
         return [(s, min(s + step, t.shape[0])) for s in range(0, t.shape[0], step)] or [None]
 
-    # non-finite values are checked in whichever pass reads the data first
-    check_pass = "global" if "global" in modes else ("per_tensor" if "per_tensor" in modes else "main")
-
     def read_block(t: Any, rows: tuple[int, int] | None, check: bool) -> dict[str, Any]:
+        """τ of every model for one block. 16-bit inputs (with ``delta_dtype: auto``) give float32 τ formed
+        in reused buffers: bf16/fp16 → float32 is exact and so is the difference, except where one value is
+        over 2^15 times the other (then rounded to float32)."""
         check = check and config.check_finite
         raw = base_reader.get(t.name, rows)
-        b = raw.to(dtype)
+        xs = {n: r.get(t.name, rows) if isinstance(r, ModelReader) else None for n, r in readers.items()}
+        fast = auto and raw.dtype in half and all(x is not None and x.dtype in half for x in xs.values())
+        n_el = raw.numel()
+        if fast:
+            b = ws.get("base", n_el, torch.float32)
+            b.copy_(raw.reshape(-1))
+        else:
+            b = raw.to(dtype)
         out = {}
         for n, r in readers.items():
-            if isinstance(r, ModelReader):
-                x = r.get(t.name, rows)
+            x = xs[n]
+            if fast:
+                d = ws.get(("delta", n), n_el, torch.float32)
+                d.copy_(x.reshape(-1))
+                d.sub_(b)
+            elif x is not None:
                 d = x.to(dtype, copy=True)
                 d -= b
             else:
-                x = None
                 d = r.delta(t.name, b.to(torch.float32), rows).to(dtype)
             if check and not math.isfinite(float(d.sum())):  # NaN/Inf anywhere in the block reaches the sum
                 check_finite(raw, base_reader.path, t.name)
                 check_finite(x if x is not None else d, r.path, t.name)
-                raise ModelError(f"model {r.path}: tensor {t.name}: the task vector overflows")
+                if not bool(torch.isfinite(d).all()):
+                    raise ModelError(f"model {r.path}: tensor {t.name}: the task vector overflows")
             out[n] = d.reshape(-1)
         return out
 
     thresholds: dict[str, dict[str, Any]] = {}
     kept_actual: dict[str, dict[str, Any]] = {m: {n: torch.zeros(g, dtype=torch.int64) for n in names}
                                               for m in modes}
-    per_tensor_thr: dict[str, dict[str, Thresholds]] = {}  # filled by the global pre-pass
+    per_tensor_thr: dict[str, dict[str, Thresholds]] = {}
+    global_hist = {n: torch.zeros(nb, dtype=torch.int64) for n in names} if "global" in modes else {}
+    deferred: list[Any] = []  # tensors whose top-k statistics wait for the second pass
     trim = _trim_heap()
+
+    def make_chunk(t: Any, deltas: dict[str, Any]) -> Chunk:
+        c = Chunk(t.name, deltas, numel=t.numel, kept_rates=config.kept_rates, bits=bits,
+                  thresholds=thresholds, modes=modes, workspace=ws)
+        c.engine_histograms = True  # the engine hands per-tensor histograms to update_histogram
+        return c
+
+    # pass 1: every statistic that needs no top-k threshold, and the magnitude histograms (per tensor and
+    # global); top-k statistics too where the thresholds are known by then (per-tensor only, one block)
+    phase1 = "histogram" if "global" in modes else "statistics"
+    for i, t in enumerate(tensors):
+        bl = blocks(t)
+        hdt = torch.int32 if t.numel < 2 ** 31 else torch.int64  # int32 index_add_ is about twice as fast
+        hists = {n: ws.get(("thist", n), n_bins(hist_bits), hdt).zero_() for n in names} if need_hist else {}
+        chunk: Chunk | None = None
+        for rows in bl:
+            chunk = make_chunk(t, read_block(t, rows, True))
+            for m in plain_metrics:
+                m.update(t.name, chunk.deltas, context=chunk)
+            for n in hists:
+                chunk.add_bin_histogram(n, hists[n], hist_bits)
+        for m in hist_metrics:
+            m.update_histogram(t.name, hists, hist_bits)
+        for n, h in global_hist.items():
+            h += hists[n]
+        if "per_tensor" in modes:
+            per_tensor_thr[t.name] = {}
+            for n, h in hists.items():
+                thr, kept = histogram_thresholds(h, t.numel, config.kept_rates)
+                per_tensor_thr[t.name][n] = Thresholds(thr, bits)
+                kept_actual["per_tensor"][n] += kept
+        if modes:
+            if "global" not in modes and len(bl) == 1 and chunk is not None:
+                thresholds["per_tensor"] = per_tensor_thr.pop(t.name)
+                chunk.thresholds = dict(thresholds)
+                for m in topk_metrics:
+                    m.update(t.name, chunk.deltas, context=chunk)
+            else:
+                deferred.append(t)
+        if i % 16 == 15:
+            trim()
+        if progress:
+            progress(phase1, i + 1, len(tensors))
     if "global" in modes:
-        hists = {n: torch.zeros(n_bins(bits), dtype=torch.int64) for n in names}
-        for i, t in enumerate(tensors):
-            th: dict[str, Any] = {}
-            for rows in blocks(t):
-                deltas = read_block(t, rows, check_pass == "global")
-                for n, d in deltas.items():
-                    h = bin_histogram(magnitude_bins(d, bits), bits)
-                    th[n] = h if n not in th else th[n] + h
-            for n, h in th.items():
-                hists[n] += h
-            if "per_tensor" in modes:
-                per_tensor_thr[t.name] = {}
-                for n, h in th.items():
-                    thr = threshold_bins(h, t.numel, config.kept_rates)
-                    per_tensor_thr[t.name][n] = Thresholds(thr, bits)
-                    kept_actual["per_tensor"][n] += kept_from_histogram(h, thr)
-            if i % 16 == 15:
-                trim()
-            if progress:
-                progress("histogram", i + 1, len(tensors))
         thresholds["global"] = {}
-        for n, h in hists.items():
+        for n, h in global_hist.items():
             thr = threshold_bins(h, total, config.kept_rates)
             thresholds["global"][n] = Thresholds(thr, bits)
             kept_actual["global"][n] += kept_from_histogram(h, thr)
-        del hists
+        del global_hist
 
-    def make_chunk(t: Any, deltas: dict[str, Any]) -> Chunk:
-        return Chunk(t.name, deltas, numel=t.numel, kept_rates=config.kept_rates, bits=bits,
-                     thresholds=thresholds, modes=modes)
-
-    for i, t in enumerate(tensors):
-        bl = blocks(t)
-        first: Chunk | None = None
-        if t.name in per_tensor_thr:
+    # pass 2: top-k statistics of the tensors whose thresholds needed a full first pass
+    for i, t in enumerate(deferred):
+        if "per_tensor" in modes:
             thresholds["per_tensor"] = per_tensor_thr.pop(t.name)
-        elif "per_tensor" in modes:
-            t_hists: dict[str, Any] = {}
-            for rows in bl:
-                chunk = make_chunk(t, read_block(t, rows, check_pass == "per_tensor"))
-                for n in names:
-                    h = chunk.bin_histogram(n)
-                    t_hists[n] = h if n not in t_hists else t_hists[n] + h
-            thresholds["per_tensor"] = {}
-            for n, h in t_hists.items():
-                thr = threshold_bins(h, t.numel, config.kept_rates)
-                thresholds["per_tensor"][n] = Thresholds(thr, bits)
-                kept_actual["per_tensor"][n] += kept_from_histogram(h, thr)
-            if len(bl) == 1:
-                first = chunk  # one block: keep its τ and bins instead of reading it again
-                first.thresholds = dict(thresholds)
-        for rows in bl:
-            chunk = first if first is not None else make_chunk(t, read_block(t, rows, check_pass == "main"))
-            for m in metrics:
+        for rows in blocks(t):
+            chunk = make_chunk(t, read_block(t, rows, False))
+            for m in topk_metrics:
                 m.update(t.name, chunk.deltas, context=chunk)
         if i % 16 == 15:
             trim()
         if progress:
-            progress("statistics", i + 1, len(tensors))
+            progress("statistics", i + 1, len(deferred))
 
     fu = next((m for m in metrics if m.name == "fraction_updated"), None)
     threshold = float(getattr(fu.config, "threshold")) if fu is not None else None
@@ -547,7 +843,7 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
             data["models"][n]["kept_fraction"] = {
                 "kept_rate": list(config.kept_rates),
                 **{mode: [int(c) / total for c in kept_actual[mode][n]] for mode in modes}}
-    stats = {"tensors": len(tensors), "parameters": total, "passes": 1 + ("global" in modes)}
+    stats = {"tensors": len(tensors), "parameters": total, "passes": 1 + bool(deferred)}
     return ConflictsResult(data=_json_clean(data), config=config, models={k: str(v) for k, v in models.items()},
                            base=str(base), stats=stats)
 

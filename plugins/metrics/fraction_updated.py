@@ -31,15 +31,39 @@ class FractionUpdated(Metric):
         import torch
 
         sub = self.config.sub_bits
+        engine_hist = getattr(context, "engine_histograms", False) and context.bits >= 9 + sub
         for name, d in deltas.items():
             a = self._acc.setdefault(name, {"n": 0, "above": 0, "hist": 0})
             a["n"] += d.numel()
-            a["above"] += count_above(d, self.config.threshold)
+            a["above"] += (context.count_above(name, self.config.threshold) if context is not None
+                           else count_above(d, self.config.threshold))
+            if engine_hist:
+                continue  # the engine calls update_histogram with the whole tensor's magnitude bins
             if context is not None and context.bits >= 9 + sub:  # reuse the engine's magnitude bins
                 h = torch.bincount(context.bins(name) >> (context.bits - 9 - sub), minlength=octave_bins(sub))
             else:
                 h = octave_histogram(d, sub)
             a["hist"] = h + a["hist"]
+
+    @property
+    def histogram_bits(self) -> int:
+        """Magnitude-bin resolution the log10 histogram needs (engine bins of this many bits suffice)."""
+        return 9 + self.config.sub_bits
+
+    def update_histogram(self, tensor_name: str, hists: dict[str, Any], bits: int) -> None:
+        """Fold one tensor's histograms of ``bits``-bit magnitude bins (``rlm.core.analysis.magnitude_bins``)
+        into the log10 histogram: its bins are the top ``9 + sub_bits`` bits of the same bit pattern."""
+        from rlm.core.analysis import octave_bins
+
+        import torch
+
+        sub = self.config.sub_bits
+        if bits < 9 + sub:
+            return  # too coarse: update() histograms each block itself
+        for name, h in hists.items():
+            a = self._acc.setdefault(name, {"n": 0, "above": 0, "hist": 0})
+            folded = h.view(-1, 1 << (bits - 9 - sub)).sum(dim=1, dtype=torch.int64)[:octave_bins(sub)]
+            a["hist"] = folded + a["hist"]
 
     def result(self) -> dict[str, Any]:
         from rlm.core.analysis import octave_edges_log10

@@ -24,7 +24,7 @@ class SignConflict(Metric):
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
-        self._acc: dict[tuple[str, str, str], list[Any]] = {}  # (a, b, mode) -> [both, conflicts]
+        self._acc: dict[tuple[str, str, str], Any] = {}  # (a, b, mode) -> joint top-k counts (Chunk.pair_joint)
         self._rates: list[float] = []
         self._modes: list[str] = []
 
@@ -32,16 +32,15 @@ class SignConflict(Metric):
         self._rates, self._modes = context.kept_rates, context.modes
         for a, b in context.pairs:
             for mode in context.modes:
-                both, _, conf = context.pair_counts(a, b, mode)
-                acc = self._acc.setdefault((a, b, mode), [0, 0])
-                acc[0] = both + acc[0]
-                acc[1] = conf + acc[1]
+                c = context.pair_joint(a, b, mode)
+                self._acc[(a, b, mode)] = c + self._acc.get((a, b, mode), 0)
 
     def result(self) -> dict[str, Any]:
-        from rlm.core.analysis import pair_key, safe_ratio
+        from rlm.core.analysis import joint_counts, pair_key, safe_ratio
 
         pairs: dict[str, Any] = {}
-        for (a, b, mode), (both, conf) in self._acc.items():
+        for (a, b, mode), c in self._acc.items():
+            both, _, conf = joint_counts(c, len(self._rates))
             both_l, conf_l = [int(x) for x in both], [int(x) for x in conf]
             entry = {"rate": [safe_ratio(c, n) for c, n in zip(conf_l, both_l)], "both_kept": both_l,
                      "conflicts": conf_l}

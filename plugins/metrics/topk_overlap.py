@@ -20,7 +20,7 @@ class TopkOverlap(Metric):
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
-        self._acc: dict[tuple[str, str, str], list[Any]] = {}  # (a, b, mode) -> [|Ka ∩ Kb|, |Ka ∪ Kb|]
+        self._acc: dict[tuple[str, str, str], Any] = {}  # (a, b, mode) -> joint top-k counts (Chunk.pair_joint)
         self._rates: list[float] = []
         self._modes: list[str] = []
 
@@ -28,16 +28,15 @@ class TopkOverlap(Metric):
         self._rates, self._modes = context.kept_rates, context.modes
         for a, b in context.pairs:
             for mode in context.modes:
-                both, union, _ = context.pair_counts(a, b, mode)
-                acc = self._acc.setdefault((a, b, mode), [0, 0])
-                acc[0] = both + acc[0]
-                acc[1] = union + acc[1]
+                c = context.pair_joint(a, b, mode)
+                self._acc[(a, b, mode)] = c + self._acc.get((a, b, mode), 0)
 
     def result(self) -> dict[str, Any]:
-        from rlm.core.analysis import pair_key, safe_ratio
+        from rlm.core.analysis import joint_counts, pair_key, safe_ratio
 
         pairs: dict[str, Any] = {}
-        for (a, b, mode), (both, uni) in self._acc.items():
+        for (a, b, mode), c in self._acc.items():
+            both, uni, _ = joint_counts(c, len(self._rates))
             inter = [int(x) for x in both]
             union = [int(x) for x in uni]
             entry = {"jaccard": [safe_ratio(i, u) for i, u in zip(inter, union)], "intersection": inter,
