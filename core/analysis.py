@@ -31,6 +31,7 @@ Top-k masks ("keep each model's top-k fraction by |τ|", used by ``sign_conflict
 
 from __future__ import annotations
 
+import abc
 import functools
 import itertools
 import math
@@ -41,7 +42,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 from pydantic import Field, field_validator
 
-from .contracts import PluginConfig
+from .contracts import Metric, PluginConfig
 from .errors import RlmError
 
 DEFAULT_KEPT_RATES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -362,6 +363,43 @@ def pair_key(a: str, b: str) -> str:
 # ------------------------------------------------------------------------------------------------------
 # the chunk handed to metrics
 # ------------------------------------------------------------------------------------------------------
+
+class PairTopkMetric(Metric):
+    """Shared skeleton of the pair metrics built on joint top-k counts (``sign_conflict``, ``topk_overlap``):
+    sums :meth:`Chunk.pair_joint` per (pair, top-k scope) over blocks, then turns the totals into one entry per
+    pair with :meth:`entry`. The first top-k scope fills the entry; other scopes go under their own name."""
+
+    scope = "pair"
+    needs_topk = True
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self._acc: dict[tuple[str, str, str], Any] = {}  # (a, b, mode) -> joint top-k counts
+        self._rates: list[float] = []
+        self._modes: list[str] = []
+
+    def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
+        self._rates, self._modes = context.kept_rates, context.modes
+        for a, b in context.pairs:
+            for mode in context.modes:
+                self._acc[(a, b, mode)] = context.pair_joint(a, b, mode) + self._acc.get((a, b, mode), 0)
+
+    @abc.abstractmethod
+    def entry(self, both_kept: list[int], union: list[int], conflicts: list[int]) -> dict[str, Any]:
+        """The JSON entry of one pair and scope from its per-kept-rate counts."""
+
+    def result(self) -> dict[str, Any]:
+        pairs: dict[str, Any] = {}
+        for (a, b, mode), c in self._acc.items():
+            both, union, conflicts = (list(map(int, x)) for x in joint_counts(c, len(self._rates)))
+            entry = self.entry(both, union, conflicts)
+            out = pairs.setdefault(pair_key(a, b), {"kept_rate": list(self._rates), "topk": self._modes[0]})
+            if mode == self._modes[0]:
+                out.update(entry)
+            else:
+                out[mode] = entry
+        return {"pairs": {p: {self.name: v} for p, v in pairs.items()}}
+
 
 class Workspace:
     """Scratch buffers reused from block to block (no allocation, hence no page faults, per block)."""
