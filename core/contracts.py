@@ -35,12 +35,6 @@ class Plugin:
         data.update(overrides)
         self.config = self.Config(**data)
 
-    @classmethod
-    def summary(cls) -> str:
-        """First line of the class docstring, shown by ``rlm plugins``."""
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
 
 def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
     """The 63-bit seed of the random generator for one (seed, tensor name, model index): a hash, so a random

@@ -92,9 +92,7 @@ def export_gguf(model_dir: str | Path, file: str | Path, dtype: str = "f32") -> 
         writer.add_chat_template(tok.chat_template)
 
     np_dtype = {"f32": np.float32, "f16": np.float16}[dtype]
-    state = load_file(weights_file)
-    if "lm_head.weight" not in state and cfg.get("tie_word_embeddings"):
-        pass  # tied: the loader reuses token_embd
+    state = load_file(weights_file)  # tied embeddings have no lm_head.weight: the loader reuses token_embd
     for name, array in state.items():
         array = array.astype(np.float32)
         if name.endswith("self_attn.q_proj.weight"):

@@ -6,6 +6,8 @@ word ``tiny`` (optionally ``tiny:SEED``) for a freshly initialised tiny model ca
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -55,9 +57,6 @@ def resolve_model(spec: str | Path, seed: int | None = None) -> str:
     if text == "tiny" or text.startswith("tiny:"):
         s = int(text.split(":", 1)[1]) if ":" in text else (seed if seed is not None else 0)
         from .tiny import TinyPreset
-
-        import hashlib
-        import json
 
         key = hashlib.sha256(json.dumps(TinyPreset().model_dump(), sort_keys=True).encode()).hexdigest()[:10]
         path = cache_dir() / "tiny" / f"seed-{s}-{key}"

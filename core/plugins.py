@@ -110,10 +110,6 @@ class Registry:
             known = ", ".join(self.names()) or "none"
             raise UnknownPluginError(f"unknown {self.noun} {name!r}{hint} (registered: {known})") from None
 
-    def plugin_of(self, name: str) -> str:
-        self.get(name)
-        return self._entries[name].plugin
-
 
 def _split_env(var: str) -> set[str] | None:
     raw = os.environ.get(var)

@@ -115,10 +115,10 @@ def build_tiny(seed: int = 0, preset: TinyPreset | None = None):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    devnull_state = torch.random.get_rng_state()
+    saved_rng = torch.random.get_rng_state()  # seed the weights without disturbing the caller's RNG
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    torch.random.set_rng_state(devnull_state)
+    torch.random.set_rng_state(saved_rng)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=64)
