@@ -107,7 +107,7 @@ class Registry:
         except KeyError:
             close = difflib.get_close_matches(name, self.all_names(), n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            known = ", ".join(self.names()) or "none"
+            known = ", ".join(sorted(self.names())) or "none"
             raise UnknownPluginError(f"unknown {self.noun} {name!r}{hint} (registered: {known})") from None
 
 
