@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -167,7 +168,7 @@ def bench_size(workdir: Path, params_m: float, experts: int, run_mergekit: bool)
     gen = _helper("_generate", str(sizedir), str(params_m), str(experts))
     base, models = Path(gen["base"]), [Path(m) for m in gen["models"]]
     gen_s = time.perf_counter() - t0
-    nparams = sum(_numel(s) for s in llama_shapes(params_m)[1].values())
+    nparams = sum(math.prod(s) for s in llama_shapes(params_m)[1].values())
     py = sys.executable
     res: dict = {"params_m": round(nparams / 1e6, 1), "experts": experts, "generate_s": round(gen_s, 1)}
     subprocess.run([py, "-c", WARM_CODE, str(base), *map(str, models)], check=True)
@@ -197,13 +198,6 @@ def bench_size(workdir: Path, params_m: float, experts: int, run_mergekit: bool)
         res["agreement"] = _helper("_compare", str(sizedir / "rlm_out"), str(sizedir / "mergekit_out"))
     res["rlm_over_io_floor"] = round(res["rlm"]["wall_s"] / res["io_floor"]["wall_s"], 2)
     return res
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:

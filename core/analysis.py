@@ -731,159 +731,163 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
                        f"(--metrics update_norm,fraction_updated)")
     base_reader = ModelReader(base)
     readers = {n: open_source(p, base=base_reader) for n, p in models.items()}
-    plan = validate_models(base_reader, list(readers.values()), vocab="error")
-    tensors = [t for t in plan.tensors if str(t.dtype).replace("torch.", "").startswith(("float", "bfloat"))]
-    if not tensors:
-        raise RlmError(f"base model {base} holds no floating-point tensors")
-    total = sum(t.numel for t in tensors)
-    auto = config.delta_dtype == "auto"
-    dtype = torch.float64 if auto else getattr(torch, config.delta_dtype)
-    half = (torch.bfloat16, torch.float16)
-    topk_metrics = [m for m in metrics if getattr(m, "needs_topk", False)]
-    plain_metrics = [m for m in metrics if not getattr(m, "needs_topk", False)]
-    hist_metrics = [m for m in plain_metrics if hasattr(m, "update_histogram")]
-    modes = list(config.topk_modes) if topk_metrics else []
-    bits = config.threshold_bits
-    g = len(config.kept_rates)
-    nb = n_bins(bits)
-    need_hist = bool(modes) or bool(hist_metrics)
-    # without top-k only the log10 histograms are wanted: bin as coarsely as they allow (cache-resident)
-    hist_bits = bits if modes else max([int(getattr(m, "histogram_bits", bits)) for m in hist_metrics] or [bits])
-    hist_bits = min(max(hist_bits, 9), bits)
-    ws = Workspace()
+    try:
+        plan = validate_models(base_reader, list(readers.values()), vocab="error")
+        tensors = [t for t in plan.tensors if str(t.dtype).replace("torch.", "").startswith(("float", "bfloat"))]
+        if not tensors:
+            raise RlmError(f"base model {base} holds no floating-point tensors")
+        total = sum(t.numel for t in tensors)
+        auto = config.delta_dtype == "auto"
+        dtype = torch.float64 if auto else getattr(torch, config.delta_dtype)
+        half = (torch.bfloat16, torch.float16)
+        topk_metrics = [m for m in metrics if getattr(m, "needs_topk", False)]
+        plain_metrics = [m for m in metrics if not getattr(m, "needs_topk", False)]
+        hist_metrics = [m for m in plain_metrics if hasattr(m, "update_histogram")]
+        modes = list(config.topk_modes) if topk_metrics else []
+        bits = config.threshold_bits
+        g = len(config.kept_rates)
+        nb = n_bins(bits)
+        need_hist = bool(modes) or bool(hist_metrics)
+        # without top-k only the log10 histograms are wanted: bin as coarsely as they allow (cache-resident)
+        hist_bits = bits if modes else max([int(getattr(m, "histogram_bits", bits)) for m in hist_metrics] or [bits])
+        hist_bits = min(max(hist_bits, 9), bits)
+        ws = Workspace()
 
-    def blocks(t: Any) -> list[tuple[int, int] | None]:
-        if not t.shape:
-            return [None]
-        row = max(1, t.numel // max(1, t.shape[0]))
-        step = max(1, config.chunk_elements // row)
-        return [(s, min(s + step, t.shape[0])) for s in range(0, t.shape[0], step)] or [None]
+        def blocks(t: Any) -> list[tuple[int, int] | None]:
+            if not t.shape:
+                return [None]
+            row = max(1, t.numel // max(1, t.shape[0]))
+            step = max(1, config.chunk_elements // row)
+            return [(s, min(s + step, t.shape[0])) for s in range(0, t.shape[0], step)] or [None]
 
-    def read_block(t: Any, rows: tuple[int, int] | None, check: bool) -> dict[str, Any]:
-        """τ of every model for one block. 16-bit inputs (with ``delta_dtype: auto``) give float32 τ formed
-        in reused buffers: bf16/fp16 → float32 is exact and so is the difference, except where one value is
-        over 2^15 times the other (then rounded to float32)."""
-        check = check and config.check_finite
-        raw = base_reader.get(t.name, rows)
-        xs = {n: r.get(t.name, rows) if isinstance(r, ModelReader) else None for n, r in readers.items()}
-        fast = auto and raw.dtype in half and all(x is not None and x.dtype in half for x in xs.values())
-        n_el = raw.numel()
-        if fast:
-            b = ws.get("base", n_el, torch.float32)
-            b.copy_(raw.reshape(-1))
-        else:
-            b = raw.to(dtype)
-        out = {}
-        for n, r in readers.items():
-            x = xs[n]
+        def read_block(t: Any, rows: tuple[int, int] | None, check: bool) -> dict[str, Any]:
+            """τ of every model for one block. 16-bit inputs (with ``delta_dtype: auto``) give float32 τ formed
+            in reused buffers: bf16/fp16 → float32 is exact and so is the difference, except where one value is
+            over 2^15 times the other (then rounded to float32)."""
+            check = check and config.check_finite
+            raw = base_reader.get(t.name, rows)
+            xs = {n: r.get(t.name, rows) if isinstance(r, ModelReader) else None for n, r in readers.items()}
+            fast = auto and raw.dtype in half and all(x is not None and x.dtype in half for x in xs.values())
+            n_el = raw.numel()
             if fast:
-                d = ws.get(("delta", n), n_el, torch.float32)
-                d.copy_(x.reshape(-1))
-                d.sub_(b)
-            elif x is not None:
-                d = x.to(dtype, copy=True)
-                d -= b
+                b = ws.get("base", n_el, torch.float32)
+                b.copy_(raw.reshape(-1))
             else:
-                d = r.delta(t.name, b.to(torch.float32), rows).to(dtype)
-            if check and not math.isfinite(float(d.sum())):  # NaN/Inf anywhere in the block reaches the sum
-                check_finite(raw, base_reader.path, t.name)
-                check_finite(x if x is not None else d, r.path, t.name)
-                if not bool(torch.isfinite(d).all()):
-                    raise ModelError(f"model {r.path}: tensor {t.name}: the task vector overflows")
-            out[n] = d.reshape(-1)
-        return out
+                b = raw.to(dtype)
+            out = {}
+            for n, r in readers.items():
+                x = xs[n]
+                if fast:
+                    d = ws.get(("delta", n), n_el, torch.float32)
+                    d.copy_(x.reshape(-1))
+                    d.sub_(b)
+                elif x is not None:
+                    d = x.to(dtype, copy=True)
+                    d -= b
+                else:
+                    d = r.delta(t.name, b.to(torch.float32), rows).to(dtype)
+                if check and not math.isfinite(float(d.sum())):  # NaN/Inf anywhere in the block reaches the sum
+                    check_finite(raw, base_reader.path, t.name)
+                    check_finite(x if x is not None else d, r.path, t.name)
+                    if not bool(torch.isfinite(d).all()):
+                        raise ModelError(f"model {r.path}: tensor {t.name}: the task vector overflows")
+                out[n] = d.reshape(-1)
+            return out
 
-    thresholds: dict[str, dict[str, Any]] = {}
-    kept_actual: dict[str, dict[str, Any]] = {m: {n: torch.zeros(g, dtype=torch.int64) for n in names}
-                                              for m in modes}
-    per_tensor_thr: dict[str, dict[str, Thresholds]] = {}
-    global_hist = {n: torch.zeros(nb, dtype=torch.int64) for n in names} if "global" in modes else {}
-    deferred: list[Any] = []  # tensors whose top-k statistics wait for the second pass
-    trim = _trim_heap()
+        thresholds: dict[str, dict[str, Any]] = {}
+        kept_actual: dict[str, dict[str, Any]] = {m: {n: torch.zeros(g, dtype=torch.int64) for n in names}
+                                                  for m in modes}
+        per_tensor_thr: dict[str, dict[str, Thresholds]] = {}
+        global_hist = {n: torch.zeros(nb, dtype=torch.int64) for n in names} if "global" in modes else {}
+        deferred: list[Any] = []  # tensors whose top-k statistics wait for the second pass
+        trim = _trim_heap()
 
-    def make_chunk(t: Any, deltas: dict[str, Any]) -> Chunk:
-        c = Chunk(t.name, deltas, numel=t.numel, kept_rates=config.kept_rates, bits=bits,
-                  thresholds=thresholds, modes=modes, workspace=ws)
-        c.engine_histograms = True  # the engine hands per-tensor histograms to update_histogram
-        return c
+        def make_chunk(t: Any, deltas: dict[str, Any]) -> Chunk:
+            c = Chunk(t.name, deltas, numel=t.numel, kept_rates=config.kept_rates, bits=bits,
+                      thresholds=thresholds, modes=modes, workspace=ws)
+            c.engine_histograms = True  # the engine hands per-tensor histograms to update_histogram
+            return c
 
-    # pass 1: every statistic that needs no top-k threshold, and the magnitude histograms (per tensor and
-    # global); top-k statistics too where the thresholds are known by then (per-tensor only, one block)
-    phase1 = "histogram" if "global" in modes else "statistics"
-    for i, t in enumerate(tensors):
-        bl = blocks(t)
-        hdt = torch.int32 if t.numel < 2 ** 31 else torch.int64  # int32 index_add_ is about twice as fast
-        hists = {n: ws.get(("thist", n), n_bins(hist_bits), hdt).zero_() for n in names} if need_hist else {}
-        chunk: Chunk | None = None
-        for rows in bl:
-            chunk = make_chunk(t, read_block(t, rows, True))
-            for m in plain_metrics:
-                m.update(t.name, chunk.deltas, context=chunk)
-            for n in hists:
-                chunk.add_bin_histogram(n, hists[n], hist_bits)
-        for m in hist_metrics:
-            m.update_histogram(t.name, hists, hist_bits)
-        for n, h in global_hist.items():
-            h += hists[n]
-        if "per_tensor" in modes:
-            per_tensor_thr[t.name] = {}
-            for n, h in hists.items():
-                thr, kept = histogram_thresholds(h, t.numel, config.kept_rates)
-                per_tensor_thr[t.name][n] = Thresholds(thr, bits)
-                kept_actual["per_tensor"][n] += kept
-        if modes:
-            if "global" not in modes and len(bl) == 1 and chunk is not None:
+        # pass 1: every statistic that needs no top-k threshold, and the magnitude histograms (per tensor and
+        # global); top-k statistics too where the thresholds are known by then (per-tensor only, one block)
+        phase1 = "histogram" if "global" in modes else "statistics"
+        for i, t in enumerate(tensors):
+            bl = blocks(t)
+            hdt = torch.int32 if t.numel < 2 ** 31 else torch.int64  # int32 index_add_ is about twice as fast
+            hists = {n: ws.get(("thist", n), n_bins(hist_bits), hdt).zero_() for n in names} if need_hist else {}
+            chunk: Chunk | None = None
+            for rows in bl:
+                chunk = make_chunk(t, read_block(t, rows, True))
+                for m in plain_metrics:
+                    m.update(t.name, chunk.deltas, context=chunk)
+                for n in hists:
+                    chunk.add_bin_histogram(n, hists[n], hist_bits)
+            for m in hist_metrics:
+                m.update_histogram(t.name, hists, hist_bits)
+            for n, h in global_hist.items():
+                h += hists[n]
+            if "per_tensor" in modes:
+                per_tensor_thr[t.name] = {}
+                for n, h in hists.items():
+                    thr, kept = histogram_thresholds(h, t.numel, config.kept_rates)
+                    per_tensor_thr[t.name][n] = Thresholds(thr, bits)
+                    kept_actual["per_tensor"][n] += kept
+            if modes:
+                if "global" not in modes and len(bl) == 1 and chunk is not None:
+                    thresholds["per_tensor"] = per_tensor_thr.pop(t.name)
+                    chunk.thresholds = dict(thresholds)
+                    for m in topk_metrics:
+                        m.update(t.name, chunk.deltas, context=chunk)
+                else:
+                    deferred.append(t)
+            if i % 16 == 15:
+                trim()
+            if progress:
+                progress(phase1, i + 1, len(tensors))
+        if "global" in modes:
+            thresholds["global"] = {}
+            for n, h in global_hist.items():
+                thr = threshold_bins(h, total, config.kept_rates)
+                thresholds["global"][n] = Thresholds(thr, bits)
+                kept_actual["global"][n] += kept_from_histogram(h, thr)
+            del global_hist
+
+        # pass 2: top-k statistics of the tensors whose thresholds needed a full first pass
+        for i, t in enumerate(deferred):
+            if "per_tensor" in modes:
                 thresholds["per_tensor"] = per_tensor_thr.pop(t.name)
-                chunk.thresholds = dict(thresholds)
+            for rows in blocks(t):
+                chunk = make_chunk(t, read_block(t, rows, False))
                 for m in topk_metrics:
                     m.update(t.name, chunk.deltas, context=chunk)
-            else:
-                deferred.append(t)
-        if i % 16 == 15:
-            trim()
-        if progress:
-            progress(phase1, i + 1, len(tensors))
-    if "global" in modes:
-        thresholds["global"] = {}
-        for n, h in global_hist.items():
-            thr = threshold_bins(h, total, config.kept_rates)
-            thresholds["global"][n] = Thresholds(thr, bits)
-            kept_actual["global"][n] += kept_from_histogram(h, thr)
-        del global_hist
+            if i % 16 == 15:
+                trim()
+            if progress:
+                progress("statistics", i + 1, len(deferred))
 
-    # pass 2: top-k statistics of the tensors whose thresholds needed a full first pass
-    for i, t in enumerate(deferred):
-        if "per_tensor" in modes:
-            thresholds["per_tensor"] = per_tensor_thr.pop(t.name)
-        for rows in blocks(t):
-            chunk = make_chunk(t, read_block(t, rows, False))
-            for m in topk_metrics:
-                m.update(t.name, chunk.deltas, context=chunk)
-        if i % 16 == 15:
-            trim()
-        if progress:
-            progress("statistics", i + 1, len(deferred))
-
-    fu = next((m for m in metrics if m.name == "fraction_updated"), None)
-    threshold = float(getattr(fu.config, "threshold")) if fu is not None else None
-    data: dict[str, Any] = {"threshold": threshold, "models": {n: {} for n in names},
-                            "pairs": {pair_key(a, b): {} for a, b in itertools.combinations(names, 2)}
-                            if pair_metrics else {}}
-    for m in metrics:
-        res = m.result()
-        for n, vals in res.get("models", {}).items():
-            data["models"][n].update(vals)
-        for p, vals in res.get("pairs", {}).items():
-            data["pairs"][p].update(vals)
-    for n in names:
-        data["models"][n]["num_params"] = total
-        if modes:
-            data["models"][n]["kept_fraction"] = {
-                "kept_rate": list(config.kept_rates),
-                **{mode: [int(c) / total for c in kept_actual[mode][n]] for mode in modes}}
-    stats = {"tensors": len(tensors), "parameters": total, "passes": 1 + bool(deferred)}
-    return ConflictsResult(data=_json_clean(data), config=config, models={k: str(v) for k, v in models.items()},
-                           base=str(base), stats=stats)
+        fu = next((m for m in metrics if m.name == "fraction_updated"), None)
+        threshold = float(getattr(fu.config, "threshold")) if fu is not None else None
+        data: dict[str, Any] = {"threshold": threshold, "models": {n: {} for n in names},
+                                "pairs": {pair_key(a, b): {} for a, b in itertools.combinations(names, 2)}
+                                if pair_metrics else {}}
+        for m in metrics:
+            res = m.result()
+            for n, vals in res.get("models", {}).items():
+                data["models"][n].update(vals)
+            for p, vals in res.get("pairs", {}).items():
+                data["pairs"][p].update(vals)
+        for n in names:
+            data["models"][n]["num_params"] = total
+            if modes:
+                data["models"][n]["kept_fraction"] = {
+                    "kept_rate": list(config.kept_rates),
+                    **{mode: [int(c) / total for c in kept_actual[mode][n]] for mode in modes}}
+        stats = {"tensors": len(tensors), "parameters": total, "passes": 1 + bool(deferred)}
+        return ConflictsResult(data=_json_clean(data), config=config, models={k: str(v) for k, v in models.items()},
+                               base=str(base), stats=stats)
+    finally:
+        for reader in (*readers.values(), base_reader):
+            reader.close()
 
 
 def _trim_heap() -> Callable[[], Any]:
@@ -942,7 +946,7 @@ def compute_over_steps(base: str | Path, runs: Mapping[str, str | Path], config:
     names = list(runs)
     if len(names) < 2:
         raise RlmError(f"--over-steps compares runs pairwise and needs at least two runs, got {len(names)}")
-    config = (config or ConflictsConfig()).model_copy()
+    config = config or ConflictsConfig()
     wanted = [m for m in config.metrics if m in ("update_norm", "fraction_updated", "conflict_norm")]
     config = ConflictsConfig.model_validate({**config.model_dump(), "metrics": wanted or ["update_norm",
                                                                                            "conflict_norm"],

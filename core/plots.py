@@ -21,6 +21,8 @@ def _pyplot() -> Any:
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     """Save ``fig`` as a PNG at ``path`` atomically and close it."""
+    from .io import _umask
+
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,9 +30,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -90,16 +90,12 @@ def plot_sign_conflict(data: Mapping[str, Any], path: str | Path) -> Path:
                      logy=False, styles=styles)
 
 
-def _layer_sort_key(key: str) -> tuple[int, Any]:
-    return (0, int(key)) if key.isdigit() else (1, key)
-
-
 def plot_layer_norms(data: Mapping[str, Any], path: str | Path) -> Path:
     """Update norm of each transformer layer for every model (non-layer tensors are left out)."""
     series = {}
     for name, v in data.get("models", {}).items():
         per_layer = v.get("update_norm_per_layer") or {}
-        keys = sorted((k for k in per_layer if k.isdigit()), key=_layer_sort_key)
+        keys = sorted((k for k in per_layer if k.isdigit()), key=int)
         series[name] = ([int(k) for k in keys], [per_layer[k] for k in keys])
     return line_plot(series, path, xlabel="layer", ylabel="update norm ‖τ‖₂ of the layer",
                      title="Per-layer update norms")

@@ -308,9 +308,6 @@ class ModelReader:
     def nbytes(self, name: str) -> int:
         return self.numel(name) * element_size(self.dtype(name))
 
-    def file_of(self, name: str) -> Path:
-        return self._entry(name).file
-
     def files(self) -> list[Path]:
         return list(dict.fromkeys(e.file for e in self._entries.values()))
 
@@ -494,9 +491,6 @@ class LoraReader:
 
     def __repr__(self) -> str:
         return f"LoraReader({str(self.path)!r})"
-
-    def target_names(self) -> list[str]:
-        return list(self._targets)
 
     def tensor_names(self) -> list[str]:
         return self.base.tensor_names()

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 import torch
 
 from rlm.core import analysis as A
+from test_conflicts import np_kept
 
 RATES = [0.01, 0.1, 0.3, 0.5, 1.0]
 
@@ -62,12 +61,6 @@ def np_tv(base: Path, experts: dict[str, Path]) -> dict[str, np.ndarray]:
         out[n] = np.concatenate([sd[t].to(torch.float64).numpy().ravel() - b[t].to(torch.float64).numpy().ravel()
                                  for t in names])
     return out
-
-
-def np_kept(x: np.ndarray, k: float, bits: int = 20) -> np.ndarray:
-    q = (np.abs(x).astype(np.float32).view(np.int32) >> (32 - bits)).astype(np.int64)
-    need = max(1, math.floor(k * x.size + 0.5))
-    return (q >= np.sort(q)[::-1][need - 1]) & (x != 0)
 
 
 def test_bf16_float32_path_matches_numpy_float64(bf16_models, monkeypatch):

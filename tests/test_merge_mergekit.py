@@ -7,16 +7,10 @@ import pytest
 import torch
 
 from rlm.core.merging import MergeRunConfig, merge_models
-from rlm.core.safetensors_io import ModelReader
 
-from test_merge_engine import make_llama
+from test_merge_engine import load, make_llama
 
 mergekit = pytest.importorskip("mergekit")
-
-
-def load(path):
-    r = ModelReader(path)
-    return {n: r.get(n) for n in r.tensor_names()}
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])

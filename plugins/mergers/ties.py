@@ -3,6 +3,8 @@ sign election on weighted task vectors, disjoint mean (mergekit semantics: norma
 
 from __future__ import annotations
 
+import math
+
 from rlm.core.contracts import MergeMethod
 from rlm.core.hookspecs import hookimpl
 from rlm.core.merging import DensityParams, TiesConfig
@@ -29,10 +31,7 @@ class Ties(MergeMethod):
 
         from rlm.core.merging import l1_scale_blocks, magnitude_keep, magnitude_threshold_blocks
 
-        numel = 1
-        for d in context.shape:
-            numel *= d
-        cut = magnitude_threshold_blocks(blocks, numel, param.density)
+        cut = magnitude_threshold_blocks(blocks, math.prod(context.shape), param.density)
         scale = 1.0
         if self.config.rescale and cut is not None:
             scale = l1_scale_blocks(blocks, lambda rows, b: magnitude_keep(b, cut, replace(context, rows=rows)))
