@@ -326,14 +326,6 @@ class Graph:
             todo.extend(self.steps[n].deps)
         return seen
 
-    def descendants(self, names: Iterable[str]) -> set[str]:
-        names = set(names)
-        out: set[str] = set()
-        for n in self.order():
-            if n in names or any(d in out for d in self.steps[n].deps):
-                out.add(n)
-        return out
-
     @staticmethod
     def step_dir(run_dir: str | Path, name: str, key: str) -> Path:
         return Path(run_dir) / STEPS_DIR / f"{name}-{key}"

@@ -314,8 +314,7 @@ class RLEngine:
                         u = exp.batch.tensors(mrows, s.device)
                         T = u["T"]
                         m = u["response_mask"]
-                        ctx = s.acc.no_sync(s.model) if j < len(micro) - 1 else _Null()
-                        with ctx:
+                        with s.grad_sync(s.model, last=j == len(micro) - 1):
                             logp, ent = forward_response(s.model, u, temperature=cfg.temperature, entropy=True)
                             old = exp.old_logp[mrows, :T] if exp.old_logp is not None else logp.detach()
                             adv = exp.advantages[mrows, :T]
@@ -343,8 +342,7 @@ class RLEngine:
                         u = exp.batch.tensors(mrows, s.device)
                         T = u["T"]
                         m = u["response_mask"]
-                        ctx = s.acc.no_sync(self.critic) if j < len(micro) - 1 else _Null()
-                        with ctx:
+                        with s.grad_sync(self.critic, last=j == len(micro) - 1):
                             v = self.critic(u)
                             vl, vst = rl.value_loss(v, exp.values[mrows, :T], exp.returns[mrows, :T], m,
                                                     clip=cfg.value_clip, agg=cfg.loss_agg, **agg_kw)
@@ -399,14 +397,6 @@ class RLEngine:
 
     def train(self) -> Path:
         return self.sess.run_steps(self.step, self.position, self.extra)
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 
 
 def run_rl(trainer: Any, run: TrainRun) -> Path:

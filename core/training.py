@@ -21,6 +21,7 @@ This module does not import torch at import time (``rlm plugins`` stays fast); t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -509,6 +510,10 @@ class Session:
         return module, opt, sched
 
     # -- optimisation helpers -------------------------------------------------------------------------------
+    def grad_sync(self, model: Any, last: bool) -> Any:
+        """Context for one micro-batch's backward: gradients sync across processes only on the ``last``."""
+        return contextlib.nullcontext() if last else self.acc.no_sync(model)
+
     def reduce_sum(self, value: float | Any) -> Any:
         """Sum a number or tensor over processes (returns a float64 tensor)."""
         import torch
@@ -832,7 +837,7 @@ def run_sft(trainer: Any, run: TrainRun, pairs_fn: Any = None) -> Path:
         loss_sum = ent_sum = 0.0
         for i, rows in enumerate(micro):
             t = batch.tensors(rows, sess.device)
-            with sess.acc.no_sync(sess.model) if i < len(micro) - 1 else _null():
+            with sess.grad_sync(sess.model, last=i == len(micro) - 1):
                 logp, ent = forward_response(sess.model, t, entropy=True)
                 loss = rl.sft_loss(logp, t["response_mask"], num_tokens=ntok.to(logp.dtype))
                 sess.acc.backward(loss * sess.world)
@@ -849,12 +854,4 @@ def run_sft(trainer: Any, run: TrainRun, pairs_fn: Any = None) -> Path:
         return {"epoch": epoch, "offset": offset, "examples_seen": step * cfg.batch_size}
 
     return sess.run_steps(step_fn, position)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *a: Any) -> None:
-        return None
 

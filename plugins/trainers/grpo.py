@@ -6,7 +6,7 @@ from typing import Literal
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.rollout import RLConfig
+from rlm.core.rollout import RLConfig, run_rl
 
 
 class GRPO(Trainer):
@@ -20,8 +20,6 @@ class GRPO(Trainer):
         kl_estimator: Literal["k1", "k2", "k3"] = "k3"
 
     def train(self, run):
-        from rlm.core.rollout import run_rl
-
         return run_rl(self, run)
 
 

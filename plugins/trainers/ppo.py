@@ -9,7 +9,7 @@ from pydantic import Field
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.rollout import RLConfig
+from rlm.core.rollout import RLConfig, run_rl
 
 
 class PPO(Trainer):
@@ -26,8 +26,6 @@ class PPO(Trainer):
         kl_estimator: Literal["k1", "k2", "k3"] = "k1"
 
     def train(self, run):
-        from rlm.core.rollout import run_rl
-
         return run_rl(self, run)
 
 

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.rollout import RLConfig
+from rlm.core.rollout import RLConfig, run_rl
 
 
 class ReinforcePP(Trainer):
@@ -25,8 +25,6 @@ class ReinforcePP(Trainer):
         kl_coef: float = Field(1e-3, ge=0)
 
     def train(self, run):
-        from rlm.core.rollout import run_rl
-
         return run_rl(self, run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.rollout import RFTConfig
+from rlm.core.rollout import RFTConfig, run_rft
 
 
 class RFT(Trainer):
@@ -15,8 +15,6 @@ class RFT(Trainer):
     Config = RFTConfig
 
     def train(self, run):
-        from rlm.core.rollout import run_rft
-
         return run_rft(self, run)
 
 

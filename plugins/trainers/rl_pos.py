@@ -6,7 +6,7 @@ from typing import Literal
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.rollout import RLConfig
+from rlm.core.rollout import RLConfig, run_rl
 
 
 class RLPos(Trainer):
@@ -21,8 +21,6 @@ class RLPos(Trainer):
         kl_in: Literal["loss", "none"] = "loss"
 
     def train(self, run):
-        from rlm.core.rollout import run_rl
-
         return run_rl(self, run)
 
 

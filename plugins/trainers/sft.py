@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.training import SFTConfig
+from rlm.core.training import SFTConfig, run_sft
 
 
 class SFT(Trainer):
@@ -14,8 +14,6 @@ class SFT(Trainer):
     Config = SFTConfig
 
     def train(self, run):
-        from rlm.core.training import run_sft
-
         return run_sft(self, run)
 
 
