@@ -76,6 +76,12 @@ def assign_data(tasks: list[str], data: list[str]) -> dict[str, str | None]:
     return out
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _summary_entry(task: Task, scores: list[dict[str, Any]]) -> dict[str, Any]:
     metrics = task.metrics(scores)
     return {**{k: float(v) for k, v in metrics.items()}, "n": len(scores)}
@@ -111,9 +117,7 @@ def evaluate(model: str, tasks: list[str], out: str | Path, *, data: list[str] |
     runs = [load_task(t, data=paths[t], limit=limit, seed=seed) for t in tasks]  # fail fast on bad data
     model_path = resolve_model(model)
     if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _default_device()
     lm, tok = load_model(model_path, device=device)
     summary: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
@@ -188,8 +192,7 @@ def read_completions(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]]
 
 
 def score_completions(task_spec: str, completions: str | Path, out: str | Path, *, data: str | None = None,
-                      limit: int | None = None, progress: bool = True, overwrite: bool = False,
-                      completion_field: str = "completion") -> dict[str, Any]:
+                      limit: int | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Score given completions (no model). Each JSONL line holds an id field (``task_id``, ``id``, ``key`` or
     ``prompt``) and ``completion`` (or ``response``/``output``). Unknown ids and unreadable lines go to ``errors.jsonl`` (and a warning);
     empty or non-string completions are scored (as failures); examples without a completion are left out."""
@@ -220,12 +223,12 @@ def score_completions(task_spec: str, completions: str | Path, out: str | Path, 
                            "error": f"duplicate completion for id {run.examples[i].id!r}; the first (line "
                                     f"{chosen[i][0]}) is scored"})
             continue
-        comp = obj.get(completion_field)
-        if comp is None and completion_field == "completion":
+        comp = obj.get("completion")
+        if comp is None:
             comp = next((obj[f] for f in ("response", "output") if f in obj), None)  # IFEval/evalplus styles
         if not isinstance(comp, str):
             errors.append({"file": str(completions), "line": lineno,
-                           "error": f"{completion_field!r} missing or not a string; scored as a failure"})
+                           "error": "'completion' missing or not a string; scored as a failure"})
             comp = ""
         chosen[i] = (lineno, comp)
     if not chosen:
@@ -306,9 +309,7 @@ def run_lm_eval(model: str, tasks: list[str], out: str | Path, *, limit: int | N
 
         ensure_punkt_tab()
     if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = _default_device()
     try:
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager

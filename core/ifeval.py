@@ -114,14 +114,6 @@ def registry() -> Any:
     return _REGISTRY
 
 
-def supported_ids() -> list[str]:
-    return list(registry().INSTRUCTION_DICT)
-
-
-def is_supported(instruction_id: str) -> bool:
-    return instruction_id in registry().INSTRUCTION_DICT
-
-
 # --------------------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------------------
@@ -182,9 +174,14 @@ def check(prompt: str, instruction_ids: Sequence[str], kwargs: Sequence[dict[str
     return out
 
 
+def _scored(flags: Sequence[bool | None], unsupported: str) -> list[bool]:
+    """The flags that count: unsupported (``None``) ones left out under ``"skip"``, else counted as not followed."""
+    return [bool(f) for f in flags if f is not None] if unsupported == "skip" else [bool(f) for f in flags]
+
+
 def fraction_followed(flags: Sequence[bool | None], unsupported: str = "skip") -> float:
     """Reward: fraction of (supported) instructions followed; 0.0 when nothing can be scored."""
-    vals = [bool(f) for f in flags if f is not None] if unsupported == "skip" else [bool(f) for f in flags]
+    vals = _scored(flags, unsupported)
     return sum(vals) / len(vals) if vals else 0.0
 
 
@@ -199,7 +196,7 @@ def aggregate(strict: Iterable[Sequence[bool | None]], loose: Iterable[Sequence[
         unsup = unscored = 0
         for flags in rows:
             unsup += sum(f is None for f in flags)
-            vals = [bool(f) for f in flags if f is not None] if unsupported == "skip" else [bool(f) for f in flags]
+            vals = _scored(flags, unsupported)
             if not vals:
                 unscored += 1
                 continue

@@ -247,8 +247,7 @@ def run_python(code: str, *, stdin: str | None = None, config: SandboxConfig | N
             else:
                 (wd / name).write_text(content, encoding="utf-8")
         nofork = cg_root is None and is_root
-        (work / "guard.py").write_text(GUARD.format(strict=not use_ns, nofork=nofork), encoding="utf-8")
-        shutil.copy(work / "guard.py", wd / "_rlm_guard.py")
+        (wd / "_rlm_guard.py").write_text(GUARD.format(strict=not use_ns, nofork=nofork), encoding="utf-8")
         py = [sys.executable, "-I", "-B", "_rlm_guard.py"]
         if use_ns:
             layers.insert(0, "namespaces")
