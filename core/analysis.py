@@ -68,7 +68,16 @@ class ConflictsConfig(PluginConfig):
         "auto", description="dtype of τ: 'auto' forms τ in float32 when base and model are bf16/fp16 (exact but "
                             "for values 2^15 apart) and in float64 otherwise; sums are float64 in every case.")
     check_finite: bool = True
-    threads: int | None = Field(1, ge=1, description="torch intra-op threads while computing (None: leave "
+    engine: Literal["auto", "fused", "eager"] = Field(
+        "auto", description="'fused': compiled kernels reading memory-mapped bf16 safetensors in place, all sums "
+                            "of a block in one loop, tensors spread over `workers` threads; 'eager': torch, "
+                            "block by block, for any input; 'auto': fused where it applies (every input a bf16 "
+                            "safetensors model, every metric fed by the engine's sums), else eager.")
+    workers: int | None = Field(None, ge=1, description="Threads of the fused engine (None: the CPUs this "
+                                                        "process may use).")
+    fused_block_elements: int = Field(1 << 22, ge=1, description="Elements per model the fused engine maps "
+                                                                 "at once (bounds resident memory).")
+    threads: int | None = Field(1, ge=1, description="torch intra-op threads of the eager engine (None: leave "
                                                      "torch's setting); 1 is fastest on a shared machine.")
 
     @field_validator("kept_rates")
@@ -371,6 +380,7 @@ class PairTopkMetric(Metric):
 
     scope = "pair"
     needs_topk = True
+    reads_deltas = False
 
     def __init__(self, config: Any = None, **overrides: Any) -> None:
         super().__init__(config, **overrides)
@@ -794,77 +804,97 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
                 out[n] = d.reshape(-1)
             return out
 
-        thresholds: dict[str, dict[str, Any]] = {}
-        kept_actual: dict[str, dict[str, Any]] = {m: {n: torch.zeros(g, dtype=torch.int64) for n in names}
-                                                  for m in modes}
-        per_tensor_thr: dict[str, dict[str, Thresholds]] = {}
-        global_hist = {n: torch.zeros(nb, dtype=torch.int64) for n in names} if "global" in modes else {}
-        deferred: list[Any] = []  # tensors whose top-k statistics wait for the second pass
-        trim = _trim_heap()
+        reason = None
+        if config.engine != "eager":
+            from .fused_conflicts import unavailable_reason
 
-        def make_chunk(t: Any, deltas: dict[str, Any]) -> Chunk:
-            c = Chunk(t.name, deltas, numel=t.numel, kept_rates=config.kept_rates, bits=bits,
-                      thresholds=thresholds, modes=modes, workspace=ws)
-            c.engine_histograms = True  # the engine hands per-tensor histograms to update_histogram
-            return c
+            reason = unavailable_reason(config, metrics, base_reader, readers, tensors, hist_bits)
+            if reason is not None and config.engine == "fused":
+                raise RlmError(f"engine 'fused' cannot run these inputs: {reason}")
 
-        # pass 1: every statistic that needs no top-k threshold, and the magnitude histograms (per tensor and
-        # global); top-k statistics too where the thresholds are known by then (per-tensor only, one block)
-        phase1 = "histogram" if "global" in modes else "statistics"
-        for i, t in enumerate(tensors):
-            bl = blocks(t)
-            hdt = torch.int32 if t.numel < 2 ** 31 else torch.int64  # int32 index_add_ is about twice as fast
-            hists = {n: ws.get(("thist", n), n_bins(hist_bits), hdt).zero_() for n in names} if need_hist else {}
-            chunk: Chunk | None = None
-            for rows in bl:
-                chunk = make_chunk(t, read_block(t, rows, True))
-                for m in plain_metrics:
-                    m.update(t.name, chunk.deltas, context=chunk)
-                for n in hists:
-                    chunk.add_bin_histogram(n, hists[n], hist_bits)
-            for m in hist_metrics:
-                m.update_histogram(t.name, hists, hist_bits)
-            for n, h in global_hist.items():
-                h += hists[n]
-            if "per_tensor" in modes:
-                per_tensor_thr[t.name] = {}
-                for n, h in hists.items():
-                    thr, kept = histogram_thresholds(h, t.numel, config.kept_rates)
-                    per_tensor_thr[t.name][n] = Thresholds(thr, bits)
-                    kept_actual["per_tensor"][n] += kept
-            if modes:
-                if "global" not in modes and len(bl) == 1 and chunk is not None:
+        def eager() -> tuple[dict[str, dict[str, Any]], int]:
+            thresholds: dict[str, dict[str, Any]] = {}
+            kept_actual: dict[str, dict[str, Any]] = {m: {n: torch.zeros(g, dtype=torch.int64) for n in names}
+                                                      for m in modes}
+            per_tensor_thr: dict[str, dict[str, Thresholds]] = {}
+            global_hist = {n: torch.zeros(nb, dtype=torch.int64) for n in names} if "global" in modes else {}
+            deferred: list[Any] = []  # tensors whose top-k statistics wait for the second pass
+            trim = _trim_heap()
+
+            def make_chunk(t: Any, deltas: dict[str, Any]) -> Chunk:
+                c = Chunk(t.name, deltas, numel=t.numel, kept_rates=config.kept_rates, bits=bits,
+                          thresholds=thresholds, modes=modes, workspace=ws)
+                c.engine_histograms = True  # the engine hands per-tensor histograms to update_histogram
+                return c
+
+            # pass 1: every statistic that needs no top-k threshold, and the magnitude histograms (per tensor and
+            # global); top-k statistics too where the thresholds are known by then (per-tensor only, one block)
+            phase1 = "histogram" if "global" in modes else "statistics"
+            for i, t in enumerate(tensors):
+                bl = blocks(t)
+                hdt = torch.int32 if t.numel < 2 ** 31 else torch.int64  # int32 index_add_ is about twice as fast
+                hists = {n: ws.get(("thist", n), n_bins(hist_bits), hdt).zero_() for n in names} if need_hist else {}
+                chunk: Chunk | None = None
+                for rows in bl:
+                    chunk = make_chunk(t, read_block(t, rows, True))
+                    for m in plain_metrics:
+                        m.update(t.name, chunk.deltas, context=chunk)
+                    for n in hists:
+                        chunk.add_bin_histogram(n, hists[n], hist_bits)
+                for m in hist_metrics:
+                    m.update_histogram(t.name, hists, hist_bits)
+                for n, h in global_hist.items():
+                    h += hists[n]
+                if "per_tensor" in modes:
+                    per_tensor_thr[t.name] = {}
+                    for n, h in hists.items():
+                        thr, kept = histogram_thresholds(h, t.numel, config.kept_rates)
+                        per_tensor_thr[t.name][n] = Thresholds(thr, bits)
+                        kept_actual["per_tensor"][n] += kept
+                if modes:
+                    if "global" not in modes and len(bl) == 1 and chunk is not None:
+                        thresholds["per_tensor"] = per_tensor_thr.pop(t.name)
+                        chunk.thresholds = dict(thresholds)
+                        for m in topk_metrics:
+                            m.update(t.name, chunk.deltas, context=chunk)
+                    else:
+                        deferred.append(t)
+                if i % 16 == 15:
+                    trim()
+                if progress:
+                    progress(phase1, i + 1, len(tensors))
+            if "global" in modes:
+                thresholds["global"] = {}
+                for n, h in global_hist.items():
+                    thr = threshold_bins(h, total, config.kept_rates)
+                    thresholds["global"][n] = Thresholds(thr, bits)
+                    kept_actual["global"][n] += kept_from_histogram(h, thr)
+                del global_hist
+
+            # pass 2: top-k statistics of the tensors whose thresholds needed a full first pass
+            for i, t in enumerate(deferred):
+                if "per_tensor" in modes:
                     thresholds["per_tensor"] = per_tensor_thr.pop(t.name)
-                    chunk.thresholds = dict(thresholds)
+                for rows in blocks(t):
+                    chunk = make_chunk(t, read_block(t, rows, False))
                     for m in topk_metrics:
                         m.update(t.name, chunk.deltas, context=chunk)
-                else:
-                    deferred.append(t)
-            if i % 16 == 15:
-                trim()
-            if progress:
-                progress(phase1, i + 1, len(tensors))
-        if "global" in modes:
-            thresholds["global"] = {}
-            for n, h in global_hist.items():
-                thr = threshold_bins(h, total, config.kept_rates)
-                thresholds["global"][n] = Thresholds(thr, bits)
-                kept_actual["global"][n] += kept_from_histogram(h, thr)
-            del global_hist
+                if i % 16 == 15:
+                    trim()
+                if progress:
+                    progress("statistics", i + 1, len(deferred))
+            return kept_actual, 1 + bool(deferred)
 
-        # pass 2: top-k statistics of the tensors whose thresholds needed a full first pass
-        for i, t in enumerate(deferred):
-            if "per_tensor" in modes:
-                thresholds["per_tensor"] = per_tensor_thr.pop(t.name)
-            for rows in blocks(t):
-                chunk = make_chunk(t, read_block(t, rows, False))
-                for m in topk_metrics:
-                    m.update(t.name, chunk.deltas, context=chunk)
-            if i % 16 == 15:
-                trim()
-            if progress:
-                progress("statistics", i + 1, len(deferred))
+        if config.engine != "eager" and reason is None:
+            from . import fused_conflicts
 
+            kept_actual, passes = fused_conflicts.run(config=config, metrics=metrics, base_reader=base_reader,
+                                                      readers=readers, tensors=tensors, modes=modes,
+                                                      hist_bits=hist_bits, total=total, progress=progress)
+            engine = "fused"
+        else:
+            kept_actual, passes = eager()
+            engine = "eager"
         fu = next((m for m in metrics if m.name == "fraction_updated"), None)
         threshold = float(getattr(fu.config, "threshold")) if fu is not None else None
         data: dict[str, Any] = {"threshold": threshold, "models": {n: {} for n in names},
@@ -882,7 +912,9 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
                 data["models"][n]["kept_fraction"] = {
                     "kept_rate": list(config.kept_rates),
                     **{mode: [int(c) / total for c in kept_actual[mode][n]] for mode in modes}}
-        stats = {"tensors": len(tensors), "parameters": total, "passes": 1 + bool(deferred)}
+        stats = {"tensors": len(tensors), "parameters": total, "passes": passes, "engine": engine}
+        if reason is not None and config.engine == "auto":
+            stats["eager_because"] = reason
         return ConflictsResult(data=_json_clean(data), config=config, models={k: str(v) for k, v in models.items()},
                                base=str(base), stats=stats)
     finally:

@@ -190,10 +190,15 @@ class Metric(Plugin, abc.ABC):
     """A task-vector statistic accumulated tensor by tensor in one streaming pass.
 
     ``scope`` is ``"model"`` (one value per model) or ``"pair"`` (one per pair of models; the engine refuses
-    fewer than two models). ``needs_topk`` asks the engine for top-k thresholds (``context.first_kept``)."""
+    fewer than two models). ``needs_topk`` asks the engine for top-k thresholds (``context.first_kept``).
+    ``reads_deltas = False`` promises that :meth:`update` uses only ``context``'s sums (``sum_squares``, ``dot``,
+    ``conflict_sum_squares``, ``count_above`` for the thresholds in ``count_thresholds``, ``pair_joint``,
+    ``names``, ``pairs``, ``size``), never the τ blocks in ``deltas``: the engine may then run its fused kernels
+    and pass ``deltas`` empty."""
 
     scope: ClassVar[str] = "model"
     needs_topk: ClassVar[bool] = False
+    reads_deltas: ClassVar[bool] = True
 
     @abc.abstractmethod
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:

@@ -308,6 +308,14 @@ class ModelReader:
     def nbytes(self, name: str) -> int:
         return self.numel(name) * element_size(self.dtype(name))
 
+    def location(self, name: str) -> tuple[Path, int, int]:
+        """``(file, byte offset, byte count)`` of a safetensors tensor's data (stored little-endian, row-major);
+        a ModelError for ``.bin`` checkpoints, whose layout is torch's."""
+        e = self._entry(name)
+        if self.format != "safetensors":
+            raise ModelError(f"model {self.path}: tensor {name} is in a .bin checkpoint, not safetensors")
+        return e.file, e.offset, e.nbytes
+
     def files(self) -> list[Path]:
         return list(dict.fromkeys(e.file for e in self._entries.values()))
 

@@ -65,7 +65,7 @@ def np_tv(base: Path, experts: dict[str, Path]) -> dict[str, np.ndarray]:
 
 def test_bf16_float32_path_matches_numpy_float64(bf16_models, monkeypatch):
     base, experts = bf16_models
-    cfg = A.ConflictsConfig(kept_rates=RATES, topk_modes=["global"], chunk_elements=30000)
+    cfg = A.ConflictsConfig(kept_rates=RATES, topk_modes=["global"], chunk_elements=30000, engine="eager")
     seen = set()
     init = A.Chunk.__init__
 
@@ -108,7 +108,7 @@ def test_bf16_float32_path_matches_numpy_float64(bf16_models, monkeypatch):
 def test_bf16_per_tensor_topk_single_and_multi_block_match_float64(bf16_models):
     base, experts = bf16_models
     for chunk in (1 << 18, 5000):  # one pass (one block per tensor) and a deferred second pass
-        cfg = A.ConflictsConfig(kept_rates=RATES, topk_modes=["per_tensor"], chunk_elements=chunk)
+        cfg = A.ConflictsConfig(kept_rates=RATES, topk_modes=["per_tensor"], chunk_elements=chunk, engine="eager")
         res = A.compute_conflicts(base, experts, cfg).data
         ref = A.compute_conflicts(base, experts, cfg.model_copy(update={"delta_dtype": "float64"})).data
         assert res["pairs"]["sft|rl"]["sign_conflict"] == ref["pairs"]["sft|rl"]["sign_conflict"]
@@ -139,8 +139,12 @@ def np_tv_per_tensor(base: Path, experts: dict[str, Path]) -> dict[str, dict[str
     return out
 
 
-def test_tiny_task_vectors_fall_back_to_float64(bf16_models, tmp_path):
-    """τ ~ 1e-25: float32 squares and products underflow to zero; the engine must still get the norms."""
+@pytest.mark.parametrize("engine", ["eager", "fused"])
+def test_tiny_task_vectors_fall_back_to_float64(bf16_models, tmp_path, engine):
+    """τ ~ 1e-25: float32 squares and products underflow to zero; the eager engine must fall back to float64
+    and the fused one (float64 products of float32 τ) must get the norms directly."""
+    if engine == "fused":
+        pytest.importorskip("rlm.core._conflict_kernels")
     base, _ = bf16_models
     from safetensors.torch import load_file
 
@@ -150,7 +154,8 @@ def test_tiny_task_vectors_fall_back_to_float64(bf16_models, tmp_path):
     zbase = write_bf16(tmp_path / "zbase", zero, base)
     ex = {n: write_bf16(tmp_path / n, {k: torch.randn(v.shape, generator=g) * 1e-25 for k, v in zero.items()}, base)
           for n in ("a", "b")}
-    res = A.compute_conflicts(zbase, ex, A.ConflictsConfig(metrics=["update_norm", "conflict_norm", "cosine"])).data
+    res = A.compute_conflicts(zbase, ex, A.ConflictsConfig(metrics=["update_norm", "conflict_norm", "cosine"],
+                                                           engine=engine)).data
     tv = np_tv(zbase, ex)
     for n, x in tv.items():
         assert res["models"][n]["update_norm"] == pytest.approx(np.linalg.norm(x), rel=1e-12)

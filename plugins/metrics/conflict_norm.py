@@ -15,6 +15,7 @@ class ConflictNorm(Metric):
 
     name = "conflict_norm"
     scope = "pair"
+    reads_deltas = False
 
     class Config(PluginConfig):
         pass

@@ -15,6 +15,7 @@ class Cosine(Metric):
 
     name = "cosine"
     scope = "pair"
+    reads_deltas = False
 
     class Config(PluginConfig):
         pass

@@ -16,6 +16,7 @@ class FractionUpdated(Metric):
     """Share of parameters with |τ| > threshold (default 1e-5), with a histogram of log10|τ|."""
 
     name = "fraction_updated"
+    reads_deltas = False
 
     class Config(PluginConfig):
         threshold: float = Field(1e-5, ge=0.0)
@@ -32,18 +33,26 @@ class FractionUpdated(Metric):
 
         sub = self.config.sub_bits
         engine_hist = getattr(context, "engine_histograms", False) and context.bits >= 9 + sub
-        for name, d in deltas.items():
+        for name in (context.names if context is not None else deltas):
             a = self._acc.setdefault(name, {"n": 0, "above": 0, "hist": 0})
-            a["n"] += d.numel()
-            a["above"] += (context.count_above(name, self.config.threshold) if context is not None
-                           else count_above(d, self.config.threshold))
+            if context is not None:
+                a["n"] += context.size
+                a["above"] += context.count_above(name, self.config.threshold)
+            else:
+                a["n"] += deltas[name].numel()
+                a["above"] += count_above(deltas[name], self.config.threshold)
             if engine_hist:
                 continue  # the engine calls update_histogram with the whole tensor's magnitude bins
             if context is not None and context.bits >= 9 + sub:  # reuse the engine's magnitude bins
                 h = torch.bincount(context.bins(name) >> (context.bits - 9 - sub), minlength=octave_bins(sub))
             else:
-                h = octave_histogram(d, sub)
+                h = octave_histogram(context.deltas[name] if context is not None else deltas[name], sub)
             a["hist"] = h + a["hist"]
+
+    @property
+    def count_thresholds(self) -> list[float]:
+        """Thresholds whose counts ``context.count_above`` must answer (the fused engine counts only these)."""
+        return [self.config.threshold]
 
     @property
     def histogram_bits(self) -> int:
@@ -52,7 +61,8 @@ class FractionUpdated(Metric):
 
     def update_histogram(self, tensor_name: str, hists: dict[str, Any], bits: int) -> None:
         """Fold one tensor's histograms of ``bits``-bit magnitude bins (``rlm.core.analysis.magnitude_bins``)
-        into the log10 histogram: its bins are the top ``9 + sub_bits`` bits of the same bit pattern."""
+        into the log10 histogram: its bins are the top ``9 + sub_bits`` bits of the same bit pattern. The engine
+        may hand the histograms of several tensors at once (the fused engine: all of them, as ``"*"``)."""
         from rlm.core.analysis import octave_bins
 
         import torch

@@ -14,6 +14,7 @@ class UpdateNorm(Metric):
     """L2 norm of each task vector, with per-layer and per-module-type breakdowns."""
 
     name = "update_norm"
+    reads_deltas = False
 
     class Config(PluginConfig):
         breakdown: bool = True
@@ -25,9 +26,12 @@ class UpdateNorm(Metric):
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
         from rlm.core.analysis import sum_squares
 
-        for name, d in deltas.items():
-            ss = context.sum_squares(name) if context is not None else sum_squares(d)
-            self._ss[name][tensor_name] += ss
+        if context is None:
+            for name, d in deltas.items():
+                self._ss[name][tensor_name] += sum_squares(d)
+            return
+        for name in context.names:
+            self._ss[name][tensor_name] += context.sum_squares(name)
 
     def result(self) -> dict[str, Any]:
         from rlm.core.analysis import layer_of, module_type_of
