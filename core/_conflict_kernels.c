@@ -174,7 +174,7 @@ HOT static void pair_sums(const float *ta, const float *tb, Py_ssize_t w, double
     out[1] += csum;
 }
 
-static void bf_row(const uint16_t *base, Py_ssize_t w, float *bf) {
+HOT static void bf_row(const uint16_t *base, Py_ssize_t w, float *bf) {
     for (Py_ssize_t i = 0; i < w; i++) bf[i] = bf16_to_f32(base[i]);
 }
 
@@ -363,14 +363,35 @@ static PyObject *first_kept_table(PyObject *self, PyObject *args) {
     }
     {
         const int32_t *t = (const int32_t *)thr.buf;
+        for (Py_ssize_t s = 0; s < n_scopes; s++)
+            for (Py_ssize_t k = 1; k < g; k++)
+                if (t[s * g + k] > t[s * g + k - 1]) {
+                    PyErr_SetString(PyExc_ValueError, "first_kept_table: thresholds must not increase");
+                    goto done;
+                }
         int64_t never = span - 1;
-        for (Py_ssize_t i = 0; i < len; i++) put(table.buf, itemsize, i, never);
+        put(table.buf, itemsize, 0, never);
+        for (Py_ssize_t i = width + 1; i < len; i++) put(table.buf, itemsize, i, never);
+        /* first_s(b) = #{k: b < thr[s, k]} only drops where b reaches a threshold: walk the bins upwards with
+           one pointer per scope into its thresholds (ascending from the last kept rate) */
+        Py_ssize_t ptr[64];
+        int64_t first[64];
+        if (n_scopes > 64) {
+            PyErr_SetString(PyExc_ValueError, "first_kept_table: at most 64 scopes");
+            goto done;
+        }
+        for (Py_ssize_t s = 0; s < n_scopes; s++) {
+            ptr[s] = g - 1;  /* thr[s, ptr] is the smallest threshold not yet passed */
+            first[s] = g;
+        }
         for (Py_ssize_t b = lo; b <= hi; b++) {
             int64_t v = 0;
             for (Py_ssize_t s = 0; s < n_scopes; s++) {
-                int64_t f = 0;
-                for (Py_ssize_t k = 0; k < g; k++) f += b < t[s * g + k];
-                v = v * (g + 1) + f;
+                while (ptr[s] >= 0 && b >= t[s * g + ptr[s]]) {
+                    ptr[s]--;
+                    first[s]--;
+                }
+                v = v * (g + 1) + first[s];
             }
             put(table.buf, itemsize, b - lo + 1, v);
         }
@@ -417,6 +438,25 @@ JOINT_COUNT(joint_count_u8, uint8_t)
 JOINT_COUNT(joint_count_u16, uint16_t)
 JOINT_COUNT(joint_count_i32, int32_t)
 
+/* largest entry of a table (int32 entries count as unsigned, so negative ones are caught too) */
+HOT static uint32_t table_max(const void *table, int itemsize, Py_ssize_t n) {
+    uint32_t mx = 0;
+    if (itemsize == 1) {
+        const uint8_t *t = table;
+#pragma omp simd reduction(max : mx)
+        for (Py_ssize_t i = 0; i < n; i++) mx = t[i] > mx ? t[i] : mx;
+    } else if (itemsize == 2) {
+        const uint16_t *t = table;
+#pragma omp simd reduction(max : mx)
+        for (Py_ssize_t i = 0; i < n; i++) mx = t[i] > mx ? t[i] : mx;
+    } else {
+        const uint32_t *t = table;
+#pragma omp simd reduction(max : mx)
+        for (Py_ssize_t i = 0; i < n; i++) mx = t[i] > mx ? t[i] : mx;
+    }
+    return mx;
+}
+
 PyDoc_STRVAR(topk_block_doc,
 "topk_block(base, xs, shift, lo, tables, itemsize, pairs, span, joint)\n\n"
 "Accumulate joint top-k counts of one block. lo: int64[M] first non-zero bin of each model's table; tables:\n"
@@ -447,15 +487,10 @@ static PyObject *topk_block(PyObject *self, PyObject *args) {
     if (t_len < 2 || t_len * m * itemsize != tables.len || need(&lo_buf, 8 * m, "lo") < 0 ||
         need(&joint, 8 * 4 * len * n_pairs, "joint") < 0 || check_pairs((const int64_t *)pairs.buf, n_pairs, m) < 0)
         goto done;
-    {   /* every table entry must be a valid digit (the codes index joint) */
-        const uint8_t *tb = (const uint8_t *)tables.buf;
-        for (Py_ssize_t i = 0; i < t_len * m; i++) {
-            int64_t v = itemsize == 1 ? tb[i] : itemsize == 2 ? ((const uint16_t *)tb)[i] : ((const int32_t *)tb)[i];
-            if (v < 0 || v >= span) {
-                PyErr_Format(PyExc_ValueError, "table entry %lld outside [0, %lld)", (long long)v, span);
-                goto done;
-            }
-        }
+    if (table_max(tables.buf, itemsize, t_len * m) >= span) { /* every entry must be a valid digit */
+        PyErr_Format(PyExc_ValueError, "table entry %lld outside [0, %lld)",
+                     (long long)table_max(tables.buf, itemsize, t_len * m), span);
+        goto done;
     }
     index = PyMem_RawMalloc(sizeof(uint32_t) * SUB * m + sizeof(float) * SUB);
     if (!index) {

@@ -21,9 +21,11 @@ since products of float32 τ are formed exactly in float64 here. What changes is
 
 from __future__ import annotations
 
+import gc
 import itertools
 import mmap
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
@@ -40,6 +42,8 @@ def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, re
     """Why the fused path cannot run these inputs (``None`` when it can)."""
     from .safetensors_io import ModelReader
 
+    if sys.byteorder != "little":
+        return "this machine is big-endian (the kernels read safetensors' little-endian bf16 in place)"
     if config.delta_dtype != "auto":
         return f"delta_dtype is {config.delta_dtype!r} (the fused kernels form τ as 'auto' does for bf16)"
     for m in metrics:
@@ -194,7 +198,6 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
     n_models = len(names)
     pairs = list(itertools.combinations(range(n_models), 2))
     pair_index = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    bits = config.threshold_bits
     g = len(config.kept_rates)
     big = g + 1
     topk_metrics = [m for m in metrics if getattr(m, "needs_topk", False)]
@@ -246,11 +249,13 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
             out.append(arr)
         return out[0], tuple(out[1:]), spans
 
-    def fail_nonfinite(t: Any) -> None:
+    def fail_nonfinite(t: Any, ss: np.ndarray) -> None:
+        """Name the input holding NaN/Inf (or, if every input is finite, the model whose τ overflows)."""
         check_finite(base_reader.get(t.name), base_reader.path, t.name)
         for n, r in readers.items():
             check_finite(r.get(t.name), r.path, t.name)
-        raise ModelError(f"model {readers[names[0]].path}: tensor {t.name}: the task vector overflows")
+        j = int(np.flatnonzero(~np.isfinite(ss))[0]) if not np.isfinite(ss).all() else 0
+        raise ModelError(f"model {readers[names[j]].path}: tensor {t.name}: the task vector overflows float32")
 
     def topk_pass(t: Any, lohi: np.ndarray, thr: np.ndarray, st: Any) -> None:
         """Joint counts of one tensor; thr: int64[S, M, g] threshold bins of this tensor's scopes."""
@@ -282,7 +287,7 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
             for mm, a, b in spans:
                 _release(mm, a, b)
         if config.check_finite and not (np.isfinite(ss).all() and np.isfinite(pair).all()):
-            fail_nonfinite(t)
+            fail_nonfinite(t, ss)
         lohi[:, 0] = np.where(lohi[:, 1] > 0, lohi[:, 0], 1)  # no non-zero bin: an empty range [1, 0]
         out: dict[str, Any] = {"ss": ss, "pair": pair, "above": above, "lohi": lohi}
         if nb:
@@ -304,40 +309,45 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         topk_pass(t, lohi, thr, state())
 
     kept_actual = {m: {n: torch.zeros(g, dtype=torch.int64) for n in names} for m in modes}
-    per_tensor: list[tuple[Any, np.ndarray, np.ndarray]] = []  # (tensor, lohi, per-tensor thresholds)
+    pending: list[tuple[Any, np.ndarray, np.ndarray]] = []  # waiting for global thresholds: (tensor, lohi, thr)
     phase1 = "histogram" if "global" in modes else "statistics"
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # thousands of small arrays, no cycles: collections would only cost time
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlm-conflicts")
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlm-conflicts") as pool:
-            for i, (t, res) in enumerate(zip(tensors, pool.map(first_pass, tensors))):
-                ctx = TensorSums(t.name, names, t.numel, kept_rates=config.kept_rates, bits=hist_bits,
-                                 modes=modes, ss=res["ss"], pair=res["pair"], above=res["above"],
-                                 above_thresholds=thresholds)
-                for m in plain_metrics:
-                    m.update(t.name, {}, context=ctx)
-                if "per_tensor" in modes:
-                    for j, n in enumerate(names):
-                        kept_actual["per_tensor"][n] += torch.from_numpy(res["kept"][j])
-                if "global" in modes:
-                    per_tensor.append((t, res["lohi"], res.get("thr")))
-                if progress:
-                    progress(phase1, i + 1, len(tensors))
-            glob = sum(st.glob for st in states) if states else np.zeros((n_models, nb), np.int64)
-            for m in hist_metrics:
-                m.update_histogram("*", {n: torch.from_numpy(glob[j]) for j, n in enumerate(names)}, hist_bits)
-            if "global" in modes:
-                global_thr = np.zeros((n_models, g), np.int64)
+        for i, (t, res) in enumerate(zip(tensors, pool.map(first_pass, tensors))):
+            ctx = TensorSums(t.name, names, t.numel, kept_rates=config.kept_rates, bits=hist_bits,
+                             modes=modes, ss=res["ss"], pair=res["pair"], above=res["above"],
+                             above_thresholds=thresholds)
+            for m in plain_metrics:
+                m.update(t.name, {}, context=ctx)
+            if "per_tensor" in modes:
                 for j, n in enumerate(names):
-                    thr, kept = histogram_thresholds(torch.from_numpy(glob[j]), total, config.kept_rates)
-                    global_thr[j] = thr.numpy()
-                    kept_actual["global"][n] += kept
-                items = []
-                for t, lohi, tthr in per_tensor:
-                    scopes = [global_thr if mode == "global" else tthr for mode in modes]
-                    items.append((t, lohi, np.stack(scopes)))
-                for i, _ in enumerate(pool.map(second_pass, items)):
-                    if progress:
-                        progress("statistics", i + 1, len(items))
+                    kept_actual["per_tensor"][n] += torch.from_numpy(res["kept"][j])
+            if "global" in modes:
+                pending.append((t, res["lohi"], res.get("thr")))
+            if progress:
+                progress(phase1, i + 1, len(tensors))
+        glob = sum(st.glob for st in states) if states else np.zeros((n_models, nb), np.int64)
+        for m in hist_metrics:
+            m.update_histogram("*", {n: torch.from_numpy(glob[j]) for j, n in enumerate(names)}, hist_bits)
+        if "global" in modes:
+            global_thr = np.zeros((n_models, g), np.int64)
+            for j, n in enumerate(names):
+                thr, kept = histogram_thresholds(torch.from_numpy(glob[j]), total, config.kept_rates)
+                global_thr[j] = thr.numpy()
+                kept_actual["global"][n] += kept
+            items = []
+            for t, lohi, tthr in pending:
+                scopes = [global_thr if mode == "global" else tthr for mode in modes]
+                items.append((t, lohi, np.stack(scopes)))
+            for i, _ in enumerate(pool.map(second_pass, items)):
+                if progress:
+                    progress("statistics", i + 1, len(items))
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error: stop, do not finish the pass
+        if gc_was_enabled:
+            gc.enable()
         for mm in maps.values():
             mm.close()
     if modes:

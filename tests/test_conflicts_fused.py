@@ -151,6 +151,21 @@ def test_fused_refuses_what_it_cannot_run_and_auto_falls_back(tiny_model_dir, bf
     assert peek.seen == 3 * res.stats["parameters"]
 
 
+def test_without_the_compiled_kernels_auto_runs_eager(bf16_three, monkeypatch):
+    """An install without a C compiler has no rlm.core._conflict_kernels: 'auto' says why and runs eager."""
+    import sys
+
+    base, experts = bf16_three
+    import rlm.core
+
+    monkeypatch.setitem(sys.modules, "rlm.core._conflict_kernels", None)  # import now raises ImportError
+    monkeypatch.delattr(rlm.core, "_conflict_kernels", raising=False)
+    res = run(base, experts, metrics=["update_norm", "cosine"])
+    assert res.stats["engine"] == "eager" and "not built" in res.stats["eager_because"]
+    with pytest.raises(RlmError, match="not built"):
+        run(base, experts, engine="fused")
+
+
 def test_fused_names_the_model_and_tensor_of_non_finite_input(bf16_three, tmp_path):
     from safetensors.torch import load_file
 
@@ -240,6 +255,8 @@ def test_kernels_refuse_bad_buffers():
         K.first_kept_table(np.array([[5, 3]], np.int32), 1, 1, 20, table[0], 1)
     with pytest.raises(ValueError, match="do not fit"):
         K.first_kept_table(np.ones((2, 20), np.int32), 2, 1, 3, table[0], 1)
+    with pytest.raises(ValueError, match="must not increase"):
+        K.first_kept_table(np.array([[3, 5]], np.int32), 1, 1, 3, table[0], 1)
     table[1, 3] = 200  # an entry the joint counts cannot hold
     joint = np.zeros((1, 4, 9 * 2), np.int64)
     with pytest.raises(ValueError, match="table entry 200 outside"):
