@@ -1,6 +1,8 @@
 /* Fused kernels of the task-conflict engine (rlm.core.fused_conflicts) for bf16 safetensors inputs.
  *
- * Each call reads the stored bf16 patterns of one block of a tensor (the base and M models), forms
+ * Each call reads the stored bf16 patterns of one block of a tensor (the base and M models) from the files
+ * themselves, with positioned reads (pread) of READ elements at a time into small buffers that stay in the
+ * L2 cache (no memory map, no page-table work, nothing that grows with the model), forms
  * tau = float32(theta_m) - float32(theta_base) exactly as the eager engine does, and computes every per-block
  * quantity in one loop over the data, sub-block by sub-block (SUB elements, so the scratch stays in cache):
  *
@@ -18,11 +20,14 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #define SUB 2048
+#define READ (32 * SUB) /* elements read per input at a time: 128 KiB of bf16 */
 #define ABS_MASK 0x7FFFFFFFu
 #define SIGN_MASK 0x80000000u
 
@@ -49,46 +54,78 @@ static inline uint32_t f32_bits(float f) {
 /* buffers                                                                                                */
 /* ---------------------------------------------------------------------------------------------------- */
 
+/* The inputs of one call: file descriptors and byte offsets of the block's data, base first. */
 typedef struct {
-    Py_buffer *views;
-    Py_ssize_t n;
-} BufferSet;
+    Py_ssize_t n;      /* number of inputs (base + models) */
+    int fd[65];
+    int64_t offset[65];
+    uint16_t *data;    /* n buffers of READ elements */
+    int err;           /* errno of a failed read, or -1: the file ended before the block */
+    Py_ssize_t failed; /* input whose read failed */
+} Inputs;
 
-static void release_set(BufferSet *s) {
-    for (Py_ssize_t i = 0; i < s->n; i++) PyBuffer_Release(&s->views[i]);
-    PyMem_Free(s->views);
-    s->views = NULL;
-    s->n = 0;
-}
-
-/* One read-only contiguous buffer per item of a tuple, all of `nbytes` bytes. */
-static int get_set(PyObject *tuple, Py_ssize_t nbytes, BufferSet *out, const char *what) {
-    out->views = NULL;
-    out->n = 0;
-    if (!PyTuple_Check(tuple)) {
-        PyErr_Format(PyExc_TypeError, "%s must be a tuple of buffers", what);
+static int get_inputs(PyObject *fds, Py_buffer *offsets, Inputs *in) {
+    in->data = NULL;
+    in->err = 0;
+    in->failed = -1;
+    if (!PyTuple_Check(fds) || PyTuple_GET_SIZE(fds) < 2 || PyTuple_GET_SIZE(fds) > 65) {
+        PyErr_SetString(PyExc_ValueError, "fds must be a tuple of 2 to 65 file descriptors (base first)");
         return -1;
     }
-    Py_ssize_t n = PyTuple_GET_SIZE(tuple);
-    out->views = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
-    if (!out->views) {
+    in->n = PyTuple_GET_SIZE(fds);
+    if (offsets->len != 8 * in->n) {
+        PyErr_Format(PyExc_ValueError, "offsets has %zd bytes, expected %zd", offsets->len, 8 * in->n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < in->n; i++) {
+        long fd = PyLong_AsLong(PyTuple_GET_ITEM(fds, i));
+        if (fd == -1 && PyErr_Occurred()) return -1;
+        if (fd < 0 || fd > INT32_MAX) {
+            PyErr_Format(PyExc_ValueError, "fds[%zd] = %ld is not a file descriptor", i, fd);
+            return -1;
+        }
+        in->fd[i] = (int)fd;
+        in->offset[i] = ((const int64_t *)offsets->buf)[i];
+        if (in->offset[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "offsets[%zd] is negative", i);
+            return -1;
+        }
+    }
+    in->data = PyMem_RawMalloc(sizeof(uint16_t) * READ * in->n);
+    if (!in->data) {
         PyErr_NoMemory();
         return -1;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (PyObject_GetBuffer(PyTuple_GET_ITEM(tuple, i), &out->views[i], PyBUF_C_CONTIGUOUS) < 0) {
-            release_set(out);
-            return -1;
-        }
-        out->n = i + 1;
-        if (out->views[i].len != nbytes) {
-            PyErr_Format(PyExc_ValueError, "%s[%zd] has %zd bytes, expected %zd", what, i, out->views[i].len,
-                         nbytes);
-            release_set(out);
-            return -1;
+    return 0;
+}
+
+/* Read elements [start, start + count) of every input into its buffer (GIL released); 0 or -1 on error. */
+static int read_inputs(Inputs *in, Py_ssize_t start, Py_ssize_t count) {
+    for (Py_ssize_t i = 0; i < in->n; i++) {
+        char *dst = (char *)(in->data + READ * i);
+        size_t want = 2 * (size_t)count, done = 0;
+        off_t at = (off_t)(in->offset[i] + 2 * (int64_t)start);
+        while (done < want) {
+            ssize_t got = pread(in->fd[i], dst + done, want - done, at + (off_t)done);
+            if (got < 0 && errno == EINTR) continue;
+            if (got <= 0) {
+                in->err = got < 0 ? errno : -1;
+                in->failed = i;
+                return -1;
+            }
+            done += (size_t)got;
         }
     }
     return 0;
+}
+
+static PyObject *read_error(Inputs *in) {
+    if (in->err > 0) {
+        errno = in->err;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else
+        PyErr_Format(PyExc_EOFError, "input %zd ends before the block's data", in->failed);
+    return NULL;
 }
 
 static int need(Py_buffer *b, Py_ssize_t nbytes, const char *what) {
@@ -179,37 +216,34 @@ HOT static void bf_row(const uint16_t *base, Py_ssize_t w, float *bf) {
 }
 
 PyDoc_STRVAR(stats_block_doc,
-"stats_block(base, xs, pairs, above_bits, shift, hist, stride, copies, ss, pair, above, lohi)\n\n"
-"Accumulate the first-pass sums of one block. base: uint16[n]; xs: tuple of M uint16[n]; pairs: int64[P, 2];\n"
-"above_bits: uint32[K] (|tau| > t  <=>  bits(|tau|) > above_bits[k]); shift: 32 - bits; hist: int32[M, copies,\n"
-"stride] (stride 0: no histogram; copies 1, or 4 interleaved copies for coarse bins, summed by the caller);\n"
-"ss: float64[M]; pair: float64[P, 2]; above: int64[M, K]; lohi: int64[M, 2] smallest and largest non-zero bin.");
+"stats_block(fds, offsets, n, pairs, above_bits, shift, hist, stride, copies, ss, pair, above, lohi)\n\n"
+"Accumulate the first-pass sums of one block of n elements, read from the files fds (base first, then M models)\n"
+"at byte offsets (int64[M + 1]). pairs: int64[P, 2]; above_bits: uint32[K] (|tau| > t  <=>  bits(|tau|) >\n"
+"above_bits[k]); shift: 32 - bits; hist: int32[M, copies, stride] (stride 0: no histogram; copies 1, or 4\n"
+"interleaved copies for coarse bins, summed by the caller); ss: float64[M]; pair: float64[P, 2]; above:\n"
+"int64[M, K]; lohi: int64[M, 2] smallest and largest non-zero bin. OSError / EOFError when a read fails.");
 
 static PyObject *stats_block(PyObject *self, PyObject *args) {
-    Py_buffer base, pairs, above_bits, hist, ss, pair, above, lohi;
-    PyObject *xs_obj;
+    Py_buffer offsets, pairs, above_bits, hist, ss, pair, above, lohi;
+    PyObject *fds;
+    Py_ssize_t n, stride;
     unsigned shift;
-    Py_ssize_t stride;
     int copies;
-    if (!PyArg_ParseTuple(args, "y*Oy*y*Iw*niw*w*w*w*", &base, &xs_obj, &pairs, &above_bits, &shift, &hist,
+    if (!PyArg_ParseTuple(args, "Oy*ny*y*Iw*niw*w*w*w*", &fds, &offsets, &n, &pairs, &above_bits, &shift, &hist,
                           &stride, &copies, &ss, &pair, &above, &lohi))
         return NULL;
     PyObject *result = NULL;
-    BufferSet xs = {NULL, 0};
+    Inputs in;
+    in.data = NULL;
     float *scratch_f = NULL;
     uint32_t *scratch_u = NULL;
-    Py_ssize_t n = base.len / 2;
-    if (get_set(xs_obj, base.len, &xs, "xs") < 0) goto done;
-    Py_ssize_t m = xs.n, n_pairs = pairs.len / 16, n_thr = above_bits.len / 4;
-    if (shift < 1 || shift > 31) {
-        PyErr_SetString(PyExc_ValueError, "shift must lie in [1, 31]");
+    if (get_inputs(fds, &offsets, &in) < 0) goto done;
+    Py_ssize_t m = in.n - 1, n_pairs = pairs.len / 16, n_thr = above_bits.len / 4;
+    if (n < 0 || shift < 1 || shift > 31 || (copies != 1 && copies != 4)) {
+        PyErr_SetString(PyExc_ValueError, "stats_block: bad n, shift or copies");
         goto done;
     }
     Py_ssize_t n_bins = (Py_ssize_t)(ABS_MASK >> shift) + 1;
-    if (copies != 1 && copies != 4) {
-        PyErr_SetString(PyExc_ValueError, "copies must be 1 or 4");
-        goto done;
-    }
     if (stride && stride < n_bins) {
         PyErr_Format(PyExc_ValueError, "histogram rows of %zd entries cannot hold %zd bins", stride, n_bins);
         goto done;
@@ -226,7 +260,6 @@ static PyObject *stats_block(PyObject *self, PyObject *args) {
         goto done;
     }
     {
-        const uint16_t *b16 = (const uint16_t *)base.buf;
         const int64_t *pr = (const int64_t *)pairs.buf;
         const uint32_t *lims = (const uint32_t *)above_bits.buf;
         int32_t *h = (int32_t *)hist.buf;
@@ -234,32 +267,44 @@ static PyObject *stats_block(PyObject *self, PyObject *args) {
         int64_t *ab = (int64_t *)above.buf, *lh = (int64_t *)lohi.buf;
         float *bf = scratch_f + SUB * m;
         uint32_t *bins = scratch_u + SUB * m;
+        int failed = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t s = 0; s < n; s += SUB) {
-            Py_ssize_t w = n - s < SUB ? n - s : SUB;
-            bf_row(b16 + s, w, bf);
-            for (Py_ssize_t j = 0; j < m; j++) {
-                const uint16_t *x = (const uint16_t *)xs.views[j].buf + s;
-                float *tau = scratch_f + SUB * j;
-                uint32_t *mag = scratch_u + SUB * j;
-                int64_t c0 = 0;
-                ssv[j] += model_sums(x, bf, w, tau, mag, n_thr ? lims[0] : 0xFFFFFFFFu, &c0);
-                if (n_thr) ab[j * n_thr] += c0;
-                for (Py_ssize_t k = 1; k < n_thr; k++) ab[j * n_thr + k] += count_above(mag, w, lims[k]);
-                if (stride) histogram(mag, w, shift, h + j * copies * stride, stride, copies, bins, lh + 2 * j);
+        for (Py_ssize_t r = 0; r < n && !failed; r += READ) {
+            Py_ssize_t count = n - r < READ ? n - r : READ;
+            if (read_inputs(&in, r, count) < 0) {
+                failed = 1;
+                break;
             }
-            for (Py_ssize_t q = 0; q < n_pairs; q++)
-                pair_sums(scratch_f + SUB * pr[2 * q], scratch_f + SUB * pr[2 * q + 1], w, pv + 2 * q);
+            for (Py_ssize_t s = 0; s < count; s += SUB) {
+                Py_ssize_t w = count - s < SUB ? count - s : SUB;
+                bf_row(in.data + s, w, bf);
+                for (Py_ssize_t j = 0; j < m; j++) {
+                    const uint16_t *x = in.data + READ * (j + 1) + s;
+                    float *tau = scratch_f + SUB * j;
+                    uint32_t *mag = scratch_u + SUB * j;
+                    int64_t c0 = 0;
+                    ssv[j] += model_sums(x, bf, w, tau, mag, n_thr ? lims[0] : 0xFFFFFFFFu, &c0);
+                    if (n_thr) ab[j * n_thr] += c0;
+                    for (Py_ssize_t k = 1; k < n_thr; k++) ab[j * n_thr + k] += count_above(mag, w, lims[k]);
+                    if (stride) histogram(mag, w, shift, h + j * copies * stride, stride, copies, bins, lh + 2 * j);
+                }
+                for (Py_ssize_t q = 0; q < n_pairs; q++)
+                    pair_sums(scratch_f + SUB * pr[2 * q], scratch_f + SUB * pr[2 * q + 1], w, pv + 2 * q);
+            }
         }
         Py_END_ALLOW_THREADS
+        if (failed) {
+            read_error(&in);
+            goto done;
+        }
     }
     result = Py_None;
     Py_INCREF(result);
 done:
     PyMem_RawFree(scratch_f);
     PyMem_RawFree(scratch_u);
-    release_set(&xs);
-    PyBuffer_Release(&base);
+    PyMem_RawFree(in.data);
+    PyBuffer_Release(&offsets);
     PyBuffer_Release(&pairs);
     PyBuffer_Release(&above_bits);
     PyBuffer_Release(&hist);
@@ -458,29 +503,31 @@ HOT static uint32_t table_max(const void *table, int itemsize, Py_ssize_t n) {
 }
 
 PyDoc_STRVAR(topk_block_doc,
-"topk_block(base, xs, shift, lo, tables, itemsize, pairs, span, joint)\n\n"
-"Accumulate joint top-k counts of one block. lo: int64[M] first non-zero bin of each model's table; tables:\n"
-"[M, T] from first_kept_table (all entries < span); joint: int64[P, 4, span^2 * 2] counts of\n"
-"(entry_a * span + entry_b) * 2 + opposite_signs in 4 interleaved copies (the caller sums them).");
+"topk_block(fds, offsets, n, shift, lo, tables, itemsize, pairs, span, joint)\n\n"
+"Accumulate joint top-k counts of one block of n elements read as in stats_block. lo: int64[M] first non-zero\n"
+"bin of each model's table; tables: [M, T] from first_kept_table (all entries < span); joint: int64[P, 4,\n"
+"span^2 * 2] counts of (entry_a * span + entry_b) * 2 + opposite_signs in 4 interleaved copies (the caller\n"
+"sums them).");
 
 static PyObject *topk_block(PyObject *self, PyObject *args) {
-    Py_buffer base, lo_buf, tables, pairs, joint;
-    PyObject *xs_obj;
+    Py_buffer offsets, lo_buf, tables, pairs, joint;
+    PyObject *fds;
+    Py_ssize_t n;
     unsigned shift;
     int itemsize;
     long long span;
-    if (!PyArg_ParseTuple(args, "y*OIy*y*iy*Lw*", &base, &xs_obj, &shift, &lo_buf, &tables, &itemsize, &pairs,
+    if (!PyArg_ParseTuple(args, "Oy*nIy*y*iy*Lw*", &fds, &offsets, &n, &shift, &lo_buf, &tables, &itemsize, &pairs,
                           &span, &joint))
         return NULL;
     PyObject *result = NULL;
-    BufferSet xs = {NULL, 0};
+    Inputs in;
+    in.data = NULL;
     uint32_t *index = NULL;
-    Py_ssize_t n = base.len / 2;
-    if (get_set(xs_obj, base.len, &xs, "xs") < 0) goto done;
-    Py_ssize_t m = xs.n, n_pairs = pairs.len / 16;
-    if (shift < 1 || shift > 31 || (itemsize != 1 && itemsize != 2 && itemsize != 4) || span < 1 ||
-        span > 65536 || m < 1) {
-        PyErr_SetString(PyExc_ValueError, "topk_block: bad shift, itemsize, span or model count");
+    if (get_inputs(fds, &offsets, &in) < 0) goto done;
+    Py_ssize_t m = in.n - 1, n_pairs = pairs.len / 16;
+    if (n < 0 || shift < 1 || shift > 31 || (itemsize != 1 && itemsize != 2 && itemsize != 4) || span < 1 ||
+        span > 65536) {
+        PyErr_SetString(PyExc_ValueError, "topk_block: bad n, shift, itemsize or span");
         goto done;
     }
     Py_ssize_t t_len = tables.len / itemsize / m, len = (Py_ssize_t)(span * span * 2);
@@ -498,41 +545,52 @@ static PyObject *topk_block(PyObject *self, PyObject *args) {
         goto done;
     }
     {
-        const uint16_t *b16 = (const uint16_t *)base.buf;
         const int64_t *lo = (const int64_t *)lo_buf.buf, *pr = (const int64_t *)pairs.buf;
         const char *tb = (const char *)tables.buf;
         int64_t *jc = (int64_t *)joint.buf;
         float *bf = (float *)(index + SUB * m);
+        int failed = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t s = 0; s < n; s += SUB) {
-            Py_ssize_t w = n - s < SUB ? n - s : SUB;
-            bf_row(b16 + s, w, bf);
-            for (Py_ssize_t j = 0; j < m; j++)
-                table_index((const uint16_t *)xs.views[j].buf + s, bf, w, shift, (uint32_t)(lo[j] - 1),
-                            (uint32_t)(t_len - 1), index + SUB * j);
-            for (Py_ssize_t q = 0; q < n_pairs; q++) {
-                Py_ssize_t a = pr[2 * q], b = pr[2 * q + 1];
-                const char *ta = tb + a * t_len * itemsize, *tbb = tb + b * t_len * itemsize;
-                int64_t *c = jc + q * 4 * len;
-                if (itemsize == 1)
-                    joint_count_u8(index + SUB * a, index + SUB * b, (const uint8_t *)ta, (const uint8_t *)tbb, span,
-                                   w, c, len);
-                else if (itemsize == 2)
-                    joint_count_u16(index + SUB * a, index + SUB * b, (const uint16_t *)ta, (const uint16_t *)tbb,
-                                    span, w, c, len);
-                else
-                    joint_count_i32(index + SUB * a, index + SUB * b, (const int32_t *)ta, (const int32_t *)tbb,
-                                    span, w, c, len);
+        for (Py_ssize_t r = 0; r < n && !failed; r += READ) {
+            Py_ssize_t count = n - r < READ ? n - r : READ;
+            if (read_inputs(&in, r, count) < 0) {
+                failed = 1;
+                break;
+            }
+            for (Py_ssize_t s = 0; s < count; s += SUB) {
+                Py_ssize_t w = count - s < SUB ? count - s : SUB;
+                bf_row(in.data + s, w, bf);
+                for (Py_ssize_t j = 0; j < m; j++)
+                    table_index(in.data + READ * (j + 1) + s, bf, w, shift, (uint32_t)(lo[j] - 1),
+                                (uint32_t)(t_len - 1), index + SUB * j);
+                for (Py_ssize_t q = 0; q < n_pairs; q++) {
+                    Py_ssize_t a = pr[2 * q], b = pr[2 * q + 1];
+                    const char *ta = tb + a * t_len * itemsize, *tbb = tb + b * t_len * itemsize;
+                    int64_t *c = jc + q * 4 * len;
+                    if (itemsize == 1)
+                        joint_count_u8(index + SUB * a, index + SUB * b, (const uint8_t *)ta, (const uint8_t *)tbb,
+                                       span, w, c, len);
+                    else if (itemsize == 2)
+                        joint_count_u16(index + SUB * a, index + SUB * b, (const uint16_t *)ta, (const uint16_t *)tbb,
+                                        span, w, c, len);
+                    else
+                        joint_count_i32(index + SUB * a, index + SUB * b, (const int32_t *)ta, (const int32_t *)tbb,
+                                        span, w, c, len);
+                }
             }
         }
         Py_END_ALLOW_THREADS
+        if (failed) {
+            read_error(&in);
+            goto done;
+        }
     }
     result = Py_None;
     Py_INCREF(result);
 done:
     PyMem_RawFree(index);
-    release_set(&xs);
-    PyBuffer_Release(&base);
+    PyMem_RawFree(in.data);
+    PyBuffer_Release(&offsets);
     PyBuffer_Release(&lo_buf);
     PyBuffer_Release(&tables);
     PyBuffer_Release(&pairs);
@@ -555,7 +613,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__conflict_kernels(void) {
     PyObject *mod = PyModule_Create(&module);
-    if (mod && PyModule_AddIntConstant(mod, "SUB", SUB) < 0) {
+    if (mod && (PyModule_AddIntConstant(mod, "SUB", SUB) < 0 || PyModule_AddIntConstant(mod, "READ", READ) < 0)) {
         Py_DECREF(mod);
         return NULL;
     }

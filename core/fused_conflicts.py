@@ -7,9 +7,9 @@ statistics are the eager path's, with the same definitions (τ in float32, thres
 magnitude bins, the same top-k rules) and the same results — counts identical, sums to float64 rounding,
 since products of float32 τ are formed exactly in float64 here. What changes is how the data flows:
 
-* every shard file is memory-mapped and the kernels read the stored bf16 patterns in place (no copy); the
-  pages of a block are released (``MADV_DONTNEED``) once it is done, so resident memory stays bounded by
-  ``fused_block_elements`` per model and worker, whatever the model size;
+* the kernels read the stored bf16 patterns themselves, with positioned reads of 128 KiB per input at a time
+  into buffers that stay in the L2 cache (no memory map, no page-table work): resident memory does not grow
+  with the model;
 * ``workers`` threads take whole tensors (the kernels release the GIL); results are folded into the metrics
   in tensor order, so the output does not depend on the number of workers;
 * pass 1 (every tensor): norms, products, counts above thresholds and the magnitude histograms (per tensor,
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import mmap
 import os
 import sys
 import threading
@@ -72,51 +71,45 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class MappedModel:
-    """Read-only memory maps of one safetensors model's shard files, giving uint16 views of row blocks."""
+class FileSource:
+    """Where one model's tensors lie: an open file descriptor per shard file and the byte range of any block of
+    rows, checked against the file's size before the kernels read it."""
 
-    def __init__(self, reader: Any) -> None:
+    def __init__(self, reader: Any, label: str) -> None:
         self.reader = reader
-        self._maps: dict[Any, mmap.mmap] = {}
+        self.label = label
+        self._fds: dict[Any, tuple[int, int]] = {}  # file -> (fd, size)
         self._lock = threading.Lock()
 
-    def _map(self, file: Any) -> mmap.mmap:
+    def _open(self, file: Any) -> tuple[int, int]:
         with self._lock:
-            mm = self._maps.get(file)
-            if mm is None:
-                with open(file, "rb") as f:
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                self._maps[file] = mm
-            return mm
+            got = self._fds.get(file)
+            if got is None:
+                try:
+                    fd = os.open(file, os.O_RDONLY)
+                except OSError as exc:
+                    raise ModelError(f"model {self.reader.path}: cannot open {file.name}: {exc}") from None
+                got = (fd, os.fstat(fd).st_size)
+                self._fds[file] = got
+            return got
 
-    def block(self, name: str, start: int, stop: int, rows: int) -> tuple[np.ndarray, mmap.mmap, int, int]:
-        """bf16 patterns of rows ``start:stop`` of tensor ``name`` (``rows`` rows in all), with the map and
-        byte range to release afterwards."""
+    def block(self, name: str, start: int, stop: int, rows: int) -> tuple[int, int]:
+        """``(fd, byte offset)`` of rows ``start:stop`` of tensor ``name`` (``rows`` rows in all)."""
         file, offset, nbytes = self.reader.location(name)
         row_bytes = nbytes // rows if rows else nbytes
-        lo, hi = offset + start * row_bytes, offset + stop * row_bytes
-        mm = self._map(file)
-        if hi > len(mm):
-            raise ModelError(f"model {self.reader.path}: tensor {name}: {file.name} ends before its data")
-        return np.frombuffer(mm, dtype=np.uint16, count=(hi - lo) // 2, offset=lo), mm, lo, hi
+        fd, size = self._open(file)
+        if offset + stop * row_bytes > size:
+            raise ModelError(f"model {self.reader.path}: tensor {name}: {file.name} ends before its data "
+                             f"({size} bytes, the data ends at {offset + nbytes})")
+        return fd, offset + start * row_bytes
 
     def close(self) -> None:
-        for mm in self._maps.values():
+        for fd, _ in self._fds.values():
             try:
-                mm.close()
-            except BufferError:  # a view is still alive (an exception's traceback): leave it to the GC
+                os.close(fd)
+            except OSError:
                 pass
-        self._maps.clear()
-
-
-def _release(mm: mmap.mmap, lo: int, hi: int) -> None:
-    """Drop this process's mapping of pages ``[lo, hi)`` (the data stays in the page cache)."""
-    start = lo - lo % mmap.PAGESIZE
-    if hi > start:
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, start, hi - start)
-        except (OSError, ValueError, AttributeError):  # pragma: no cover - no madvise: RSS just grows
-            pass
+        self._fds.clear()
 
 
 class TensorSums:
@@ -217,7 +210,7 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
     if modes and table_dtype is None:
         raise RlmError(f"{g} kept rates over {len(modes)} top-k scopes are too many for the fused engine "
                        f"((g+1)^scopes = {span} > 65536); use engine: eager")
-    maps = {"base": MappedModel(base_reader), **{n: MappedModel(r) for n, r in readers.items()}}
+    sources = [FileSource(base_reader, "base"), *(FileSource(r, n) for n, r in readers.items())]
     local = threading.local()
     states: list[Any] = []
     states_lock = threading.Lock()
@@ -240,14 +233,18 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         step = max(1, block_elements // row)
         return [(s, min(s + step, rows), rows) for s in range(0, rows, step)]
 
-    def views(t: Any, start: int, stop: int, rows: int) -> tuple[np.ndarray, tuple[np.ndarray, ...], list]:
-        spans = []
-        out = []
-        for key in ("base", *names):
-            arr, mm, lo, hi = maps[key].block(t.name, start, stop, rows)
-            spans.append((mm, lo, hi))
-            out.append(arr)
-        return out[0], tuple(out[1:]), spans
+    def inputs(t: Any, start: int, stop: int, rows: int) -> tuple[tuple[int, ...], np.ndarray, int]:
+        """File descriptors and byte offsets of rows ``start:stop`` of ``t`` in every input, and their length."""
+        located = [src.block(t.name, start, stop, rows) for src in sources]
+        n = (stop - start) * (t.numel // rows if rows else 1)
+        return tuple(fd for fd, _ in located), np.array([off for _, off in located], dtype=np.int64), n
+
+    def kernel(fn: Any, t: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except (OSError, EOFError) as exc:
+            raise ModelError(f"tensor {t.name}: reading the inputs failed ({exc}); inputs in order: "
+                             + ", ".join(f"{src.label}={src.reader.path}" for src in sources)) from None
 
     def fail_nonfinite(t: Any, ss: np.ndarray) -> None:
         """Name the input holding NaN/Inf (or, if every input is finite, the model whose τ overflows)."""
@@ -268,11 +265,9 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
             K.first_kept_table(eff, len(modes), int(lo[j]), int(hi[j]), tables[j], tables.itemsize)
         lo64 = np.ascontiguousarray(lo, dtype=np.int64)
         for start, stop, rows in blocks(t):
-            base, xs, spans = views(t, start, stop, rows)
-            K.topk_block(base, xs, shift, lo64, tables, tables.itemsize, pair_index, span, st.joint)
-            del base, xs
-            for mm, a, b in spans:
-                _release(mm, a, b)
+            fds, offsets, n = inputs(t, start, stop, rows)
+            kernel(K.topk_block, t, fds, offsets, n, shift, lo64, tables, tables.itemsize, pair_index, span,
+                   st.joint)
 
     def first_pass(t: Any) -> dict[str, Any]:
         st = state()
@@ -281,11 +276,9 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         above = np.zeros((n_models, len(thresholds)), np.int64)
         lohi = np.array([[0xFFFFFFFF, 0]] * n_models, dtype=np.int64)
         for start, stop, rows in blocks(t):
-            base, xs, spans = views(t, start, stop, rows)
-            K.stats_block(base, xs, pair_index, above_bits, shift, st.hist, stride, copies, ss, pair, above, lohi)
-            del base, xs
-            for mm, a, b in spans:
-                _release(mm, a, b)
+            fds, offsets, n = inputs(t, start, stop, rows)
+            kernel(K.stats_block, t, fds, offsets, n, pair_index, above_bits, shift, st.hist, stride, copies, ss,
+                   pair, above, lohi)
         if config.check_finite and not (np.isfinite(ss).all() and np.isfinite(pair).all()):
             fail_nonfinite(t, ss)
         lohi[:, 0] = np.where(lohi[:, 1] > 0, lohi[:, 0], 1)  # no non-zero bin: an empty range [1, 0]
@@ -348,8 +341,8 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         pool.shutdown(wait=True, cancel_futures=True)  # after an error: stop, do not finish the pass
         if gc_was_enabled:
             gc.enable()
-        for mm in maps.values():
-            mm.close()
+        for src in sources:
+            src.close()
     if modes:
         joint = sum(st.joint.sum(axis=1) for st in states)  # (P, span² · 2)
         shape = (big,) * (2 * len(modes)) + (2,)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -177,77 +179,119 @@ def test_fused_names_the_model_and_tensor_of_non_finite_input(bf16_three, tmp_pa
         run(base, {"sft": experts["sft"], "bad": bad}, engine="fused")
 
 
-def test_fused_memory_maps_are_released(bf16_three):
-    """Pages of finished blocks leave the process (MADV_DONTNEED) and every map is closed at the end."""
-    from rlm.core import fused_conflicts as F
+def test_truncated_shard_is_named_before_reading(bf16_three, tmp_path):
+    """A shard cut short: named with model, tensor and file before anything is read (the reader checks every
+    tensor's byte range against the file; the fused engine checks again before each block, and the kernels
+    raise EOFError if a file shrinks in between — see test_kernels_refuse_bad_input)."""
+    base, experts = bf16_three
+    cut = tmp_path / "cut"
+    shutil.copytree(experts["rl"], cut)
+    f = cut / "model.safetensors"
+    os.truncate(f, f.stat().st_size - 1000)
+    with pytest.raises(ModelError, match=r"cut: tensor .* in model\.safetensors is truncated or corrupt"):
+        run(base, {"sft": experts["sft"], "cut": cut}, engine="fused")
 
-    released, closed = [], []
-    orig_release, orig_close = F._release, F.MappedModel.close
-    F._release = lambda mm, lo, hi: (released.append(hi - lo), orig_release(mm, lo, hi))
-    F.MappedModel.close = lambda self: (closed.append(len(self._maps)), orig_close(self))
-    try:
-        res = run(*bf16_three, fused_block_elements=5000)
-    finally:
-        F._release, F.MappedModel.close = orig_release, orig_close
-    per_model = res.stats["parameters"] * 2  # bf16 bytes of one model
-    assert sum(released) == 2 * 4 * per_model  # two passes over the base and three experts
-    assert len(closed) == 4 and all(c >= 1 for c in closed)
+
+def test_files_are_closed_after_a_run(bf16_three):
+    base, experts = bf16_three
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        run(base, experts, workers=2)
+    assert len(os.listdir("/proc/self/fd")) <= before + 1  # the readers' own descriptors at most
 
 
 # ------------------------------------------------------------------------------------------------------
 # the C kernels directly: bounds are checked before anything is touched
 # ------------------------------------------------------------------------------------------------------
 
-def _stats_args(n: int = 100, m: int = 2, bits: int = 12):
+def write_inputs(tmp_path: Path, arrays: list[np.ndarray], lead: int = 24) -> tuple[tuple[int, ...], np.ndarray]:
+    """The arrays one after another in one file, after ``lead`` bytes: file descriptors and byte offsets."""
+    path = tmp_path / "inputs.bin"
+    with open(path, "wb") as f:
+        f.write(b"\x00" * lead)
+        for a in arrays:
+            f.write(a.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    offsets = np.cumsum([lead] + [a.nbytes for a in arrays[:-1]]).astype(np.int64)
+    return tuple([fd] * len(arrays)), offsets
+
+
+def _stats_args(tmp_path: Path, n: int = 100, m: int = 2, bits: int = 12):
     rng = np.random.default_rng(0)
 
     def patterns():  # every finite bf16 magnitude below ~8.5e37 (differences stay finite), either sign
         return (rng.integers(0, 0x7E80, n) | (rng.integers(0, 2, n) << 15)).astype(np.uint16)
 
-    base = patterns()
-    xs = tuple(patterns() for _ in range(m))
+    arrays = [patterns() for _ in range(m + 1)]
+    fds, offsets = write_inputs(tmp_path, arrays)
     stride = 1 << (bits - 1)
-    return [base, xs, np.array([[0, 1]], np.int64), np.array([0x3727C5AC], np.uint32), 32 - bits,
+    args = [fds, offsets, n, np.array([[0, 1]], np.int64), np.array([0x3727C5AC], np.uint32), 32 - bits,
             np.zeros((m, 4, stride), np.int32), stride, 4, np.zeros(m), np.zeros((1, 2)), np.zeros((m, 1), np.int64),
             np.array([[0xFFFFFFFF, 0]] * m, np.int64)]
+    return args, arrays
 
 
-def test_kernels_match_numpy_on_random_bits():
-    """Arbitrary bf16 patterns (huge, tiny, subnormal values, zeros of both signs) against float64 NumPy."""
-    args = _stats_args(n=5000)
-    base, xs = args[0], args[1]
+def test_kernels_match_numpy_on_random_bits(tmp_path):
+    """Arbitrary bf16 patterns (huge, tiny, subnormal values, zeros of both signs) read from a file, over
+    several read chunks, against float64 NumPy."""
+    n = 3 * K.READ + 1234
+    args, arrays = _stats_args(tmp_path, n=n)
     K.stats_block(*args)
+    base, xs = arrays[0], arrays[1:]
     f = lambda u: (u.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
     tau = [f(x) - f(base) for x in xs]  # float32, as the kernel forms it
+    ss, pair, above, lohi, hist = args[9], args[10], args[11], args[12], args[6]
     for j, t in enumerate(tau):
-        assert args[8][j] == pytest.approx(np.sum(t.astype(np.float64) ** 2), rel=1e-12)
-        assert args[10][j, 0] == int(((t.view(np.uint32) & 0x7FFFFFFF) > 0x3727C5AC).sum())
+        assert ss[j] == pytest.approx(np.sum(t.astype(np.float64) ** 2), rel=1e-12)
+        assert above[j, 0] == int(((t.view(np.uint32) & 0x7FFFFFFF) > 0x3727C5AC).sum())
         bins = (t.view(np.uint32) & 0x7FFFFFFF) >> 20
-        hist = args[5][j].sum(axis=0)
-        assert (hist[:len(np.bincount(bins))] == np.bincount(bins)).all() and hist.sum() == t.size
+        h = hist[j].sum(axis=0)
+        assert (h[:len(np.bincount(bins))] == np.bincount(bins)).all() and h.sum() == t.size
         nz = bins[bins > 0]
-        assert args[11][j].tolist() == [nz.min(), nz.max()]
+        assert lohi[j].tolist() == [nz.min(), nz.max()]
     p = tau[0].astype(np.float64) * tau[1].astype(np.float64)
-    assert args[9][0, 0] == pytest.approx(p.sum(), rel=1e-9, abs=1e-300)
-    assert args[9][0, 1] == pytest.approx(np.sum(p[p < 0] ** 2), rel=1e-12)
+    assert pair[0, 0] == pytest.approx(p.sum(), rel=1e-9, abs=1e-300)
+    assert pair[0, 1] == pytest.approx(np.sum(p[p < 0] ** 2), rel=1e-12)
+    # the top-k kernel on the same data: one scope, thresholds at a few bins
+    thr = np.array([[1500, 1100, 700, 1]], np.int32)
+    lo = [int(lohi[j, 0]) for j in range(2)]
+    hi = [int(lohi[j, 1]) for j in range(2)]
+    tables = np.zeros((2, max(hi[j] - lo[j] for j in range(2)) + 3), np.uint8)
+    for j in range(2):
+        K.first_kept_table(thr, 1, lo[j], hi[j], tables[j], 1)
+    joint = np.zeros((1, 4, 5 * 5 * 2), np.int64)
+    K.topk_block(args[0], args[1], n, 20, np.array(lo, np.int64), tables, 1, args[3], 5, joint)
+    first = [np.where((t.view(np.uint32) & 0x7FFFFFFF) >> 20 > 0,
+                      (((t.view(np.uint32) & 0x7FFFFFFF) >> 20)[:, None] < thr[0][None, :]).sum(1), 4) for t in tau]
+    sign = [t.view(np.uint32) >> 31 for t in tau]
+    ref = np.bincount((first[0] * 5 + first[1]) * 2 + (sign[0] ^ sign[1]), minlength=50)
+    assert (joint.sum(axis=(0, 1)) == ref).all()
 
 
-def test_kernels_refuse_bad_buffers():
-    args = _stats_args()
+def test_kernels_refuse_bad_input(tmp_path):
+    args, _ = _stats_args(tmp_path)
     bad = list(args)
-    bad[1] = (args[1][0], args[1][1][:-1])
-    with pytest.raises(ValueError, match=r"xs\[1\] has 198 bytes, expected 200"):
+    bad[2] = 10_000  # more elements than the file holds
+    with pytest.raises(EOFError, match="ends before"):
         K.stats_block(*bad)
     bad = list(args)
-    bad[2] = np.array([[0, 2]], np.int64)
+    bad[1] = args[1][:2]
+    with pytest.raises(ValueError, match="offsets has 16 bytes, expected 24"):
+        K.stats_block(*bad)
+    bad = list(args)
+    bad[0] = (args[0][0], 987654, args[0][2])  # not an open file
+    with pytest.raises(OSError):
+        K.stats_block(*bad)
+    bad = list(args)
+    bad[3] = np.array([[0, 2]], np.int64)
     with pytest.raises(ValueError, match="pair index 2 out of range"):
         K.stats_block(*bad)
     bad = list(args)
-    bad[6] = 10  # rows too short for the bins
+    bad[7] = 10  # rows too short for the bins
     with pytest.raises(ValueError, match="cannot hold 2048 bins"):
         K.stats_block(*bad)
     bad = list(args)
-    bad[8] = np.zeros(1)
+    bad[9] = np.zeros(1)
     with pytest.raises(ValueError, match="ss has 8 bytes"):
         K.stats_block(*bad)
     table = np.zeros((2, 10), np.uint8)
@@ -260,9 +304,10 @@ def test_kernels_refuse_bad_buffers():
     table[1, 3] = 200  # an entry the joint counts cannot hold
     joint = np.zeros((1, 4, 9 * 2), np.int64)
     with pytest.raises(ValueError, match="table entry 200 outside"):
-        K.topk_block(args[0], args[1], 20, np.array([1, 1]), table, 1, args[2], 3, joint)
+        K.topk_block(args[0], args[1], args[2], 20, np.array([1, 1]), table, 1, args[3], 3, joint)
     with pytest.raises(ValueError, match="joint has"):
-        K.topk_block(args[0], args[1], 20, np.array([1, 1]), np.zeros((2, 10), np.uint8), 1, args[2], 4, joint)
+        K.topk_block(args[0], args[1], args[2], 20, np.array([1, 1]), np.zeros((2, 10), np.uint8), 1, args[3], 4,
+                     joint)
 
 
 def test_first_kept_table_matches_the_definition():
