@@ -50,6 +50,9 @@ def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, re
             return f"metric {m.name!r} reads task-vector blocks (reads_deltas = True)"
         if getattr(m, "histogram_bits", 0) > hist_bits:
             return f"metric {m.name!r} wants {m.histogram_bits}-bit magnitude bins, more than threshold_bits"
+    big = next((t for t in tensors if t.numel >= 2 ** 31), None)
+    if big is not None:
+        return f"tensor {big.name} has {big.numel} elements (the fused per-tensor histograms count in int32)"
     for name, r in [("base", base_reader), *readers.items()]:
         if not isinstance(r, ModelReader) or r.format != "safetensors":
             return f"model {name} ({r.path}) is not a safetensors model directory"

@@ -147,6 +147,11 @@ def test_fused_refuses_what_it_cannot_run_and_auto_falls_back(tiny_model_dir, bf
         def result(self):
             return {"models": {}}
 
+    from rlm.core import fused_conflicts as F
+    from rlm.core.safetensors_io import TensorPlan
+
+    huge = TensorPlan("model.embed_tokens.weight", (2 ** 20, 2 ** 11), torch.bfloat16)
+    assert "int32" in F.unavailable_reason(A.ConflictsConfig(), [], None, {}, [huge], 20)
     peek = Peek()
     res = A.compute_conflicts(base, experts, A.ConflictsConfig(metrics=["update_norm"]), metrics=[peek])
     assert res.stats["engine"] == "eager" and "peek" in res.stats["eager_because"]
