@@ -5,6 +5,8 @@ merging benchmark's generator is used when ``benchmarks/merge_bench.py`` provide
 then runs each phase in a fresh subprocess and reports wall time and peak RSS:
 
 * ``read``: the read floor, every tensor of every input read once through ``ModelReader.get``;
+* ``stream``: for scale, the same bytes read with ``preadv`` into one reused 1 MiB buffer (one thread): what
+  reading costs without fresh memory for every tensor;
 * ``norms``: update_norm, fraction_updated, conflict_norm, cosine (one streaming pass);
 * ``global``: all six metrics with global top-k only (statistics + histogram pass, then the top-k pass);
 * ``all``: all six metrics, global and per-tensor top-k (the default of ``rlm conflicts``);
@@ -37,7 +39,7 @@ t_start = time.perf_counter()
 import torch
 torch.set_num_threads(int(sys.argv[4]))
 from rlm.core.safetensors_io import ModelReader
-if phase != "read":
+if phase not in ("read", "stream"):
     from rlm.core.analysis import ConflictsConfig, compute_conflicts
 imports = time.perf_counter() - t_start
 t0 = time.perf_counter()
@@ -47,6 +49,21 @@ if phase == "read":
         r = ModelReader(path)
         for name in r.tensor_names():
             n += r.get(name).numel()  # as merge_bench's floor: ModelReader.get of every tensor
+    extra = {"elements": n, "passes": 1}
+elif phase == "stream":
+    import os
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    n = 0
+    for path in [base, *models.values()]:
+        r = ModelReader(path)
+        for name in r.tensor_names():
+            file, offset, nbytes = r.location(name)
+            fd = r._fd(file)
+            done = 0
+            while done < nbytes:
+                done += os.preadv(fd, [view[:min(len(buf), nbytes - done)]], offset + done)
+            n += nbytes // 2
     extra = {"elements": n, "passes": 1}
 else:
     norms = ["update_norm", "fraction_updated", "conflict_norm", "cosine"]
