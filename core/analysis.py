@@ -69,14 +69,15 @@ class ConflictsConfig(PluginConfig):
                             "for values 2^15 apart) and in float64 otherwise; sums are float64 in every case.")
     check_finite: bool = True
     engine: Literal["auto", "fused", "eager"] = Field(
-        "auto", description="'fused': compiled kernels reading memory-mapped bf16 safetensors in place, all sums "
-                            "of a block in one loop, tensors spread over `workers` threads; 'eager': torch, "
-                            "block by block, for any input; 'auto': fused where it applies (every input a bf16 "
-                            "safetensors model, every metric fed by the engine's sums), else eager.")
+        "auto", description="'fused': compiled kernels that read bf16 safetensors straight from the files and "
+                            "compute every sum of a block in one loop per model and pair, tensors spread over "
+                            "`workers` threads; 'eager': torch, block by block, for any input; 'auto': fused "
+                            "where it applies (every input a bf16 safetensors model, every metric fed by the "
+                            "engine's sums, the extension built), else eager.")
     workers: int | None = Field(None, ge=1, description="Threads of the fused engine (None: the CPUs this "
                                                         "process may use).")
-    fused_block_elements: int = Field(1 << 22, ge=1, description="Elements per model the fused engine maps "
-                                                                 "at once (bounds resident memory).")
+    fused_block_elements: int = Field(1 << 22, ge=1, description="Elements per model the fused engine hands "
+                                                                 "to one kernel call.")
     threads: int | None = Field(1, ge=1, description="torch intra-op threads of the eager engine (None: leave "
                                                      "torch's setting); 1 is fastest on a shared machine.")
 

@@ -2,8 +2,7 @@
 
 :func:`rlm.core.analysis.compute_conflicts` hands over here when :func:`unavailable_reason` is ``None``
 (every input a bf16 safetensors model, every metric fed by the engine's sums, the C extension
-:mod:`rlm.core._conflict_kernels` built). The
-statistics are the eager path's, with the same definitions (τ in float32, thresholds from ``threshold_bits``
+:mod:`rlm.core._conflict_kernels` built). The statistics are the eager path's, with the same definitions (τ in float32, thresholds from ``threshold_bits``
 magnitude bins, the same top-k rules) and the same results — counts identical, sums to float64 rounding,
 since products of float32 τ are formed exactly in float64 here. What changes is how the data flows:
 
@@ -42,7 +41,7 @@ def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, re
     from .safetensors_io import ModelReader
 
     if sys.byteorder != "little":
-        return "this machine is big-endian (the kernels read safetensors' little-endian bf16 in place)"
+        return "this machine is big-endian (the kernels read safetensors' little-endian bf16 as stored)"
     if config.delta_dtype != "auto":
         return f"delta_dtype is {config.delta_dtype!r} (the fused kernels form τ as 'auto' does for bf16)"
     for m in metrics:
