@@ -1,26 +1,28 @@
-/* Fused kernels of the task-conflict engine (rlm.core.fused_conflicts) for bf16 safetensors inputs.
+/* Fused kernels of the task-conflict engine (rlm.core.fused_conflicts) for bf16 and float32 safetensors inputs.
  *
- * Each call reads the stored bf16 patterns of one block of a tensor (the base and M models) from the files
+ * Each call reads the stored values of one block of a tensor (the base and M models) from the files
  * themselves, with positioned reads (pread) of READ elements at a time into small buffers that stay in the
- * L2 cache (no memory map, no page-table work, nothing that grows with the model), forms
- * tau = float32(theta_m) - float32(theta_base) exactly as the eager engine does, and computes every per-block
- * quantity in one loop over the data, sub-block by sub-block (SUB elements, so the scratch stays in cache):
+ * L2 cache (no memory map, no page-table work, nothing that grows with the model), forms tau exactly as the
+ * eager engine does (bf16: float32(theta_m) - float32(theta_base); float32: the difference in float64), and
+ * computes every per-block quantity sub-block by sub-block (SUB elements, so the scratch stays in cache):
  *
  *   stats_block  sum tau^2 per model; sum tau_a*tau_b and sum (tau_a*tau_b)^2 over tau_a*tau_b < 0 per pair
- *                (float32 products formed in float64, which is exact, summed in float64); #{|tau| > t} per
- *                model and threshold (float32 bit patterns); the histogram of magnitude bins (top bits of
- *                the float32 pattern of |tau|) and the range of non-zero bins seen.
+ *                (products of float32 tau formed in float64, which is exact; all sums in float64);
+ *                #{|tau| > t} per model and threshold; the histogram of magnitude bins (top bits of the
+ *                float32 pattern of |tau|) and the range of non-zero bins seen.
  *   topk_block   per pair, counts of (first kept rate of a, first kept rate of b, opposite signs) codes, the
  *                first kept rate of a position read off a per-model table bin -> first kept rate.
  *
- * Python (rlm.core.fused_conflicts) checks dtypes and shapes; the C side checks every buffer length against
- * what it will touch and raises ValueError instead of reading or writing out of bounds. The GIL is released
- * while computing, so several tensors run on several threads. Scattered updates (histograms, joint counts)
- * go to 4 interleaved copies so that repeated bins do not wait on one counter; the caller sums them.
+ * Python (rlm.core.fused_conflicts) checks dtypes and shapes; the C side checks every buffer length, index
+ * and table entry against what it will touch and raises ValueError instead of reading or writing out of
+ * bounds, OSError / EOFError when a read fails. The GIL is released while computing, so several tensors run
+ * on several threads. Scattered updates of coarse histograms and of joint counts go to 4 interleaved copies
+ * so that repeated bins do not wait on one counter; the caller sums them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include <stdlib.h>
@@ -59,13 +61,19 @@ typedef struct {
     Py_ssize_t n;      /* number of inputs (base + models) */
     int fd[65];
     int64_t offset[65];
-    uint16_t *data;    /* n buffers of READ elements */
+    char *data;        /* n buffers of READ elements */
+    int width;         /* bytes per element: 2 (bf16) or 4 (float32) */
     int err;           /* errno of a failed read, or -1: the file ended before the block */
     Py_ssize_t failed; /* input whose read failed */
 } Inputs;
 
-static int get_inputs(PyObject *fds, Py_buffer *offsets, Inputs *in) {
+static int get_inputs(PyObject *fds, Py_buffer *offsets, int width, Inputs *in) {
     in->data = NULL;
+    in->width = width;
+    if (width != 2 && width != 4) {
+        PyErr_SetString(PyExc_ValueError, "width must be 2 (bf16) or 4 (float32)");
+        return -1;
+    }
     in->err = 0;
     in->failed = -1;
     if (!PyTuple_Check(fds) || PyTuple_GET_SIZE(fds) < 2 || PyTuple_GET_SIZE(fds) > 65) {
@@ -91,7 +99,7 @@ static int get_inputs(PyObject *fds, Py_buffer *offsets, Inputs *in) {
             return -1;
         }
     }
-    in->data = PyMem_RawMalloc(sizeof(uint16_t) * READ * in->n);
+    in->data = PyMem_RawMalloc((size_t)width * READ * in->n);
     if (!in->data) {
         PyErr_NoMemory();
         return -1;
@@ -102,9 +110,9 @@ static int get_inputs(PyObject *fds, Py_buffer *offsets, Inputs *in) {
 /* Read elements [start, start + count) of every input into its buffer (GIL released); 0 or -1 on error. */
 static int read_inputs(Inputs *in, Py_ssize_t start, Py_ssize_t count) {
     for (Py_ssize_t i = 0; i < in->n; i++) {
-        char *dst = (char *)(in->data + READ * i);
-        size_t want = 2 * (size_t)count, done = 0;
-        off_t at = (off_t)(in->offset[i] + 2 * (int64_t)start);
+        char *dst = in->data + (size_t)in->width * READ * i;
+        size_t want = (size_t)in->width * (size_t)count, done = 0;
+        off_t at = (off_t)(in->offset[i] + in->width * (int64_t)start);
         while (done < want) {
             ssize_t got = pread(in->fd[i], dst + done, want - done, at + (off_t)done);
             if (got < 0 && errno == EINTR) continue;
@@ -117,6 +125,14 @@ static int read_inputs(Inputs *in, Py_ssize_t start, Py_ssize_t count) {
         }
     }
     return 0;
+}
+
+static inline const uint16_t *row16(const Inputs *in, Py_ssize_t i, Py_ssize_t s) {
+    return (const uint16_t *)(in->data + (size_t)2 * READ * i) + s;
+}
+
+static inline const float *row32(const Inputs *in, Py_ssize_t i, Py_ssize_t s) {
+    return (const float *)(in->data + (size_t)4 * READ * i) + s;
 }
 
 static PyObject *read_error(Inputs *in) {
@@ -211,36 +227,80 @@ HOT static void pair_sums(const float *ta, const float *tb, Py_ssize_t w, double
     out[1] += csum;
 }
 
+/* float32 inputs: tau in float64 (as the eager engine forms it for them), |tau| > t compared in float64,
+   magnitude bins from float32(|tau|) */
+HOT static double model_sums_f32(const float *x, const float *b, Py_ssize_t w, double *tau, uint32_t *mag,
+                                 double lim, int64_t *count) {
+    double acc = 0.0;
+    int64_t c = 0;
+#pragma omp simd reduction(+ : acc, c)
+    for (Py_ssize_t i = 0; i < w; i++) {
+        double t = (double)x[i] - (double)b[i];
+        double a = t < 0.0 ? -t : t;
+        tau[i] = t;
+        mag[i] = f32_bits((float)a) & ABS_MASK;
+        acc += t * t;
+        c += a > lim;
+    }
+    *count = c;
+    return acc;
+}
+
+HOT static int64_t count_above_f64(const double *tau, Py_ssize_t w, double lim) {
+    int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+    for (Py_ssize_t i = 0; i < w; i++) c += (tau[i] < 0.0 ? -tau[i] : tau[i]) > lim;
+    return c;
+}
+
+HOT static void pair_sums_f64(const double *ta, const double *tb, Py_ssize_t w, double *out) {
+    double dsum = 0.0, csum = 0.0;
+#pragma omp simd reduction(+ : dsum, csum)
+    for (Py_ssize_t i = 0; i < w; i++) {
+        double p = ta[i] * tb[i];
+        dsum += p;
+        csum += p < 0.0 ? p * p : 0.0;
+    }
+    out[0] += dsum;
+    out[1] += csum;
+}
+
 HOT static void bf_row(const uint16_t *base, Py_ssize_t w, float *bf) {
     for (Py_ssize_t i = 0; i < w; i++) bf[i] = bf16_to_f32(base[i]);
 }
 
 PyDoc_STRVAR(stats_block_doc,
-"stats_block(fds, offsets, n, pairs, above_bits, shift, hist, stride, copies, ss, pair, above, lohi)\n\n"
+"stats_block(fds, offsets, n, pairs, above_bits, shift, hist, stride, copies, ss, pair, above, lohi,\n"
+"            width=2, above_values=None)\n\n"
 "Accumulate the first-pass sums of one block of n elements, read from the files fds (base first, then M models)\n"
-"at byte offsets (int64[M + 1]). pairs: int64[P, 2]; above_bits: uint32[K] (|tau| > t  <=>  bits(|tau|) >\n"
-"above_bits[k]); shift: 32 - bits; hist: int32[M, copies, stride] (stride 0: no histogram; copies 1, or 4\n"
+"at byte offsets (int64[M + 1]); width 2: bf16 (tau in float32), 4: float32 (tau in float64). pairs:\n"
+"int64[P, 2]; above_bits: uint32[K] (bf16: |tau| > t  <=>  bits(|tau|) > above_bits[k]); above_values:\n"
+"float64[K], the thresholds themselves (float32 inputs); shift: 32 - bits; hist: int32[M, copies, stride] (stride 0: no histogram; copies 1, or 4\n"
 "interleaved copies for coarse bins, summed by the caller); ss: float64[M]; pair: float64[P, 2]; above:\n"
 "int64[M, K]; lohi: int64[M, 2] smallest and largest non-zero bin. OSError / EOFError when a read fails.");
 
 static PyObject *stats_block(PyObject *self, PyObject *args) {
-    Py_buffer offsets, pairs, above_bits, hist, ss, pair, above, lohi;
+    Py_buffer offsets, pairs, above_bits, hist, ss, pair, above, lohi, above_values = {0};
     PyObject *fds;
     Py_ssize_t n, stride;
     unsigned shift;
-    int copies;
-    if (!PyArg_ParseTuple(args, "Oy*ny*y*Iw*niw*w*w*w*", &fds, &offsets, &n, &pairs, &above_bits, &shift, &hist,
-                          &stride, &copies, &ss, &pair, &above, &lohi))
+    int copies, width = 2;
+    if (!PyArg_ParseTuple(args, "Oy*ny*y*Iw*niw*w*w*w*|iy*", &fds, &offsets, &n, &pairs, &above_bits, &shift, &hist,
+                          &stride, &copies, &ss, &pair, &above, &lohi, &width, &above_values))
         return NULL;
     PyObject *result = NULL;
     Inputs in;
     in.data = NULL;
     float *scratch_f = NULL;
     uint32_t *scratch_u = NULL;
-    if (get_inputs(fds, &offsets, &in) < 0) goto done;
+    if (get_inputs(fds, &offsets, width, &in) < 0) goto done;
     Py_ssize_t m = in.n - 1, n_pairs = pairs.len / 16, n_thr = above_bits.len / 4;
     if (n < 0 || shift < 1 || shift > 31 || (copies != 1 && copies != 4)) {
         PyErr_SetString(PyExc_ValueError, "stats_block: bad n, shift or copies");
+        goto done;
+    }
+    if (width == 4 && above_values.len != 8 * n_thr) {
+        PyErr_SetString(PyExc_ValueError, "stats_block: float32 inputs need above_values, one per above_bits");
         goto done;
     }
     Py_ssize_t n_bins = (Py_ssize_t)(ABS_MASK >> shift) + 1;
@@ -253,7 +313,7 @@ static PyObject *stats_block(PyObject *self, PyObject *args) {
         need(&above, 8 * m * n_thr, "above") < 0 || need(&lohi, 16 * m, "lohi") < 0 ||
         check_pairs((const int64_t *)pairs.buf, n_pairs, m) < 0)
         goto done;
-    scratch_f = PyMem_RawMalloc(sizeof(float) * SUB * (m + 1));
+    scratch_f = PyMem_RawMalloc(sizeof(double) * SUB * (m + 1)); /* tau: float32, or float64 for float32 inputs */
     scratch_u = PyMem_RawMalloc(sizeof(uint32_t) * SUB * (m + 1));
     if (!scratch_f || !scratch_u) {
         PyErr_NoMemory();
@@ -262,6 +322,8 @@ static PyObject *stats_block(PyObject *self, PyObject *args) {
     {
         const int64_t *pr = (const int64_t *)pairs.buf;
         const uint32_t *lims = (const uint32_t *)above_bits.buf;
+        const double *limd = width == 4 ? (const double *)above_values.buf : NULL;
+        double *tau64 = (double *)scratch_f;
         int32_t *h = (int32_t *)hist.buf;
         double *ssv = (double *)ss.buf, *pv = (double *)pair.buf;
         int64_t *ab = (int64_t *)above.buf, *lh = (int64_t *)lohi.buf;
@@ -277,9 +339,24 @@ static PyObject *stats_block(PyObject *self, PyObject *args) {
             }
             for (Py_ssize_t s = 0; s < count; s += SUB) {
                 Py_ssize_t w = count - s < SUB ? count - s : SUB;
-                bf_row(in.data + s, w, bf);
+                if (width == 4) {
+                    for (Py_ssize_t j = 0; j < m; j++) {
+                        uint32_t *mag = scratch_u + SUB * j;
+                        int64_t c0 = 0;
+                        ssv[j] += model_sums_f32(row32(&in, j + 1, s), row32(&in, 0, s), w, tau64 + SUB * j, mag,
+                                                 n_thr ? limd[0] : HUGE_VAL, &c0);
+                        if (n_thr) ab[j * n_thr] += c0;
+                        for (Py_ssize_t k = 1; k < n_thr; k++)
+                            ab[j * n_thr + k] += count_above_f64(tau64 + SUB * j, w, limd[k]);
+                        if (stride) histogram(mag, w, shift, h + j * copies * stride, stride, copies, bins, lh + 2 * j);
+                    }
+                    for (Py_ssize_t q = 0; q < n_pairs; q++)
+                        pair_sums_f64(tau64 + SUB * pr[2 * q], tau64 + SUB * pr[2 * q + 1], w, pv + 2 * q);
+                    continue;
+                }
+                bf_row(row16(&in, 0, s), w, bf);
                 for (Py_ssize_t j = 0; j < m; j++) {
-                    const uint16_t *x = in.data + READ * (j + 1) + s;
+                    const uint16_t *x = row16(&in, j + 1, s);
                     float *tau = scratch_f + SUB * j;
                     uint32_t *mag = scratch_u + SUB * j;
                     int64_t c0 = 0;
@@ -312,6 +389,7 @@ done:
     PyBuffer_Release(&pair);
     PyBuffer_Release(&above);
     PyBuffer_Release(&lohi);
+    if (above_values.obj) PyBuffer_Release(&above_values);
     return result;
 }
 
@@ -451,6 +529,16 @@ done:
 
 /* table index (bin - lo + 1 in unsigned arithmetic, clamped to the last entry: bin 0 wraps around and lands
    there, or on entry 0 when lo == 1) with tau's sign in bit 31 */
+HOT static void table_index_f32(const float *x, const float *b, Py_ssize_t w, unsigned shift, uint32_t offset,
+                                uint32_t last, uint32_t *index) {
+#pragma omp simd
+    for (Py_ssize_t i = 0; i < w; i++) {
+        uint32_t u = f32_bits((float)((double)x[i] - (double)b[i]));
+        uint32_t k = ((u & ABS_MASK) >> shift) - offset;
+        index[i] = (k < last ? k : last) | (u & SIGN_MASK);
+    }
+}
+
 HOT static void table_index(const uint16_t *x, const float *bf, Py_ssize_t w, unsigned shift, uint32_t offset,
                             uint32_t last, uint32_t *index) {
 #pragma omp simd
@@ -503,7 +591,7 @@ HOT static uint32_t table_max(const void *table, int itemsize, Py_ssize_t n) {
 }
 
 PyDoc_STRVAR(topk_block_doc,
-"topk_block(fds, offsets, n, shift, lo, tables, itemsize, pairs, span, joint)\n\n"
+"topk_block(fds, offsets, n, shift, lo, tables, itemsize, pairs, span, joint, width=2)\n\n"
 "Accumulate joint top-k counts of one block of n elements read as in stats_block. lo: int64[M] first non-zero\n"
 "bin of each model's table; tables: [M, T] from first_kept_table (all entries < span); joint: int64[P, 4,\n"
 "span^2 * 2] counts of (entry_a * span + entry_b) * 2 + opposite_signs in 4 interleaved copies (the caller\n"
@@ -516,14 +604,15 @@ static PyObject *topk_block(PyObject *self, PyObject *args) {
     unsigned shift;
     int itemsize;
     long long span;
-    if (!PyArg_ParseTuple(args, "Oy*nIy*y*iy*Lw*", &fds, &offsets, &n, &shift, &lo_buf, &tables, &itemsize, &pairs,
-                          &span, &joint))
+    int width = 2;
+    if (!PyArg_ParseTuple(args, "Oy*nIy*y*iy*Lw*|i", &fds, &offsets, &n, &shift, &lo_buf, &tables, &itemsize, &pairs,
+                          &span, &joint, &width))
         return NULL;
     PyObject *result = NULL;
     Inputs in;
     in.data = NULL;
     uint32_t *index = NULL;
-    if (get_inputs(fds, &offsets, &in) < 0) goto done;
+    if (get_inputs(fds, &offsets, width, &in) < 0) goto done;
     Py_ssize_t m = in.n - 1, n_pairs = pairs.len / 16;
     if (n < 0 || shift < 1 || shift > 31 || (itemsize != 1 && itemsize != 2 && itemsize != 4) || span < 1 ||
         span > 65536) {
@@ -559,10 +648,16 @@ static PyObject *topk_block(PyObject *self, PyObject *args) {
             }
             for (Py_ssize_t s = 0; s < count; s += SUB) {
                 Py_ssize_t w = count - s < SUB ? count - s : SUB;
-                bf_row(in.data + s, w, bf);
-                for (Py_ssize_t j = 0; j < m; j++)
-                    table_index(in.data + READ * (j + 1) + s, bf, w, shift, (uint32_t)(lo[j] - 1),
-                                (uint32_t)(t_len - 1), index + SUB * j);
+                if (width == 4)
+                    for (Py_ssize_t j = 0; j < m; j++)
+                        table_index_f32(row32(&in, j + 1, s), row32(&in, 0, s), w, shift, (uint32_t)(lo[j] - 1),
+                                        (uint32_t)(t_len - 1), index + SUB * j);
+                else {
+                    bf_row(row16(&in, 0, s), w, bf);
+                    for (Py_ssize_t j = 0; j < m; j++)
+                        table_index(row16(&in, j + 1, s), bf, w, shift, (uint32_t)(lo[j] - 1), (uint32_t)(t_len - 1),
+                                    index + SUB * j);
+                }
                 for (Py_ssize_t q = 0; q < n_pairs; q++) {
                     Py_ssize_t a = pr[2 * q], b = pr[2 * q + 1];
                     const char *ta = tb + a * t_len * itemsize, *tbb = tb + b * t_len * itemsize;

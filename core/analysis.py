@@ -69,10 +69,10 @@ class ConflictsConfig(PluginConfig):
                             "for values 2^15 apart) and in float64 otherwise; sums are float64 in every case.")
     check_finite: bool = True
     engine: Literal["auto", "fused", "eager"] = Field(
-        "auto", description="'fused': compiled kernels that read bf16 safetensors straight from the files and "
+        "auto", description="'fused': compiled kernels that read bf16/float32 safetensors straight from the files and "
                             "compute every sum of a block in one loop per model and pair, tensors spread over "
                             "`workers` threads; 'eager': torch, block by block, for any input; 'auto': fused "
-                            "where it applies (every input a bf16 safetensors model, every metric fed by the "
+                            "where it applies (every input a safetensors model, each tensor bf16 or float32 in all of them, every metric fed by the "
                             "engine's sums, the extension built), else eager.")
     workers: int | None = Field(None, ge=1, description="Threads of the fused engine (None: the CPUs this "
                                                         "process may use).")

@@ -1,12 +1,14 @@
-"""The fused path of the task-conflict engine: bf16 safetensors inputs, sums from compiled kernels.
+"""The fused path of the task-conflict engine: bf16 or float32 safetensors inputs, sums from compiled kernels.
 
 :func:`rlm.core.analysis.compute_conflicts` hands over here when :func:`unavailable_reason` is ``None``
-(every input a bf16 safetensors model, every metric fed by the engine's sums, the C extension
+(every input a safetensors model whose tensors are bf16 or float32 alike in every model, every metric fed by
+the engine's sums, the C extension
 :mod:`rlm.core._conflict_kernels` built). The statistics are the eager path's, with the same definitions (τ in float32, thresholds from ``threshold_bits``
-magnitude bins, the same top-k rules) and the same results — counts identical, sums to float64 rounding,
-since products of float32 τ are formed exactly in float64 here. What changes is how the data flows:
+magnitude bins, the same top-k rules) and the same results — counts identical, sums to float64 rounding
+(bf16: τ in float32 and its products formed exactly in float64; float32 inputs: τ in float64, as eager).
+What changes is how the data flows:
 
-* the kernels read the stored bf16 patterns themselves, with positioned reads of 128 KiB per input at a time
+* the kernels read the stored values themselves, with positioned reads of 128 KiB per input at a time
   into buffers that stay in the L2 cache (no memory map, no page-table work): resident memory does not grow
   with the model;
 * ``workers`` threads take whole tensors (the kernels release the GIL); results are folded into the metrics
@@ -33,6 +35,7 @@ import numpy as np
 from .errors import ModelError, RlmError
 
 _PAD = 80  # entries between the 4 interleaved histogram copies (rows 2^k apart would share cache sets)
+WIDTHS = {"BF16": 2, "F32": 4}  # stored dtypes the kernels read, and their bytes per element
 
 
 def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mapping[str, Any],
@@ -41,9 +44,9 @@ def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, re
     from .safetensors_io import ModelReader
 
     if sys.byteorder != "little":
-        return "this machine is big-endian (the kernels read safetensors' little-endian bf16 as stored)"
+        return "this machine is big-endian (the kernels read safetensors' little-endian values as stored)"
     if config.delta_dtype != "auto":
-        return f"delta_dtype is {config.delta_dtype!r} (the fused kernels form τ as 'auto' does for bf16)"
+        return f"delta_dtype is {config.delta_dtype!r} (the fused kernels form τ as 'auto' does)"
     for m in metrics:
         if getattr(m, "reads_deltas", True):
             return f"metric {m.name!r} reads task-vector blocks (reads_deltas = True)"
@@ -55,10 +58,12 @@ def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, re
     for name, r in [("base", base_reader), *readers.items()]:
         if not isinstance(r, ModelReader) or r.format != "safetensors":
             return f"model {name} ({r.path}) is not a safetensors model directory"
-        for t in tensors:
-            code = r._entry(t.name).dtype_code
-            if code != "BF16":
-                return f"tensor {t.name} of model {name} is {code}, not BF16"
+    for t in tensors:
+        codes = {name: r._entry(t.name).dtype_code for name, r in [("base", base_reader), *readers.items()]}
+        kinds = set(codes.values())
+        if len(kinds) > 1 or not kinds <= set(WIDTHS):
+            listing = ", ".join(f"{n} {c}" for n, c in codes.items())
+            return f"tensor {t.name} is {listing} (the fused kernels take BF16 or F32, the same in every model)"
     try:
         from . import _conflict_kernels  # noqa: F401
     except ImportError as exc:
@@ -204,7 +209,8 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
     stride = nb + _PAD if nb else 0
     copies = 4 if hist_bits <= 14 else 1  # coarse bins repeat often: spread them over interleaved copies
     thresholds = sorted({float(t) for m in metrics for t in getattr(m, "count_thresholds", ())})
-    above_bits = np.array([float32_floor_bits(t) for t in thresholds], dtype=np.uint32)
+    above_bits = np.array([float32_floor_bits(t) for t in thresholds], dtype=np.uint32)  # bf16: float32 τ
+    above_values = np.array(thresholds, dtype=np.float64)  # float32 inputs: float64 τ
     workers = config.workers or default_workers()
     block_elements = config.fused_block_elements
     span = big ** len(modes)
@@ -241,6 +247,9 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         n = (stop - start) * (t.numel // rows if rows else 1)
         return tuple(fd for fd, _ in located), np.array([off for _, off in located], dtype=np.int64), n
 
+    def width(t: Any) -> int:
+        return WIDTHS[base_reader._entry(t.name).dtype_code]
+
     def kernel(fn: Any, t: Any, *args: Any) -> None:
         try:
             fn(*args)
@@ -269,7 +278,7 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         for start, stop, rows in blocks(t):
             fds, offsets, n = inputs(t, start, stop, rows)
             kernel(K.topk_block, t, fds, offsets, n, shift, lo64, tables, tables.itemsize, pair_index, span,
-                   st.joint)
+                   st.joint, width(t))
 
     def first_pass(t: Any) -> dict[str, Any]:
         st = state()
@@ -280,7 +289,7 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         for start, stop, rows in blocks(t):
             fds, offsets, n = inputs(t, start, stop, rows)
             kernel(K.stats_block, t, fds, offsets, n, pair_index, above_bits, shift, st.hist, stride, copies, ss,
-                   pair, above, lohi)
+                   pair, above, lohi, width(t), above_values)
         if config.check_finite and not (np.isfinite(ss).all() and np.isfinite(pair).all()):
             fail_nonfinite(t, ss)
         lohi[:, 0] = np.where(lohi[:, 1] > 0, lohi[:, 0], 1)  # no non-zero bin: an empty range [1, 0]

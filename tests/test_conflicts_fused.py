@@ -79,6 +79,23 @@ def test_fused_matches_eager(bf16_three, modes):
     assert_same(fused.data, eager.data)
 
 
+@pytest.mark.parametrize("modes", [["global", "per_tensor"], ["per_tensor"]])
+def test_fused_matches_eager_on_float32_models(tiny_model_dir, modes, tmp_path):
+    """float32 inputs: τ in float64 on both engines, so even the sums agree to float64 rounding."""
+    from test_conflicts import make_expert
+
+    experts = {n: make_expert(tiny_model_dir, tmp_path / n, seed, scale=scale, zero_frac=zero)
+               for n, seed, scale, zero in (("sft", 1, 3e-3, 0.2), ("rl", 2, 1e-4, 0.8), ("pos", 3, 1e-3, 0.5))}
+    fused = run(tiny_model_dir, experts, kept_rates=RATES, topk_modes=modes, fused_block_elements=3000)
+    eager = run(tiny_model_dir, experts, kept_rates=RATES, topk_modes=modes, engine="eager")
+    assert fused.stats["engine"] == "fused"
+    assert_same(fused.data, eager.data)
+    tv = np_tv(tiny_model_dir, experts)
+    for n, x in tv.items():
+        assert fused.data["models"][n]["update_norm"] == pytest.approx(np.linalg.norm(x), rel=1e-13)
+        assert fused.data["models"][n]["num_updated"] == int((np.abs(x) > 1e-5).sum())
+
+
 def test_fused_matches_numpy_float64(bf16_three):
     base, experts = bf16_three
     res = run(base, experts, kept_rates=RATES, engine="fused").data
@@ -127,10 +144,10 @@ def test_long_grid_uses_wide_tables_and_coarse_bins(bf16_three):
 
 def test_fused_refuses_what_it_cannot_run_and_auto_falls_back(tiny_model_dir, bf16_three):
     base, experts = bf16_three
-    # float32 inputs (the tiny model itself)
-    with pytest.raises(RlmError, match=r"engine .fused. cannot run.*is F32, not BF16"):
-        run(tiny_model_dir, {"a": tiny_model_dir, "b": tiny_model_dir}, engine="fused")
-    res = run(tiny_model_dir, {"a": tiny_model_dir, "b": tiny_model_dir})
+    # a float32 base under bf16 experts: the eager engine forms τ in float64 there
+    with pytest.raises(RlmError, match=r"engine .fused. cannot run.*is base F32, sft BF16"):
+        run(tiny_model_dir, {"sft": experts["sft"], "rl": experts["rl"]}, engine="fused")
+    res = run(tiny_model_dir, {"sft": experts["sft"], "rl": experts["rl"]})
     assert res.stats["engine"] == "eager" and "F32" in res.stats["eager_because"]
     with pytest.raises(RlmError, match="delta_dtype"):
         run(base, experts, engine="fused", delta_dtype="float64")
