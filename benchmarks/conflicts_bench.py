@@ -58,8 +58,7 @@ elif phase == "stream":
     for path in [base, *models.values()]:
         r = ModelReader(path)
         for name in r.tensor_names():
-            file, offset, nbytes = r.location(name)
-            fd = r._fd(file)
+            fd, offset, nbytes = r.location(name)
             done = 0
             while done < nbytes:
                 done += os.preadv(fd, [view[:min(len(buf), nbytes - done)]], offset + done)

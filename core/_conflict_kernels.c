@@ -331,7 +331,7 @@ static PyObject *stats_block(PyObject *self, PyObject *args) {
         uint32_t *bins = scratch_u + SUB * m;
         int failed = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t r = 0; r < n && !failed; r += READ) {
+        for (Py_ssize_t r = 0; r < n; r += READ) {
             Py_ssize_t count = n - r < READ ? n - r : READ;
             if (read_inputs(&in, r, count) < 0) {
                 failed = 1;
@@ -640,7 +640,7 @@ static PyObject *topk_block(PyObject *self, PyObject *args) {
         float *bf = (float *)(index + SUB * m);
         int failed = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t r = 0; r < n && !failed; r += READ) {
+        for (Py_ssize_t r = 0; r < n; r += READ) {
             Py_ssize_t count = n - r < READ ? n - r : READ;
             if (read_inputs(&in, r, count) < 0) {
                 failed = 1;

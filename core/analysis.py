@@ -765,11 +765,9 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
         ws = Workspace()
 
         def blocks(t: Any) -> list[tuple[int, int] | None]:
-            if not t.shape:
-                return [None]
-            row = max(1, t.numel // max(1, t.shape[0]))
-            step = max(1, config.chunk_elements // row)
-            return [(s, min(s + step, t.shape[0])) for s in range(0, t.shape[0], step)] or [None]
+            from .safetensors_io import row_blocks
+
+            return (row_blocks(t.shape, t.numel, config.chunk_elements) or [None]) if t.shape else [None]
 
         def read_block(t: Any, rows: tuple[int, int] | None, check: bool) -> dict[str, Any]:
             """τ of every model for one block. 16-bit inputs (with ``delta_dtype: auto``) give float32 τ formed

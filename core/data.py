@@ -45,9 +45,8 @@ def _existing_file(path: str | Path) -> Path:
     return path
 
 
-def _open_text(path: Path):
-    raw = gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
-    return raw
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def _decode(line: bytes, path: Path, lineno: int) -> str:
@@ -61,7 +60,7 @@ def iter_jsonl(path: str | Path) -> Iterable[dict[str, Any]]:
     """Yield one dict per non-empty line of a JSONL(.gz) file."""
     path = _existing_file(path)
     try:
-        with _open_text(path) as f:
+        with _open_bytes(path) as f:
             for lineno, line in enumerate(f, 1):
                 text = _decode(line, path, lineno).strip()
                 if not text:
@@ -81,7 +80,7 @@ def read_json(path: str | Path) -> list[dict[str, Any]]:
     """A ``.json(.gz)`` file holding a list of objects, or an object with one list value (e.g. ``{"data": [...]}``)."""
     path = _existing_file(path)
     try:
-        with _open_text(path) as f:
+        with _open_bytes(path) as f:
             raw = f.read()
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: cannot read ({exc})") from None

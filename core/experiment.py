@@ -479,8 +479,13 @@ def _task_train(t: TaskConfig) -> dict[str, Any]:
             "split": "train", "config": t.config}
 
 
+def _cap(*limits: int | None) -> int | None:
+    """The smallest of the limits that are set (None: none is)."""
+    return min((x for x in limits if x), default=None)
+
+
 def _task_eval(t: TaskConfig, limit: int | None) -> dict[str, Any]:
-    size = min(x for x in (t.eval_size, limit) if x) if (t.eval_size or limit) else None
+    size = _cap(t.eval_size, limit)
     out = {"label": t.id, "name": t.name, "subset": t.eval_subset, "size": size, "path": t.eval_path,
            "split": t.eval_split, "config": t.config}
     if t.max_new_tokens is not None:
@@ -490,6 +495,22 @@ def _task_eval(t: TaskConfig, limit: int | None) -> dict[str, Any]:
 
 def set_name(tasks: Sequence[str]) -> str:
     return "+".join(tasks)
+
+
+def _curve_methods(cfg: ExperimentConfig, group: str) -> list[MergeMethodConfig]:
+    """The methods whose number-of-merged-models curve ``group`` gets (none when the curve is off for it)."""
+    c = cfg.curve
+    if not c.enabled or (c.groups is not None and group not in c.groups):
+        return []
+    return [m for m in cfg.methods if c.methods is None or m.id in c.methods]
+
+
+def _curve_subsets(curve: CurveConfig, tasks: Sequence[str]) -> dict[int, list[tuple[str, ...]]]:
+    """N -> the task sets merged for the curve's point N, for N = 2 .. max_models (the planner and
+    :func:`collect_scores` must agree on them)."""
+    n_max = min(len(tasks), curve.max_models or len(tasks))
+    return {n: [tuple(tasks[:n])] if curve.subsets == "prefix" else list(itertools.combinations(tasks, n))
+            for n in range(2, n_max + 1)}
 
 
 def plan_steps(cfg: ExperimentConfig) -> list[PlannedStep]:
@@ -560,14 +581,9 @@ def plan_steps(cfg: ExperimentConfig) -> list[PlannedStep]:
             for m in cfg.methods:
                 for a, b in itertools.combinations(tasks, 2):
                     merge_set(g, seed, m, (a, b))
-            if cfg.curve.enabled and (cfg.curve.groups is None or g in cfg.curve.groups):
-                n_max = min(len(tasks), cfg.curve.max_models or len(tasks))
-                for m in cfg.methods:
-                    if cfg.curve.methods is not None and m.id not in cfg.curve.methods:
-                        continue
-                    for n in range(3, n_max + 1):
-                        subsets = [tuple(tasks[:n])] if cfg.curve.subsets == "prefix" else \
-                            list(itertools.combinations(tasks, n))
+            for m in _curve_methods(cfg, g):
+                for n, subsets in _curve_subsets(cfg.curve, tasks).items():
+                    if n > 2:  # the pairs are planned above
                         for s in subsets:
                             merge_set(g, seed, m, s)
             if cfg.conflicts.enabled:
@@ -582,7 +598,7 @@ def plan_steps(cfg: ExperimentConfig) -> list[PlannedStep]:
             pair = [t for t in order if t in (ls.pair or order[:2])]
             method = cfg.method(ls.method) if ls.method else cfg.methods[0]
             expert = ls.expert or (ls.pair or order[:2])[0]
-            limit = min(x for x in (ls.eval_limit, cfg.eval.limit) if x) if (ls.eval_limit or cfg.eval.limit) else None
+            limit = _cap(ls.eval_limit, cfg.eval.limit)
             for g in ls.groups or [t.id for t in cfg.trainers]:
                 gtasks = cfg.tasks_of(cfg.trainer(g))
                 if any(t not in gtasks for t in pair):
@@ -688,23 +704,14 @@ def collect_scores(cfg: ExperimentConfig, scores: Mapping[str, Any]) -> Collecte
         elif len(key[3]) == 2:
             merged.setdefault(key[1], {}).setdefault(key[2], {}).setdefault(key[3], {})[key[4]] = score
     curve: dict[str, dict[int, list[float]]] = {}
-    if cfg.curve.enabled:
-        for tr in cfg.trainers:
-            if cfg.curve.groups is not None and tr.id not in cfg.curve.groups:
-                continue
-            tasks = cfg.tasks_of(tr)
-            n_max = min(len(tasks), cfg.curve.max_models or len(tasks))
-            for m in cfg.methods:
-                if cfg.curve.methods is not None and m.id not in cfg.curve.methods:
-                    continue
-                points: dict[int, list[float]] = {}
-                for n in range(2, n_max + 1):
-                    subsets = [tuple(tasks[:n])] if cfg.curve.subsets == "prefix" else \
-                        list(itertools.combinations(tasks, n))
-                    for sub in subsets:
-                        vals = [combined.get(("merged", tr.id, m.id, sub, t)) for t in sub]
-                        if all(v is not None for v in vals):
-                            points.setdefault(n, []).append(sum(v.value for v in vals) / len(vals))
-                if points:
-                    curve[f"{tr.id}/{m.id}"] = points
+    for tr in cfg.trainers:
+        for m in _curve_methods(cfg, tr.id):
+            points: dict[int, list[float]] = {}
+            for n, subsets in _curve_subsets(cfg.curve, cfg.tasks_of(tr)).items():
+                for sub in subsets:
+                    vals = [combined.get(("merged", tr.id, m.id, sub, t)) for t in sub]
+                    if all(v is not None for v in vals):
+                        points.setdefault(n, []).append(sum(v.value for v in vals) / len(vals))
+            if points:
+                curve[f"{tr.id}/{m.id}"] = points
     return CollectedScores(unmerged, merged, start, curve, missing)

@@ -35,13 +35,13 @@ import numpy as np
 from .errors import ModelError, RlmError
 
 _PAD = 80  # entries between the 4 interleaved histogram copies (rows 2^k apart would share cache sets)
-WIDTHS = {"BF16": 2, "F32": 4}  # stored dtypes the kernels read, and their bytes per element
+DTYPES = ("BF16", "F32")  # stored dtypes (safetensors codes) the kernels read
 
 
 def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mapping[str, Any],
                        tensors: Sequence[Any], hist_bits: int) -> str | None:
     """Why the fused path cannot run these inputs (``None`` when it can)."""
-    from .safetensors_io import ModelReader
+    from .safetensors_io import ModelReader, st_code
 
     if sys.byteorder != "little":
         return "this machine is big-endian (the kernels read safetensors' little-endian values as stored)"
@@ -59,9 +59,9 @@ def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, re
         if not isinstance(r, ModelReader) or r.format != "safetensors":
             return f"model {name} ({r.path}) is not a safetensors model directory"
     for t in tensors:
-        codes = {name: r._entry(t.name).dtype_code for name, r in [("base", base_reader), *readers.items()]}
+        codes = {name: st_code(r.dtype(t.name)) for name, r in [("base", base_reader), *readers.items()]}
         kinds = set(codes.values())
-        if len(kinds) > 1 or not kinds <= set(WIDTHS):
+        if len(kinds) > 1 or not kinds <= set(DTYPES):
             listing = ", ".join(f"{n} {c}" for n, c in codes.items())
             return f"tensor {t.name} is {listing} (the fused kernels take BF16 or F32, the same in every model)"
     try:
@@ -76,47 +76,6 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-class FileSource:
-    """Where one model's tensors lie: an open file descriptor per shard file and the byte range of any block of
-    rows, checked against the file's size before the kernels read it."""
-
-    def __init__(self, reader: Any, label: str) -> None:
-        self.reader = reader
-        self.label = label
-        self._fds: dict[Any, tuple[int, int]] = {}  # file -> (fd, size)
-        self._lock = threading.Lock()
-
-    def _open(self, file: Any) -> tuple[int, int]:
-        with self._lock:
-            got = self._fds.get(file)
-            if got is None:
-                try:
-                    fd = os.open(file, os.O_RDONLY)
-                except OSError as exc:
-                    raise ModelError(f"model {self.reader.path}: cannot open {file.name}: {exc}") from None
-                got = (fd, os.fstat(fd).st_size)
-                self._fds[file] = got
-            return got
-
-    def block(self, name: str, start: int, stop: int, rows: int) -> tuple[int, int]:
-        """``(fd, byte offset)`` of rows ``start:stop`` of tensor ``name`` (``rows`` rows in all)."""
-        file, offset, nbytes = self.reader.location(name)
-        row_bytes = nbytes // rows if rows else nbytes
-        fd, size = self._open(file)
-        if offset + stop * row_bytes > size:
-            raise ModelError(f"model {self.reader.path}: tensor {name}: {file.name} ends before its data "
-                             f"({size} bytes, the data ends at {offset + nbytes})")
-        return fd, offset + start * row_bytes
-
-    def close(self) -> None:
-        for fd, _ in self._fds.values():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._fds.clear()
 
 
 class TensorSums:
@@ -192,7 +151,7 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
 
     from . import _conflict_kernels as K
     from .analysis import float32_floor_bits, histogram_thresholds, n_bins
-    from .safetensors_io import check_finite
+    from .safetensors_io import check_finite, element_size, row_blocks
 
     names = list(readers)
     n_models = len(names)
@@ -218,7 +177,7 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
     if modes and table_dtype is None:
         raise RlmError(f"{g} kept rates over {len(modes)} top-k scopes are too many for the fused engine "
                        f"((g+1)^scopes = {span} > 65536); use engine: eager")
-    sources = [FileSource(base_reader, "base"), *(FileSource(r, n) for n, r in readers.items())]
+    sources = {"base": base_reader, **readers}  # read in this order: the base, then the models
     local = threading.local()
     states: list[Any] = []
     states_lock = threading.Lock()
@@ -235,27 +194,23 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
                 states.append(st)
         return st
 
-    def blocks(t: Any) -> list[tuple[int, int, int]]:
-        rows = t.shape[0] if t.shape else 1
-        row = max(1, t.numel // max(1, rows))
-        step = max(1, block_elements // row)
-        return [(s, min(s + step, rows), rows) for s in range(0, rows, step)]
+    def blocks(t: Any) -> list[tuple[int, int]]:
+        return row_blocks(t.shape, t.numel, block_elements)
 
-    def inputs(t: Any, start: int, stop: int, rows: int) -> tuple[tuple[int, ...], np.ndarray, int]:
-        """File descriptors and byte offsets of rows ``start:stop`` of ``t`` in every input, and their length."""
-        located = [src.block(t.name, start, stop, rows) for src in sources]
-        n = (stop - start) * (t.numel // rows if rows else 1)
-        return tuple(fd for fd, _ in located), np.array([off for _, off in located], dtype=np.int64), n
-
-    def width(t: Any) -> int:
-        return WIDTHS[base_reader._entry(t.name).dtype_code]
+    def inputs(t: Any, start: int, stop: int) -> tuple[tuple[int, ...], np.ndarray, int]:
+        """File descriptors and byte offsets of rows ``start:stop`` of ``t`` in every input (the readers
+        checked every tensor's byte range against its file when they opened it), and the element count."""
+        row = t.numel // t.shape[0] if t.shape else 1
+        located = [r.location(t.name) for r in sources.values()]
+        offsets = np.array([off + start * row * element_size(t.dtype) for _, off, _ in located], dtype=np.int64)
+        return tuple(fd for fd, _, _ in located), offsets, (stop - start) * row
 
     def kernel(fn: Any, t: Any, *args: Any) -> None:
         try:
             fn(*args)
         except (OSError, EOFError) as exc:
             raise ModelError(f"tensor {t.name}: reading the inputs failed ({exc}); inputs in order: "
-                             + ", ".join(f"{src.label}={src.reader.path}" for src in sources)) from None
+                             + ", ".join(f"{n}={r.path}" for n, r in sources.items())) from None
 
     def fail_nonfinite(t: Any, ss: np.ndarray) -> None:
         """Name the input holding NaN/Inf (or, if every input is finite, the model whose τ overflows)."""
@@ -275,10 +230,10 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
             eff = np.ascontiguousarray(np.maximum(thr[:, j, :], 1), dtype=np.int32)
             K.first_kept_table(eff, len(modes), int(lo[j]), int(hi[j]), tables[j], tables.itemsize)
         lo64 = np.ascontiguousarray(lo, dtype=np.int64)
-        for start, stop, rows in blocks(t):
-            fds, offsets, n = inputs(t, start, stop, rows)
+        for start, stop in blocks(t):
+            fds, offsets, n = inputs(t, start, stop)
             kernel(K.topk_block, t, fds, offsets, n, shift, lo64, tables, tables.itemsize, pair_index, span,
-                   st.joint, width(t))
+                   st.joint, element_size(t.dtype))
 
     def first_pass(t: Any) -> dict[str, Any]:
         st = state()
@@ -286,10 +241,10 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         pair = np.zeros((len(pairs), 2))
         above = np.zeros((n_models, len(thresholds)), np.int64)
         lohi = np.array([[0xFFFFFFFF, 0]] * n_models, dtype=np.int64)
-        for start, stop, rows in blocks(t):
-            fds, offsets, n = inputs(t, start, stop, rows)
+        for start, stop in blocks(t):
+            fds, offsets, n = inputs(t, start, stop)
             kernel(K.stats_block, t, fds, offsets, n, pair_index, above_bits, shift, st.hist, stride, copies, ss,
-                   pair, above, lohi, width(t), above_values)
+                   pair, above, lohi, element_size(t.dtype), above_values)
         if config.check_finite and not (np.isfinite(ss).all() and np.isfinite(pair).all()):
             fail_nonfinite(t, ss)
         lohi[:, 0] = np.where(lohi[:, 1] > 0, lohi[:, 0], 1)  # no non-zero bin: an empty range [1, 0]
@@ -352,8 +307,6 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
         pool.shutdown(wait=True, cancel_futures=True)  # after an error: stop, do not finish the pass
         if gc_was_enabled:
             gc.enable()
-        for src in sources:
-            src.close()
     if modes:
         joint = sum(st.joint.sum(axis=1) for st in states)  # (P, span² · 2)
         shape = (big,) * (2 * len(modes)) + (2,)

@@ -20,6 +20,7 @@ tensor code of the built-in methods (``rlm.plugins.mergers``), defined as in ``D
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import threading
@@ -190,10 +191,7 @@ class SequentialMask:
 
     def take(self, shape: Sequence[int]) -> Any:
         mask = dare_mask(shape, self.density, self.generator)
-        n = 1
-        for d in shape:
-            n *= d
-        self.position += n
+        self.position += math.prod(shape)
         return mask
 
     def block(self, start_flat: int, shape: Sequence[int]) -> Any:
@@ -229,13 +227,7 @@ def l1_scale_blocks(blocks: Callable[[], Any], keep_of: Callable[[tuple[int, int
 
 def l1_scale(delta: Any, kept: Any) -> float:
     """Factor that restores ‖τ‖₁ after masking: ‖τ‖₁ / ‖τ ⊙ kept‖₁ (1 when either is below ``L1_EPS``)."""
-    import torch
-
-    before = float(delta.abs().sum(dtype=torch.float64))
-    after = float((delta * kept).abs().sum(dtype=torch.float64))
-    if before < L1_EPS or after < L1_EPS:
-        return 1.0
-    return before / after
+    return l1_scale_blocks(lambda: [(None, delta)], lambda rows, block: kept)
 
 
 def weights_of(params: Sequence[Any], like: Any) -> Any:
@@ -382,6 +374,15 @@ def _copy_side_files(base: Path, out: Path, vocab_size: int | None, out_dtype: s
             shutil.copy2(f, out / f.name)
 
 
+def _out_dtype(run: MergeRunConfig, t: Any) -> Any:
+    """Output dtype of planned tensor ``t``: ``run.dtype`` for floating tensors, else the base's."""
+    import torch
+
+    if run.dtype == "base" or not t.dtype.is_floating_point:
+        return t.dtype
+    return getattr(torch, run.dtype)
+
+
 class _Job:
     """Merging of one tensor (used from worker threads; everything it touches is per-tensor)."""
 
@@ -393,9 +394,9 @@ class _Job:
         t = self.t
         if not t.shape or t.numel <= self.e.run.chunk_elements or t.shape[0] <= 1:
             return [(0, t.shape[0])] if t.vocab else [None]
-        per_row = max(1, t.numel // t.shape[0])
-        step = max(1, self.e.run.chunk_elements // per_row)
-        return [(s, min(s + step, t.shape[0])) for s in range(0, t.shape[0], step)]
+        from .safetensors_io import row_blocks
+
+        return row_blocks(t.shape, t.numel, self.e.run.chunk_elements)
 
     def _base(self, rows: tuple[int, int] | None) -> Any:
         import torch
@@ -431,7 +432,7 @@ class _Job:
     def run(self) -> None:
         e, t = self.e, self.t
         name = t.name
-        out_dtype = e.out_dtype(t)
+        out_dtype = _out_dtype(e.run, t)
         if not t.dtype.is_floating_point:  # integer buffers are copied from the base
             e.writer.write(name, e.base.get(name))
             return
@@ -488,13 +489,6 @@ class _Engine:
         self.needs_prepare = type(method).prepare is not MergeMethod.prepare
         self._progress = progress
         self._lock = threading.Lock()
-
-    def out_dtype(self, t: Any) -> Any:
-        import torch
-
-        if self.run.dtype == "base" or not t.dtype.is_floating_point:
-            return t.dtype
-        return getattr(torch, self.run.dtype)
 
     def advance(self, name: str) -> None:
         if self._progress is not None:
@@ -571,10 +565,7 @@ def _merge_planned(run: MergeRunConfig, out: Path, p: dict[str, Any], t0: float,
         on_plan(plan)
     out_dtype_name = None if run.dtype == "base" else run.dtype
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        specs = []
-        for t in plan.tensors:
-            dt = t.dtype if (run.dtype == "base" or not t.dtype.is_floating_point) else getattr(torch, run.dtype)
-            specs.append((t.name, t.shape, dt))
+        specs = [(t.name, t.shape, _out_dtype(run, t)) for t in plan.tensors]
         writer = ShardedWriter(tmp, specs, max_shard_bytes=run.max_shard_bytes,
                                metadata={"merged_by": "rlm", "merge_method": method.name})
         engine = _Engine(run, method, params, base, sources, plan, writer, progress)

@@ -235,14 +235,8 @@ class PluginSystem:
                     print(f"rlm: plugin {impl.plugin_name!r} failed to add commands: {exc}", file=sys.stderr)
 
     def as_json(self) -> dict[str, Any]:
-        regs = self.registries
-        return {
-            "trainers": regs["trainers"].names(),
-            "merge_methods": regs["merge_methods"].names(),
-            "tasks": regs["tasks"].names(),
-            "metrics": regs["metrics"].names(),
-            "plugins": [i.as_dict() for i in self.plugin_infos()],
-        }
+        return {**{kind: reg.names() for kind, reg in self.registries.items()},
+                "plugins": [i.as_dict() for i in self.plugin_infos()]}
 
 
 _SYSTEM: PluginSystem | None = None

@@ -47,8 +47,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +56,7 @@ import numpy as np
 
 from .errors import RlmError
 from .io import atomic_write_json, atomic_write_text
+from .plots import _pyplot, save_figure
 
 AVERAGE = "Average"
 UNMERGED = "unmerged"
@@ -552,29 +551,6 @@ def _fmt_cell(score: Any, change: Any, lo: Any, hi: Any, scale: float) -> str:
 
 
 # -- figures ---------------------------------------------------------------------------------------------
-def _save_png(fig: Any, out: str | Path, dpi: int) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_num_models_curve(series: Mapping[str, Mapping[int, Any]], out: str | Path, *,
                           ylabel: str = "mean score over the merged experts' tasks",
                           title: str = "Merging more experts", dpi: int = 120) -> Path:
@@ -601,7 +577,7 @@ def plot_num_models_curve(series: Mapping[str, Mapping[int, Any]], out: str | Pa
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        return _save_png(fig, out, dpi)
+        return save_figure(fig, out, dpi)
     finally:
         plt.close(fig)
 
@@ -635,7 +611,7 @@ def plot_landscape(alphas: Sequence[float], betas: Sequence[float], values: Any,
         ax.set_xlabel("α (towards the merged model)")
         ax.set_ylabel("β (random direction)")
         ax.set_title(title, fontsize=10)
-        return _save_png(fig, out, dpi)
+        return save_figure(fig, out, dpi)
     finally:
         plt.close(fig)
 
@@ -689,6 +665,6 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: s
                 ax.legend(fontsize=7)
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        return _save_png(fig, out, dpi)
+        return save_figure(fig, out, dpi)
     finally:
         plt.close(fig)

@@ -28,7 +28,7 @@ from pydantic import Field
 from .contracts import Example, Task
 from .errors import RlmError
 from .training import SFTConfig, Session, TokenBatch, TrainConfig, TrainRun, forward_response, load_examples, \
-    run_sft, take
+    micro_batches, pad_token_id, run_sft, take
 
 
 class RLConfig(TrainConfig):
@@ -206,7 +206,7 @@ class RLEngine:
                 for m in module.modules() if module is not None else []:
                     if isinstance(m, torch.nn.Dropout):
                         m.p = 0.0
-        self.pad_id = int(s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else s.tokenizer.eos_token_id)
+        self.pad_id = pad_token_id(s.tokenizer)
 
     # -- whitening over all processes --------------------------------------------------------------------
     def _whiten_stats(self, x: Any, mask: Any) -> tuple[Any, Any, Any]:
@@ -249,8 +249,7 @@ class RLEngine:
         need_ref = cfg.kl_in != "none"
         old_logp = ref_logp = values = kl = None
         with torch.no_grad():
-            chunks = [list(range(i, min(i + cfg.micro_batch_size, len(batch))))
-                      for i in range(0, len(batch), cfg.micro_batch_size)]
+            chunks = micro_batches(list(range(len(batch))), cfg.micro_batch_size)
             if need_old:
                 old_logp = self._cat_chunks(batch, chunks, lambda u: forward_response(s.model, u, temperature=cfg.temperature)[0], t["T"])
             if need_ref:
@@ -296,9 +295,9 @@ class RLEngine:
         critic_only = self.use_critic and step <= cfg.critic_warmup_steps
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
         norm_len = cfg.norm_len or cfg.max_new_tokens
+        groups = sorted(set(exp.index))
         for epoch in range(cfg.ppo_epochs):
             # shuffle whole groups so a mini-batch holds complete groups; the same order on every process
-            groups = sorted(set(exp.index))
             order = [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()] \
                 if cfg.mini_batches > 1 else groups
             per_mb = len(order) // cfg.mini_batches
@@ -308,7 +307,7 @@ class RLEngine:
                 mb_tok = s.reduce_sum(mask[rows].sum())
                 mb_seq = s.reduce_sum(len(rows))
                 agg_kw = dict(num_tokens=mb_tok.float(), num_seqs=mb_seq.float(), norm_len=norm_len)
-                micro = [rows[i:i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+                micro = micro_batches(rows, cfg.micro_batch_size)
                 if not critic_only:
                     for j, mrows in enumerate(micro):
                         u = exp.batch.tensors(mrows, s.device)

@@ -38,6 +38,7 @@ Public API (used by the merge engine and the task-vector statistics engine)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -102,6 +103,11 @@ def element_size(dtype: Any) -> int:
 
 def read_header(file: str | Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (without reading tensor data)."""
+    return _read_header(file)[0]
+
+
+def _read_header(file: str | Path) -> tuple[dict[str, Any], int]:
+    """:func:`read_header` and the byte offset where the file's tensor data starts."""
     file = Path(file)
     try:
         with open(file, "rb") as f:
@@ -119,7 +125,7 @@ def read_header(file: str | Path) -> dict[str, Any]:
         raise ModelError(f"{file}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
         raise ModelError(f"{file}: corrupt safetensors header")
-    return header
+    return header, 8 + n
 
 
 def check_finite(tensor: Any, model: str | Path, name: str) -> None:
@@ -220,9 +226,7 @@ class ModelReader:
         files = self._index_files(ST_INDEX) if (self.path / ST_INDEX).is_file() else [self.path / ST_SINGLE]
         indexed = getattr(self, "_weight_map", None)
         for fp in files:
-            header = read_header(fp)
-            with open(fp, "rb") as f:
-                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+            header, data_start = _read_header(fp)
             size = fp.stat().st_size
             items = [(k, v) for k, v in header.items() if k != "__metadata__"]
             items.sort(key=lambda kv: kv[1].get("data_offsets", [0])[0] if isinstance(kv[1], dict) else 0)
@@ -233,12 +237,9 @@ class ModelReader:
                     off, end = (int(x) for x in info["data_offsets"])
                 except (KeyError, TypeError, ValueError, IndexError):
                     raise ModelError(f"model {self.path}: corrupt header entry for tensor {name} in {fp.name}") from None
-                n = 1
-                for d in shape:
-                    n *= d
                 if code not in _ST_TO_TORCH:
                     raise ModelError(f"model {self.path}: tensor {name} has unsupported dtype {code}")
-                if end - off != n * element_size(code) or data_start + end > size:
+                if end - off != math.prod(shape) * element_size(code) or data_start + end > size:
                     raise ModelError(f"model {self.path}: tensor {name} in {fp.name} is truncated or corrupt "
                                      f"(data_offsets {off}..{end}, file size {size})")
                 if name in self._entries:
@@ -300,21 +301,19 @@ class ModelReader:
         return torch_dtype(self._entry(name).dtype_code)
 
     def numel(self, name: str) -> int:
-        n = 1
-        for d in self.shape(name):
-            n *= d
-        return n
+        return math.prod(self.shape(name))
 
     def nbytes(self, name: str) -> int:
         return self.numel(name) * element_size(self.dtype(name))
 
-    def location(self, name: str) -> tuple[Path, int, int]:
-        """``(file, byte offset, byte count)`` of a safetensors tensor's data (stored little-endian, row-major);
-        a ModelError for ``.bin`` checkpoints, whose layout is torch's."""
+    def location(self, name: str) -> tuple[int, int, int]:
+        """``(file descriptor, byte offset, byte count)`` of a safetensors tensor's data (stored little-endian,
+        row-major; the descriptor is this reader's, closed by :meth:`close`, for positioned reads); a ModelError
+        for ``.bin`` checkpoints, whose layout is torch's."""
         e = self._entry(name)
         if self.format != "safetensors":
             raise ModelError(f"model {self.path}: tensor {name} is in a .bin checkpoint, not safetensors")
-        return e.file, e.offset, e.nbytes
+        return self._fd(e.file), e.offset, e.nbytes
 
     def files(self) -> list[Path]:
         return list(dict.fromkeys(e.file for e in self._entries.values()))
@@ -384,9 +383,6 @@ class ModelReader:
             return out.sub_(base)
         start, stop = rows if rows is not None else (0, base.shape[0])
         have = min(stop, shape[0])
-        if have >= stop and rows is None and tuple(shape) == tuple(base.shape):
-            out.copy_(self.get(name))
-            return out.sub_(base)
         if have >= stop:
             out.copy_(self.get(name, (start, stop)))
             return out.sub_(base)
@@ -600,6 +596,14 @@ def open_source(path: str | Path, base: ModelReader | None = None) -> ModelReade
     return ModelReader(p)
 
 
+def row_blocks(shape: Sequence[int], numel: int, max_elements: int) -> list[tuple[int, int]]:
+    """Blocks of whole rows (dim 0) of a tensor of ``shape`` with at most ``max_elements`` elements each (at
+    least one row): what the streaming engines read at a time. A scalar is one row; no rows, no blocks."""
+    rows = shape[0] if len(shape) else 1
+    step = max(1, max_elements // max(1, numel // max(1, rows)))
+    return [(s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
 # ------------------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------------------
@@ -615,10 +619,7 @@ class TensorPlan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -744,10 +745,7 @@ class ShardedWriter:
         size = 0
         for name, shape, dtype in tensors:
             shape = tuple(int(s) for s in shape)
-            n = 1
-            for d in shape:
-                n *= d
-            nbytes = n * element_size(dtype)
+            nbytes = math.prod(shape) * element_size(dtype)
             if groups[-1] and size + nbytes > max_shard_bytes:
                 groups.append([])
                 size = 0

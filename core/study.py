@@ -218,10 +218,9 @@ class StudySteps:
     """The step functions of one study. ``cfg`` (an :class:`rlm.core.experiment.ExperimentConfig`) is what the
     report step arranges scores by; ``progress`` shows the trainers' own progress lines."""
 
-    def __init__(self, cfg: Any, *, progress: bool = False, console: Any = None) -> None:
+    def __init__(self, cfg: Any, *, progress: bool = False) -> None:
         self.cfg = cfg
         self.progress = progress
-        self.console = console
         base = getattr(cfg, "base", None)
         #: dtype models are evaluated in (the base model's)
         self.dtype: str | None = getattr(base, "dtype", None)
@@ -526,12 +525,11 @@ def write_report(cfg: Any, ctx: Any) -> dict[str, Any]:
     if col.curve:
         R.plot_num_models_curve(col.curve, figures / "num_models_curve.png")
         files.append("figures/num_models_curve.png")
+        allns = sorted({n for p in col.curve.values() for n in p})
         md += ["## Merging more experts", "", "Mean score over the merged experts' tasks against the number of "
                "merged experts N (prefix subsets of the task order).", "",
                "![number of merged models](figures/num_models_curve.png)", "",
-               "| series | " + " | ".join(f"N={n}" for n in sorted({n for p in col.curve.values() for n in p}))
-               + " |", "|---|" + "---|" * len({n for p in col.curve.values() for n in p})]
-        allns = sorted({n for p in col.curve.values() for n in p})
+               "| series | " + " | ".join(f"N={n}" for n in allns) + " |", "|---|" + "---|" * len(allns)]
         for label, pts in col.curve.items():
             md.append(f"| {label} | " + " | ".join(
                 "–" if n not in pts else f"{sum(pts[n]) / len(pts[n]) * c['scale']:.1f}" for n in allns) + " |")

@@ -140,10 +140,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def take(n: int, seed: int, start: int, count: int) -> list[int]:
     """Indices ``start .. start+count`` of the endless sequence of seeded epoch permutations of ``range(n)``."""
-    out = []
+    out: list[int] = []
+    orders: dict[int, list[int]] = {}  # one shuffle per epoch touched, not one per position
     for pos in range(start, start + count):
         epoch, offset = divmod(pos, n)
-        out.append(epoch_order(n, seed, epoch)[offset])
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, seed, epoch)
+        out.append(orders[epoch][offset])
     return out
 
 
@@ -209,6 +212,16 @@ class TokenBatch:
     @property
     def max_response(self) -> int:
         return max((len(c) for c in self.response_ids), default=0)
+
+
+def micro_batches(rows: list[int], size: int) -> list[list[int]]:
+    """``rows`` cut into consecutive micro-batches of at most ``size`` (gradient accumulation, no-grad passes)."""
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, or its eos id when it has none."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def forward_response(model: Any, t: dict[str, Any], *, temperature: float = 1.0, entropy: bool = False,
@@ -289,22 +302,20 @@ class Session:
             except ImportError:
                 raise RlmError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         self._prepare_dir(extra_manifest or {})
-        resume_dir = self.out / "checkpoints" / f"step-{self.start_step}" if self.start_step else None
+        # the checkpoint this run resumes from (None: a fresh run)
+        self.resume_dir = self.out / "checkpoints" / f"step-{self.start_step}" if self.start_step else None
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)  # LoRA initialisation and anything else random; a resume restores the saved RNG
-        self._load_models(resume_dir)
-        self._build_optimizer(resume_dir)
+        self._load_models()
+        self._build_optimizer()
         self._metrics_file = None
         self._tb = None
         self._progress = None
-        self.last_good: Path | None = resume_dir
+        self.last_good: Path | None = self.resume_dir
         self.updates_this_step = 0
 
     # -- directory and manifest ---------------------------------------------------------------------------
-    def _config_dump(self) -> dict[str, Any]:
-        return self.cfg.model_dump(mode="json")
-
     def _prepare_dir(self, extra: dict[str, Any]) -> None:
         from .manifest import write_manifest
 
@@ -373,7 +384,7 @@ class Session:
             raise RlmError(f"cannot resume: {out} holds a {prev.get('trainer')} run on {prev.get('task')}, not "
                            f"{self.trainer.name} on {run.task.name}")
         old = dict(prev.get("config") or {})
-        new = self._config_dump()
+        new = self.cfg.model_dump(mode="json")
         for d in (old, new):
             for k in ("steps", "progress", "tensorboard", "num_threads"):
                 d.pop(k, None)
@@ -406,12 +417,12 @@ class Session:
             write_manifest(self.out, **self._manifest_kwargs, extra=self.manifest_extra)
 
     # -- models ---------------------------------------------------------------------------------------
-    def _load_models(self, resume_dir: Path | None) -> None:
+    def _load_models(self) -> None:
         import torch
 
         from .models import load_model, resolve_model
 
-        cfg = self.cfg
+        cfg, resume_dir = self.cfg, self.resume_dir
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
         self.model_path = resolve_model(self.run.model) if self.is_main else None
         self.model_path = self._broadcast(self.model_path)
@@ -484,28 +495,28 @@ class Session:
                                 weight_decay=cfg.weight_decay)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda())
 
-    def _build_optimizer(self, resume_dir: Path | None) -> None:
+    def _restore_optimizer(self, opt: Any, sched: Any, prefix: str = "") -> None:
+        """Load ``{prefix}optimizer.pt`` and ``{prefix}scheduler.pt`` of the checkpoint this run resumes from."""
         import torch
 
+        st = self.resume_dir / STATE_DIR
+        opt.load_state_dict(torch.load(st / f"{prefix}optimizer.pt", map_location="cpu", weights_only=False))
+        sched.load_state_dict(torch.load(st / f"{prefix}scheduler.pt", map_location="cpu", weights_only=False))
+
+    def _build_optimizer(self) -> None:
         opt, sched = self._adamw([p for p in self.raw_model.parameters() if p.requires_grad], self.cfg.lr)
-        if resume_dir is not None:
-            st = resume_dir / STATE_DIR
-            opt.load_state_dict(torch.load(st / "optimizer.pt", map_location="cpu", weights_only=False))
-            sched.load_state_dict(torch.load(st / "scheduler.pt", map_location="cpu", weights_only=False))
+        if self.resume_dir is not None:
+            self._restore_optimizer(opt, sched)
         self.model, self.optimizer = self.acc.prepare(self.raw_model, opt)
         self.scheduler = sched
-        if resume_dir is not None:
-            self._restore_rng(resume_dir)
+        if self.resume_dir is not None:
+            self._restore_rng(self.resume_dir)
 
     def make_optimizer(self, module: Any, lr: float, resume_name: str | None = None) -> tuple[Any, Any, Any]:
         """An AdamW + schedule for an extra module (PPO's critic), prepared by accelerate."""
-        import torch
-
         opt, sched = self._adamw([p for p in module.parameters() if p.requires_grad], lr)
-        if self.start_step and resume_name:
-            st = self.out / "checkpoints" / f"step-{self.start_step}" / STATE_DIR
-            opt.load_state_dict(torch.load(st / f"{resume_name}_optimizer.pt", map_location="cpu", weights_only=False))
-            sched.load_state_dict(torch.load(st / f"{resume_name}_scheduler.pt", map_location="cpu", weights_only=False))
+        if self.resume_dir is not None and resume_name:
+            self._restore_optimizer(opt, sched, f"{resume_name}_")
         module, opt = self.acc.prepare(module, opt)
         return module, opt, sched
 
@@ -634,12 +645,11 @@ class Session:
             _rmtree(self.out / "checkpoints" / f"step-{s}")
 
     def load_extra_module(self, module: Any, name: str) -> None:
-        if not self.start_step:
+        if self.resume_dir is None:
             return
         from safetensors.torch import load_file
 
-        st = self.out / "checkpoints" / f"step-{self.start_step}" / STATE_DIR
-        module.load_state_dict(load_file(str(st / f"{name}.safetensors")))
+        module.load_state_dict(load_file(str(self.resume_dir / STATE_DIR / f"{name}.safetensors")))
 
     def _restore_rng(self, resume_dir: Path) -> None:
         import torch
@@ -800,8 +810,7 @@ def encode_pairs(tokenizer: Any, pairs: list[tuple[str, str]], cfg: TrainConfig,
         r = (list(r) + [eos])[:max_response]
         P.append(p)
         R.append(r)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return TokenBatch(P, R, int(pad))
+    return TokenBatch(P, R, pad_token_id(tokenizer))
 
 
 def run_sft(trainer: Any, run: TrainRun, pairs_fn: Any = None) -> Path:
@@ -832,8 +841,7 @@ def run_sft(trainer: Any, run: TrainRun, pairs_fn: Any = None) -> Path:
         idx = take(n, cfg.seed, (step - 1) * cfg.batch_size, cfg.batch_size)[sess.rank * local:(sess.rank + 1) * local]
         batch = TokenBatch([data.prompt_ids[i] for i in idx], [data.response_ids[i] for i in idx], data.pad_id)
         ntok = sess.reduce_sum(sum(len(r) for r in batch.response_ids))
-        micro = [list(range(s, min(s + cfg.micro_batch_size, len(batch))))
-                 for s in range(0, len(batch), cfg.micro_batch_size)]
+        micro = micro_batches(list(range(len(batch))), cfg.micro_batch_size)
         loss_sum = ent_sum = 0.0
         for i, rows in enumerate(micro):
             t = batch.tensors(rows, sess.device)

@@ -31,23 +31,34 @@ def write_bf16(out: Path, tensors: dict[str, torch.Tensor], config_from: Path) -
     return out
 
 
-@pytest.fixture(scope="module")
-def bf16_models(tiny_model_dir, tmp_path_factory):
+def make_bf16_experts(tiny_model_dir: Path, root: Path, seed: int, specs: list[tuple[str, float, float]],
+                      untouched_every: dict[str, int] | None = None) -> tuple[Path, dict[str, Path]]:
+    """The tiny model as a bf16 base plus one bf16 expert per ``(name, scale, zero_frac)``: τ = scale·N(0,1) on
+    a random (1 − zero_frac) share of each tensor; ``untouched_every[name] = k`` leaves every k-th tensor of
+    that expert equal to the base."""
     from safetensors.torch import load_file
 
-    root = tmp_path_factory.mktemp("bf16")
     sd = {k: v.to(torch.float32) for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     base = write_bf16(root / "base", sd, tiny_model_dir)
     experts = {}
-    for name, scale, zero in (("sft", 3e-3, 0.2), ("rl", 2e-4, 0.8)):
+    for name, scale, zero in specs:
+        every = (untouched_every or {}).get(name)
         new = {}
-        for k, v in sd.items():
+        for i, (k, v) in enumerate(sd.items()):
             d = torch.randn(v.shape, generator=g) * scale
             d[torch.rand(v.shape, generator=g) < zero] = 0
+            if every and i % every == 0:
+                d.zero_()
             new[k] = v + d
         experts[name] = write_bf16(root / name, new, tiny_model_dir)
     return base, experts
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tiny_model_dir, tmp_path_factory):
+    return make_bf16_experts(tiny_model_dir, tmp_path_factory.mktemp("bf16"), 7,
+                             [("sft", 3e-3, 0.2), ("rl", 2e-4, 0.8)])
 
 
 def np_tv(base: Path, experts: dict[str, Path]) -> dict[str, np.ndarray]:

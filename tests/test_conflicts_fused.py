@@ -18,7 +18,7 @@ import torch
 from rlm.core import analysis as A
 from rlm.core.errors import ModelError, RlmError
 from test_conflicts import np_kept
-from test_conflicts_fast import np_tv, np_tv_per_tensor, write_bf16
+from test_conflicts_fast import make_bf16_experts, np_tv, np_tv_per_tensor, write_bf16
 
 K = pytest.importorskip("rlm.core._conflict_kernels")
 RATES = [0.01, 0.05, 0.2, 0.5, 0.9, 1.0]
@@ -27,23 +27,8 @@ RATES = [0.01, 0.05, 0.2, 0.5, 0.9, 1.0]
 @pytest.fixture(scope="module")
 def bf16_three(tiny_model_dir, tmp_path_factory):
     """A bf16 base and three bf16 experts: dense large, sparse small, and one with all-zero tensors."""
-    from safetensors.torch import load_file
-
-    root = tmp_path_factory.mktemp("bf16x3")
-    sd = {k: v.to(torch.float32) for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
-    g = torch.Generator().manual_seed(17)
-    base = write_bf16(root / "base", sd, tiny_model_dir)
-    experts = {}
-    for name, scale, zero in (("sft", 3e-3, 0.2), ("rl", 2e-4, 0.8), ("pos", 1e-3, 0.5)):
-        new = {}
-        for i, (k, v) in enumerate(sd.items()):
-            d = torch.randn(v.shape, generator=g) * scale
-            d[torch.rand(v.shape, generator=g) < zero] = 0
-            if name == "pos" and i % 3 == 0:
-                d.zero_()  # tensors this expert leaves untouched
-            new[k] = v + d
-        experts[name] = write_bf16(root / name, new, tiny_model_dir)
-    return base, experts
+    return make_bf16_experts(tiny_model_dir, tmp_path_factory.mktemp("bf16x3"), 17,
+                             [("sft", 3e-3, 0.2), ("rl", 2e-4, 0.8), ("pos", 1e-3, 0.5)], untouched_every={"pos": 3})
 
 
 def run(base: Path, experts: dict[str, Path], **cfg) -> A.ConflictsResult:
@@ -203,8 +188,8 @@ def test_fused_names_the_model_and_tensor_of_non_finite_input(bf16_three, tmp_pa
 
 def test_truncated_shard_is_named_before_reading(bf16_three, tmp_path):
     """A shard cut short: named with model, tensor and file before anything is read (the reader checks every
-    tensor's byte range against the file; the fused engine checks again before each block, and the kernels
-    raise EOFError if a file shrinks in between — see test_kernels_refuse_bad_input)."""
+    tensor's byte range against the file when it opens it; if a file shrinks later, the kernels raise EOFError,
+    named by the engine with the tensor and the inputs — see test_kernels_refuse_bad_input)."""
     base, experts = bf16_three
     cut = tmp_path / "cut"
     shutil.copytree(experts["rl"], cut)

@@ -54,10 +54,20 @@ def load(path: Path) -> dict[str, torch.Tensor]:
     return {n: r.get(n) for n in r.tensor_names()}
 
 
-def direct(method_cls, base, experts, params, config=None, seed=0):
-    """Reference: the method applied to whole tensors (prepare per model, then merge) in fp32."""
+def merge_whole(method, base, deltas, params, *, name="w", seed=0):
+    """What the engine does for one whole fp32 tensor: prepare per model, then merge."""
     from rlm.core.contracts import MergeContext
 
+    ctx = MergeContext(tensor_name=name, shape=tuple(base.shape), seed=seed)
+    for i in range(len(deltas)):
+        ctx.model_index = i
+        ctx.stats.append(method.prepare(deltas[i], params[i], context=ctx))
+    ctx.model_index = None
+    return method.merge(base, deltas, params, context=ctx)
+
+
+def direct(method_cls, base, experts, params, config=None, seed=0):
+    """Reference: the method applied to whole tensors (prepare per model, then merge) in fp32."""
     m = method_cls(config or {})
     mp = [m.ModelParams(**p) for p in params]
     b, es = load(base), [load(e) for e in experts]
@@ -65,12 +75,7 @@ def direct(method_cls, base, experts, params, config=None, seed=0):
     for name, bt in b.items():
         bf = bt.float()
         d = torch.stack([e[name].float() - bf for e in es])
-        ctx = MergeContext(tensor_name=name, shape=tuple(bt.shape), seed=seed)
-        for i in range(len(d)):
-            ctx.model_index = i
-            ctx.stats.append(m.prepare(d[i], mp[i], context=ctx))
-        ctx.model_index = None
-        out[name] = m.merge(bf, d, mp, context=ctx).to(bt.dtype)
+        out[name] = merge_whole(m, bf, d, mp, name=name, seed=seed).to(bt.dtype)
     return out
 
 

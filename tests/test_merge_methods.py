@@ -16,19 +16,15 @@ from rlm.plugins.mergers.dare_ties import DareTies
 from rlm.plugins.mergers.task_arithmetic import TaskArithmetic
 from rlm.plugins.mergers.ties import Ties
 
+from test_merge_engine import merge_whole
+
 
 def run(method, base, deltas, params, *, name="w", seed=0):
     """What the engine does for one whole tensor: prepare per model, then merge (fp32)."""
     base_t = torch.as_tensor(np.asarray(base), dtype=torch.float32)
     d = torch.as_tensor(np.asarray(deltas), dtype=torch.float32)
     mp = [method.ModelParams(**p) for p in params]
-    ctx = MergeContext(tensor_name=name, shape=tuple(base_t.shape), seed=seed)
-    stats = []
-    for i in range(len(d)):
-        ctx.model_index = i
-        stats.append(method.prepare(d[i], mp[i], context=ctx))
-    ctx.stats, ctx.model_index = stats, None
-    return method.merge(base_t, d, mp, context=ctx).double().numpy()
+    return merge_whole(method, base_t, d, mp, name=name, seed=seed).double().numpy()
 
 
 # ---------------------------------------------------------------------------------------------- references
