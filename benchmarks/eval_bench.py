@@ -36,9 +36,9 @@ def main() -> None:
 
     import torch
 
-    from rlm.core.data import shared_data_dir
-    from rlm.core.evaluation import evaluate, run_lm_eval
-    from rlm.core.models import resolve_model
+    from rlm.core.eval.engine import evaluate, run_lm_eval
+    from rlm.core.io.records import shared_data_dir
+    from rlm.core.models.hf import resolve_model
 
     data = Path(args.data) if args.data else shared_data_dir()
     if data is None or not (data / "gsm8k_test.jsonl").is_file():

@@ -150,7 +150,7 @@ def main() -> None:
         print("RESULT " + json.dumps(res))
         return
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
-        from rlm.core.models import init_tiny
+        from rlm.core.models.hf import init_tiny
 
         model = Path(tmp) / "tiny"
         init_tiny(model, seed=0)

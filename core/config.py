@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError
+from rlm.core.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -143,7 +143,7 @@ class Task(Plugin, abc.ABC):
             return subset
         import difflib
 
-        from .errors import RlmError
+        from rlm.core.errors import RlmError
 
         close = difflib.get_close_matches(subset, list(self.subsets), n=3, cutoff=0.4)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -180,9 +180,9 @@ class Trainer(Plugin, abc.ABC):
     def train(self, run: Any) -> Any:
         """Run training described by ``run`` and return the final checkpoint directory.
 
-        ``run`` is a :class:`rlm.core.training.TrainRun` (start model, task instance, subset, output directory,
-        resume/overwrite). The built-in trainers hand it to the shared engines ``rlm.core.training.run_sft``,
-        ``rlm.core.rollout.run_rft`` and ``rlm.core.rollout.run_rl``, which write checkpoints, ``final/``,
+        ``run`` is a :class:`rlm.core.train.session.TrainRun` (start model, task instance, subset, output directory,
+        resume/overwrite). The built-in trainers hand it to the shared engines ``rlm.core.train.session.run_sft``,
+        ``rlm.core.train.rl.run_rft`` and ``rlm.core.train.rl.run_rl``, which write checkpoints, ``final/``,
         ``metrics.jsonl`` and the manifest."""
 
 
@@ -204,7 +204,7 @@ class Metric(Plugin, abc.ABC):
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
         """Accumulate the statistic for one block of a tensor (called once or more per tensor, so keep sums
         over positions); ``deltas`` maps model name to its flat task-vector block, ``context`` is the
-        engine's :class:`rlm.core.analysis.Chunk` with shared derived quantities."""
+        engine's :class:`rlm.core.conflicts.engine.Chunk` with shared derived quantities."""
 
     @abc.abstractmethod
     def result(self) -> dict[str, Any]:

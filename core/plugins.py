@@ -18,8 +18,8 @@ from typing import Any, Iterable
 
 import pluggy
 
-from . import hookspecs
-from .errors import DuplicatePluginError, UnknownPluginError
+from rlm.core import hookspecs
+from rlm.core.errors import DuplicatePluginError, UnknownPluginError
 
 GROUP = hookspecs.PROJECT
 

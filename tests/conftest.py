@@ -36,7 +36,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny model directory built once per test session (seed 0)."""
-    from rlm.core.models import init_tiny
+    from rlm.core.models.hf import init_tiny
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     init_tiny(out, seed=0)

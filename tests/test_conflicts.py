@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlm.core import analysis as A
 from rlm.core.cli import main
+from rlm.core.conflicts import engine as A
 from rlm.core.errors import ModelError, RlmError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -140,7 +140,7 @@ def test_cli_writes_contract_json_report_plots_and_manifest(tiny_model_dir, expe
 
 
 def test_base_tiny_is_accepted(tmp_path, capsys):
-    from rlm.core.models import resolve_model
+    from rlm.core.models.hf import resolve_model
 
     base = Path(resolve_model("tiny"))
     a = make_expert(base, tmp_path / "a", 7, zero_frac=0.9)
@@ -182,7 +182,7 @@ def test_bad_inputs_name_the_model_and_tensor(tiny_model_dir, experts, tmp_path)
         A.compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": missing})
     with pytest.raises(ModelError, match="does not exist"):
         A.compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": tmp_path / "nowhere"})
-    from rlm.core.cli_conflicts import parse_named_dirs
+    from rlm.core.cli.conflicts import parse_named_dirs
 
     with pytest.raises(RlmError, match="given twice"):
         parse_named_dirs(f"a={experts['sft']},a={experts['rl']}", "models")

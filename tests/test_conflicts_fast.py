@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from rlm.core import analysis as A
 from test_conflicts import np_kept
+
+from rlm.core.conflicts import engine as A
 
 RATES = [0.01, 0.1, 0.3, 0.5, 1.0]
 
@@ -155,7 +155,7 @@ def test_tiny_task_vectors_fall_back_to_float64(bf16_models, tmp_path, engine):
     """τ ~ 1e-25: float32 squares and products underflow to zero; the eager engine must fall back to float64
     and the fused one (float64 products of float32 τ) must get the norms directly."""
     if engine == "fused":
-        pytest.importorskip("rlm.core._conflict_kernels")
+        pytest.importorskip("rlm.core.conflicts._kernels")
     base, _ = bf16_models
     from safetensors.torch import load_file
 

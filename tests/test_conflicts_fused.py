@@ -1,4 +1,4 @@
-"""The fused engine of ``rlm conflicts`` (``rlm.core.fused_conflicts`` + the C kernels): on bf16 safetensors
+"""The fused engine of ``rlm conflicts`` (``rlm.core.conflicts.fused`` + the C kernels): on bf16 safetensors
 inputs it must give the eager engine's counts exactly and its sums to float64 rounding, match an independent
 float64 NumPy computation, not depend on the number of workers or the block size, refuse what it cannot
 run with a reason, name the model and tensor of bad input, and never index out of bounds."""
@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from rlm.core import analysis as A
-from rlm.core.errors import ModelError, RlmError
 from test_conflicts import np_kept
 from test_conflicts_fast import make_bf16_experts, np_tv, np_tv_per_tensor, write_bf16
 
-K = pytest.importorskip("rlm.core._conflict_kernels")
+from rlm.core.conflicts import engine as A
+from rlm.core.errors import ModelError, RlmError
+
+K = pytest.importorskip("rlm.core.conflicts._kernels")
 RATES = [0.01, 0.05, 0.2, 0.5, 0.9, 1.0]
 
 
@@ -149,8 +149,8 @@ def test_fused_refuses_what_it_cannot_run_and_auto_falls_back(tiny_model_dir, bf
         def result(self):
             return {"models": {}}
 
-    from rlm.core import fused_conflicts as F
-    from rlm.core.safetensors_io import TensorPlan
+    from rlm.core.conflicts import fused as F
+    from rlm.core.models.safetensors_io import TensorPlan
 
     huge = TensorPlan("model.embed_tokens.weight", (2 ** 20, 2 ** 11), torch.bfloat16)
     assert "int32" in F.unavailable_reason(A.ConflictsConfig(), [], None, {}, [huge], 20)
@@ -161,14 +161,14 @@ def test_fused_refuses_what_it_cannot_run_and_auto_falls_back(tiny_model_dir, bf
 
 
 def test_without_the_compiled_kernels_auto_runs_eager(bf16_three, monkeypatch):
-    """An install without a C compiler has no rlm.core._conflict_kernels: 'auto' says why and runs eager."""
+    """An install without a C compiler has no rlm.core.conflicts._kernels: 'auto' says why and runs eager."""
     import sys
 
     base, experts = bf16_three
-    import rlm.core
+    import rlm.core.conflicts
 
-    monkeypatch.setitem(sys.modules, "rlm.core._conflict_kernels", None)  # import now raises ImportError
-    monkeypatch.delattr(rlm.core, "_conflict_kernels", raising=False)
+    monkeypatch.setitem(sys.modules, "rlm.core.conflicts._kernels", None)  # import now raises ImportError
+    monkeypatch.delattr(rlm.core.conflicts, "_kernels", raising=False)
     res = run(base, experts, metrics=["update_norm", "cosine"])
     assert res.stats["engine"] == "eager" and "not built" in res.stats["eager_because"]
     with pytest.raises(RlmError, match="not built"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlm.core import analysis as A
+from rlm.core.conflicts import engine as A
 from rlm.plugins.metrics.conflict_norm import ConflictNorm
 from rlm.plugins.metrics.cosine import Cosine
 from rlm.plugins.metrics.fraction_updated import FractionUpdated
@@ -259,8 +259,8 @@ def test_sign_rate_is_null_when_nothing_is_kept_by_both():
 
 
 def test_config_validation():
-    from rlm.core.errors import ConfigError
     from rlm.core.config import validate
+    from rlm.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="kept_rates"):
         validate(A.ConflictsConfig, {"kept_rates": [0.0, 0.5]})

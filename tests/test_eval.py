@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import shared_file
+
 from rlm.core.cli import main
-from rlm.core.generation import GenerationBackend, HFBackend, SamplingParams, chat_prompt, generate
+from rlm.core.eval.generation import GenerationBackend, HFBackend, SamplingParams, chat_prompt, generate
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    from rlm.core.models import load_model
+    from rlm.core.models.hf import load_model
 
     return load_model(tiny_model_dir)
 
@@ -81,7 +81,7 @@ def test_backend_interface_and_chat_fallback(lm):
 
     class Echo(GenerationBackend):
         def generate(self, prompts, params):
-            from rlm.core.generation import Generation
+            from rlm.core.eval.generation import Generation
 
             return [Generation(i, j, p, [], [], p[::-1], "stop") for i, p in enumerate(prompts) for j in range(params.n)]
 

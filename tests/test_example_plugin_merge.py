@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_merge_engine import make_llama
 
 from rlm.core import plugins as plugins_mod
 from rlm.core.cli import main
-from rlm.core.safetensors_io import ModelReader
-
-from test_merge_engine import make_llama
+from rlm.core.models.safetensors_io import ModelReader
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "rlm-example-plugin"
 

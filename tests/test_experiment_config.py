@@ -9,10 +9,18 @@ import pytest
 
 from rlm.core.contracts import MergeMethod, PluginConfig, Task, Trainer
 from rlm.core.errors import ConfigError
-from rlm.core.experiment import (STEP_KINDS, ExperimentConfig, build_graph, check_plugins, list_presets,
-                                 load_experiment, plan_steps, preset_data)
 from rlm.core.hookspecs import hookimpl
 from rlm.core.plugins import PluginSystem
+from rlm.core.study.config import (
+    STEP_KINDS,
+    ExperimentConfig,
+    build_graph,
+    check_plugins,
+    list_presets,
+    load_experiment,
+    plan_steps,
+    preset_data,
+)
 
 SMALL = {
     "name": "small",
@@ -323,8 +331,8 @@ def test_presets_match_installed_plugins(name):
 
 
 def test_collect_scores_feeds_table1_and_curve():
-    from rlm.core.experiment import collect_scores
-    from rlm.core.report import table1
+    from rlm.core.study.config import collect_scores
+    from rlm.core.study.tables import table1
 
     cfg = load_experiment({**SMALL, "seeds": [0, 1], "eval": {"include_start": True},
                            "curve": {"enabled": True, "methods": ["ties"]}})
@@ -361,7 +369,7 @@ def test_collect_scores_feeds_table1_and_curve():
 
 
 def test_merged_models_are_ephemeral_only_when_not_kept():
-    from rlm.core.experiment import load_experiment, plan_steps
+    from rlm.core.study.config import load_experiment, plan_steps
 
     paper = plan_steps(load_experiment("paper"))
     merges = [s for s in paper if s.kind == "merge"]

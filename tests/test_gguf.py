@@ -7,7 +7,7 @@ import json
 import torch
 
 from rlm.core.cli import main
-from rlm.core.models import load_model
+from rlm.core.models.hf import load_model
 
 
 def test_gguf_round_trip_through_cli(tiny_model_dir, tmp_path):

@@ -10,8 +10,16 @@ import textwrap
 import pytest
 
 from rlm.core.errors import RlmError
-from rlm.core.graph import (GRAPH_FILE, STEP_FILE, Graph, GraphError, StepFailed, read_step_json,
-                            stale_step_dirs, step_key)
+from rlm.core.study.graph import (
+    GRAPH_FILE,
+    STEP_FILE,
+    Graph,
+    GraphError,
+    StepFailed,
+    read_step_json,
+    stale_step_dirs,
+    step_key,
+)
 
 
 class Recorder:
@@ -153,7 +161,7 @@ def test_keyboard_interrupt_leaves_no_output_and_resumes(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from rlm.core.graph import Graph
+    from rlm.core.study.graph import Graph
 
     def ok(ctx):
         (ctx.out / "out.txt").write_text("ok")

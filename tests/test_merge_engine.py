@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlm.core.merging import MergeRunConfig, merge_models
-from rlm.core.safetensors_io import ModelReader, ShardedWriter, validate_models
+from rlm.core.merge.engine import MergeRunConfig, merge_models
+from rlm.core.models.safetensors_io import ModelReader, ShardedWriter, validate_models
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False)
@@ -341,7 +341,7 @@ def test_tiny_preset_models_merge_through_the_cli(tmp_path, capsys):
     out = tmp_path / "t"
     rc = main(["merge", "--method", "averaging", "--base", "tiny", "--models", "tiny:1,tiny:0", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
-    from rlm.core.models import resolve_model
+    from rlm.core.models.hf import resolve_model
 
     a, b, m = load(Path(resolve_model("tiny:1"))), load(Path(resolve_model("tiny"))), load(out)
     for name in list(m)[:5]:

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_merge_engine import make_llama
 
 from rlm.core.cli import main
 from rlm.core.errors import ConfigError, ModelError, RlmError, UnknownPluginError
-from rlm.core.merging import MergeRunConfig, merge_models
-
-from test_merge_engine import make_llama
+from rlm.core.merge.engine import MergeRunConfig, merge_models
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +131,7 @@ def test_existing_output_refused_unless_overwrite(trio, tmp_path):
 
 
 def test_write_failure_part_way_leaves_no_partial_output(trio, tmp_path, monkeypatch):
-    from rlm.core import safetensors_io
+    from rlm.core.models import safetensors_io
 
     _, base, e1, e2 = trio
     original = safetensors_io.ShardedWriter.write

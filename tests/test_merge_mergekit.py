@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from rlm.core.merging import MergeRunConfig, merge_models
-
 from test_merge_engine import load, make_llama
+
+from rlm.core.merge.engine import MergeRunConfig, merge_models
 
 mergekit = pytest.importorskip("mergekit")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_merge_engine import merge_whole
 
 from rlm.core.contracts import MergeContext, tensor_seed
 from rlm.core.errors import ConfigError
@@ -15,8 +16,6 @@ from rlm.plugins.mergers.dare_linear import DareLinear
 from rlm.plugins.mergers.dare_ties import DareTies
 from rlm.plugins.mergers.task_arithmetic import TaskArithmetic
 from rlm.plugins.mergers.ties import Ties
-
-from test_merge_engine import merge_whole
 
 
 def run(method, base, deltas, params, *, name="w", seed=0):
@@ -261,7 +260,7 @@ def test_mergekit_default_flags():
 @pytest.mark.parametrize("density", [0.8, 0.37, 0.01, 1e-9, 0.999])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_streaming_magnitude_cut_equals_whole_tensor_cut(density, quantized):
-    from rlm.core.merging import magnitude_keep, magnitude_threshold, magnitude_threshold_blocks
+    from rlm.core.merge.engine import magnitude_keep, magnitude_threshold, magnitude_threshold_blocks
 
     g = torch.Generator().manual_seed(7)
     t = torch.randn(37, 29, generator=g)

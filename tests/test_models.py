@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from rlm.core.cli import main
 from rlm.core.errors import ModelError
-from rlm.core.models import init_tiny, load_model, resolve_model
-from rlm.core.tiny import build_tokenizer
+from rlm.core.models.hf import init_tiny, load_model, resolve_model
+from rlm.core.models.tiny import build_tokenizer
 
 
 def test_tiny_loads_with_transformers_and_generates_through_chat_template(tiny_model_dir):

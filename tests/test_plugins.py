@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlm.core.contracts import MergeMethod, PluginConfig, Task, Trainer, Metric
+from rlm.core.contracts import MergeMethod, Metric, PluginConfig, Task, Trainer
 from rlm.core.errors import DuplicatePluginError, UnknownPluginError
 from rlm.core.hookspecs import hookimpl
 from rlm.core.plugins import PluginSystem

@@ -10,8 +10,18 @@ import math
 import numpy as np
 import pytest
 
-from rlm.core.report import (ReportError, as_score, bootstrap_relative_change, parse_pair, plot_landscape,
-                             plot_num_models_curve, relative_change, table1, table2, table3)
+from rlm.core.study.tables import (
+    ReportError,
+    as_score,
+    bootstrap_relative_change,
+    parse_pair,
+    plot_landscape,
+    plot_num_models_curve,
+    relative_change,
+    table1,
+    table2,
+    table3,
+)
 
 # one group, three tasks, one method; numbers chosen so every cell is easy to compute by hand
 UNMERGED = {"sft": {"math": 0.5, "code": 0.4, "puzzle": 0.8}}
@@ -180,7 +190,7 @@ def test_pngs_written_and_nonempty(tmp_path):
 
 
 def test_training_curves(tmp_path):
-    from rlm.core.report import plot_training_curves, read_metrics_jsonl
+    from rlm.core.study.tables import plot_training_curves, read_metrics_jsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps({"step": s, "reward_mean": s / 10, "adv_abs_mean": 1 / (s + 1),

@@ -1,4 +1,4 @@
-"""rlm.core.rl against values computed by hand in float64 (plain Python floats, no torch on the reference side)."""
+"""rlm.core.train.algorithms against values computed by hand in float64 (plain Python floats, no torch on the reference side)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from rlm.core import rl
 from rlm.core.errors import ConfigError
+from rlm.core.train import algorithms as rl
 
 D = torch.float64
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from rlm.core.sandbox import SandboxConfig, isolation, run_python
+from rlm.core.eval.sandbox import SandboxConfig, isolation, run_python
 
 MODES = ["auto", "rlimits"]
 

@@ -12,8 +12,8 @@ import pytest
 
 from rlm.core.cli import main
 from rlm.core.errors import RlmError
-from rlm.core.experiment import load_experiment, plan_steps
-from rlm.core.graph import StepFailed
+from rlm.core.study.config import load_experiment, plan_steps
+from rlm.core.study.graph import StepFailed
 
 
 def _results(run: Path) -> dict[str, dict]:
@@ -57,7 +57,7 @@ def _check_table1(run: Path, groups: list[str], tasks: list[str], methods: list[
 # -- the micro preset end to end --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    from rlm.core.cli_experiment import run_study
+    from rlm.core.cli.experiment import run_study
 
     cfg = load_experiment("micro")
     run = tmp_path_factory.mktemp("micro") / "run"
@@ -97,7 +97,7 @@ def test_micro_end_to_end(micro_run):
     merged_pe = res["eval_merged.sft.math+puzzle.averaging.s0.math"]["result"]["per_example"][:n]
     assert land["per_example"][0][0] == expert_pe and land["per_example"][1][0] == merged_pe
     # Table 1 printed by the CLI path is the same file; a rerun finds every step finished
-    from rlm.core.cli_experiment import run_study
+    from rlm.core.cli.experiment import run_study
 
     again = run_study(cfg, run, progress=False)
     assert again.executed == [] and again.ok
@@ -105,8 +105,8 @@ def test_micro_end_to_end(micro_run):
 
 def test_resume_after_failed_step(micro_run):
     """A failing merge blocks only what depends on it; the rerun (real step functions) redoes exactly those."""
-    from rlm.core.cli_experiment import run_study
-    from rlm.core.study import StudySteps
+    from rlm.core.cli.experiment import run_study
+    from rlm.core.study.steps import StudySteps
 
     _, run, _ = micro_run
     cfg = load_experiment("micro", quick=True)  # shares the warm-up and the GRPO experts with micro_run
@@ -153,8 +153,8 @@ def _perturbed(src: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
 def test_landscape_directions(tiny_model_dir, tmp_path):
     from safetensors.numpy import load_file
 
-    from rlm.core.models import load_model
-    from rlm.core.study import Landscape
+    from rlm.core.models.hf import load_model
+    from rlm.core.study.steps import Landscape
 
     merged = _perturbed(tiny_model_dir, tmp_path / "merged", 7)
     a = {k: v.astype(np.float64) for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
@@ -185,7 +185,7 @@ def test_landscape_directions(tiny_model_dir, tmp_path):
 
 # -- merge-eval ------------------------------------------------------------------------------------------
 def test_parse_experts_errors():
-    from rlm.core.cli_experiment import parse_experts
+    from rlm.core.cli.experiment import parse_experts
 
     assert parse_experts("sft:math=a, sft:puzzle=b,grpo:math=c,grpo:puzzle=d") == {
         "sft": {"math": "a", "puzzle": "b"}, "grpo": {"math": "c", "puzzle": "d"}}

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import shared_file
 
-from rlm.core import ifeval
 from rlm.core.contracts import Example
 from rlm.core.errors import RlmError
-from rlm.plugins.tasks.instruction_following import InstructionFollowing
-
-from conftest import shared_file
+from rlm.core.eval import nltk_data
+from rlm.plugins.tasks.instruction_following import InstructionFollowing, ifeval
 
 
 def _task(**kw) -> InstructionFollowing:
@@ -29,9 +28,9 @@ def test_punkt_tab_written_from_package_parameters(tmp_path):
     from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
     from punkt.data import english
 
-    root = ifeval.ensure_punkt_tab(tmp_path / "nltk")
+    root = nltk_data.ensure_punkt_tab(tmp_path / "nltk")
     lang_dir = root / "tokenizers" / "punkt_tab" / "english"
-    assert sorted(p.name for p in lang_dir.iterdir()) == sorted(ifeval.PUNKT_FILES)
+    assert sorted(p.name for p in lang_dir.iterdir()) == sorted(nltk_data.PUNKT_FILES)
     assert str(root) in nltk.data.path
     params = load_punkt_params(nltk.data.FileSystemPathPointer(str(lang_dir)))
     assert params.abbrev_types == set(english.ABBREV_TYPES)
@@ -45,7 +44,7 @@ def test_punkt_tab_written_from_package_parameters(tmp_path):
 
     assert PunktSentenceTokenizer(params).tokenize(text) == punkt.sent_tokenize(text)
     # rewriting is idempotent and the directory is found by NLTK itself
-    assert ifeval.ensure_punkt_tab(root) == root
+    assert nltk_data.ensure_punkt_tab(root) == root
     assert Path(nltk.data.find("tokenizers/punkt_tab/english/")).is_dir()
 
 

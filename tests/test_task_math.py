@@ -7,13 +7,13 @@ import random
 import time
 
 import pytest
-
 from conftest import shared_file
+
 from rlm.core.contracts import Example
-from rlm.core.data import DataError
 from rlm.core.errors import RlmError
-from rlm.core.math_eval import FALLBACK, exact_match, extract_flexible, extract_strict
+from rlm.core.io.records import DataError
 from rlm.plugins.tasks.math import MathTask
+from rlm.plugins.tasks.math.verify import FALLBACK, exact_match, extract_flexible, extract_strict
 
 TRICKY = [
     "The answer is 18.\n#### 18", "#### 1,234.", "so 3 + 4 = 7 then $12.50 total\n#### $12.50", "#### -5",

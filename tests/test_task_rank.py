@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from rlm.core import nevir
 from rlm.core.contracts import Example
 from rlm.core.errors import RlmError
-from rlm.plugins.tasks.rank import Rank
+from rlm.plugins.tasks.rank import Rank, nevir
 
 NEVIR_ROWS = [
     {"id": "1", "version": "1", "q1": "Which city has a subway?", "q2": "Which city does not have a subway?",

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rlm.core import rl, training
-from rlm.core.contracts import Example, Task
-from rlm.core.rollout import select_correct
 from test_train_support import make_system
+
+from rlm.core.contracts import Example, Task
+from rlm.core.train import algorithms as rl
+from rlm.core.train import session as training
+from rlm.core.train.rl import select_correct
 
 FAST = ["--set", "num_threads=1", "--no-progress"]
 RL_SMALL = ["--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "max_new_tokens=6",
@@ -43,7 +44,7 @@ def manifest(out: Path) -> dict:
 # -- pieces ------------------------------------------------------------------------------------------------
 
 def test_sft_loss_ignores_prompt_tokens(tiny_model_dir):
-    from rlm.core.models import load_model
+    from rlm.core.models.hf import load_model
 
     model, tok = load_model(tiny_model_dir)
     cfg = training.SFTConfig()
@@ -279,8 +280,8 @@ def test_tensorboard_on_request(cli, tmp_path, capsys):
 def test_recomputed_logprobs_match_the_sampling_distribution(tiny_model_dir):
     """The trainer's (left-padded prompt, right-padded response) layout reproduces, token by token, the
     log-probs HF generate sampled from (prompts of different lengths, completions ending at different times)."""
-    from rlm.core.generation import chat_prompt
-    from rlm.core.models import load_model
+    from rlm.core.eval.generation import chat_prompt
+    from rlm.core.models.hf import load_model
 
     model, tok = load_model(tiny_model_dir)
     model.eval()

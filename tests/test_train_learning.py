@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 
-from rlm.core.plugins import reset_system
 from test_train_support import make_system
+
+from rlm.core.plugins import reset_system
 
 
 def test_grpo_raises_mean_reward_on_an_easy_task(tmp_path):

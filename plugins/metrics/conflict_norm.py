@@ -25,7 +25,7 @@ class ConflictNorm(Metric):
         self._acc: dict[str, float] = defaultdict(float)
 
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
-        from rlm.core.analysis import Chunk, pair_key
+        from rlm.core.conflicts.engine import Chunk, pair_key
 
         ctx = context if context is not None else Chunk(tensor_name, deltas, numel=0)
         for a, b in ctx.pairs:

@@ -26,7 +26,7 @@ class Cosine(Metric):
         self._ss: dict[str, float] = defaultdict(float)
 
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
-        from rlm.core.analysis import Chunk
+        from rlm.core.conflicts.engine import Chunk
 
         ctx = context if context is not None else Chunk(tensor_name, deltas, numel=0)
         for n in ctx.names:
@@ -35,7 +35,7 @@ class Cosine(Metric):
             self._dot[(a, b)] += ctx.dot(a, b)
 
     def result(self) -> dict[str, Any]:
-        from rlm.core.analysis import pair_key
+        from rlm.core.conflicts.engine import pair_key
 
         out = {}
         for (a, b), d in self._dot.items():

@@ -1,6 +1,6 @@
 """``fraction_updated``: share of parameters with |τ| above a threshold (exact, float64), and a histogram of
 log10|τ| with ``2**sub_bits`` bins per power of two (exact float32 intervals, see
-``rlm.core.analysis.octave_histogram``)."""
+``rlm.core.conflicts.engine.octave_histogram``)."""
 
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ class FractionUpdated(Metric):
         self._acc: dict[str, dict[str, Any]] = {}
 
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
-        from rlm.core.analysis import count_above, octave_bins, octave_histogram
-
         import torch
+
+        from rlm.core.conflicts.engine import count_above, octave_bins, octave_histogram
 
         sub = self.config.sub_bits
         engine_hist = getattr(context, "engine_histograms", False) and context.bits >= 9 + sub
@@ -60,12 +60,12 @@ class FractionUpdated(Metric):
         return 9 + self.config.sub_bits
 
     def update_histogram(self, tensor_name: str, hists: dict[str, Any], bits: int) -> None:
-        """Fold one tensor's histograms of ``bits``-bit magnitude bins (``rlm.core.analysis.magnitude_bins``)
+        """Fold one tensor's histograms of ``bits``-bit magnitude bins (``rlm.core.conflicts.engine.magnitude_bins``)
         into the log10 histogram: its bins are the top ``9 + sub_bits`` bits of the same bit pattern. The engine
         may hand the histograms of several tensors at once (the fused engine: all of them, as ``"*"``)."""
-        from rlm.core.analysis import octave_bins
-
         import torch
+
+        from rlm.core.conflicts.engine import octave_bins
 
         sub = self.config.sub_bits
         if bits < 9 + sub:
@@ -76,7 +76,7 @@ class FractionUpdated(Metric):
             a["hist"] = folded + a["hist"]
 
     def result(self) -> dict[str, Any]:
-        from rlm.core.analysis import octave_edges_log10
+        from rlm.core.conflicts.engine import octave_edges_log10
 
         lo = octave_edges_log10(self.config.sub_bits).tolist()
         models = {}

@@ -1,14 +1,14 @@
 """``sign_conflict``: sign-conflict rate against kept rate k (the paper's Fig. 8).
 
 Each model keeps its top-k fraction of positions by |τ| (global or per-tensor top-k, see
-``rlm.core.analysis``); the rate is the share of positions kept by *both* models whose signs are opposite.
+``rlm.core.conflicts.engine``); the rate is the share of positions kept by *both* models whose signs are opposite.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from rlm.core.analysis import PairTopkMetric, safe_ratio
+from rlm.core.conflicts.engine import PairTopkMetric, safe_ratio
 from rlm.core.contracts import PluginConfig
 from rlm.core.hookspecs import hookimpl
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlm.core.analysis import PairTopkMetric, safe_ratio
+from rlm.core.conflicts.engine import PairTopkMetric, safe_ratio
 from rlm.core.contracts import PluginConfig
 from rlm.core.hookspecs import hookimpl
 

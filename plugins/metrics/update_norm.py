@@ -24,7 +24,7 @@ class UpdateNorm(Metric):
         self._ss: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # model -> tensor -> Σ τ²
 
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
-        from rlm.core.analysis import sum_squares
+        from rlm.core.conflicts.engine import sum_squares
 
         if context is None:
             for name, d in deltas.items():
@@ -34,7 +34,7 @@ class UpdateNorm(Metric):
             self._ss[name][tensor_name] += context.sum_squares(name)
 
     def result(self) -> dict[str, Any]:
-        from rlm.core.analysis import layer_of, module_type_of
+        from rlm.core.conflicts.engine import layer_of, module_type_of
 
         models: dict[str, Any] = {}
         for name, per_tensor in self._ss.items():

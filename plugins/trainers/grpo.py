@@ -6,7 +6,7 @@ from typing import Literal
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.rollout import RLConfig, run_rl
+from rlm.core.train.rl import RLConfig, run_rl
 
 
 class GRPO(Trainer):

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.rollout import RLConfig, run_rl
+from rlm.core.train.rl import RLConfig, run_rl
 
 
 class ReinforcePP(Trainer):

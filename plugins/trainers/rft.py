@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.rollout import RFTConfig, run_rft
+from rlm.core.train.rl import RFTConfig, run_rft
 
 
 class RFT(Trainer):

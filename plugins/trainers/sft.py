@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.training import SFTConfig, run_sft
+from rlm.core.train.session import SFTConfig, run_sft
 
 
 class SFT(Trainer):

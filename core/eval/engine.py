@@ -1,0 +1,355 @@
+"""The evaluation engine behind ``rlm eval`` and ``rlm score``: any registered Task, through its contract.
+
+Output directory layout (written atomically, with ``manifest.json``)::
+
+    summary.json    {"TASK[:SUBSET]": {"METRIC": value, ..., "n": count}, ...}
+    records.jsonl   one line per example: task, id, prompt, completion, scores (+ finish_reason, tokens)
+    errors.jsonl    (``rlm score`` only, when there were any) lines that could not be matched or read
+
+``evaluate`` generates greedily with :func:`rlm.core.eval.generation.generate` (batched, progress bar) and scores
+with ``Task.score_batch``/``Task.metrics``; ``score_completions`` does the same for given completions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlm.core.contracts import Example, Task
+from rlm.core.errors import RlmError
+
+#: fields of a completions line that may carry the example's id, tried in this order
+ID_FIELDS = ("task_id", "id", "key", "prompt")
+
+
+@dataclass
+class TaskRun:
+    label: str
+    task: Task
+    subset: str | None
+    examples: list[Example]
+
+
+def parse_task_spec(spec: str) -> tuple[str, str | None]:
+    name, _, subset = spec.partition(":")
+    if not name:
+        raise RlmError(f"empty task name in {spec!r} (expected TASK or TASK:SUBSET)")
+    return name, subset or None
+
+
+def load_task(spec: str, *, data: str | None = None, limit: int | None = None, split: str = "test",
+              seed: int = 0, config: dict[str, Any] | None = None) -> TaskRun:
+    """Instantiate the task plugin named in ``spec`` and load its examples."""
+    from rlm.core.plugins import get_plugin
+
+    name, subset = parse_task_spec(spec)
+    cls = get_plugin("task", name)
+    task = cls(config or {})
+    subset = task.check_subset(subset)
+    if limit is not None and limit < 1:
+        raise RlmError(f"--limit must be >= 1, got {limit}")
+    examples = task.examples(subset, split=split, limit=limit, seed=seed, path=data)
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise RlmError(f"task {spec!r} has no examples" + (f" in {data}" if data else ""))
+    label = f"{cls.name}:{subset}" if subset else cls.name
+    return TaskRun(label, task, subset, examples)
+
+
+def assign_data(tasks: list[str], data: list[str]) -> dict[str, str | None]:
+    """``--data PATH`` (one task) or ``--data TASK[:SUBSET]=PATH`` (any number) -> path per task spec."""
+    out: dict[str, str | None] = {t: None for t in tasks}
+    for d in data:
+        key, sep, path = d.partition("=")
+        if sep and key in out:
+            out[key] = path
+        elif len(tasks) == 1 and not (sep and ":" in key and not Path(d).exists()):
+            out[tasks[0]] = d
+        else:
+            raise RlmError(f"--data {d!r}: with several tasks use --data TASK[:SUBSET]=PATH "
+                           f"(tasks: {', '.join(tasks)})")
+    return out
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _summary_entry(task: Task, scores: list[dict[str, Any]]) -> dict[str, Any]:
+    metrics = task.metrics(scores)
+    return {**{k: float(v) for k, v in metrics.items()}, "n": len(scores)}
+
+
+def _write_run(out: Path, summary: dict[str, Any], records: list[dict[str, Any]], *, overwrite: bool,
+               manifest: dict[str, Any], errors: list[dict[str, Any]] | None = None) -> Path:
+    from rlm.core.io.atomic import atomic_dir, atomic_write_json, atomic_write_text
+    from rlm.core.io.manifest import write_manifest
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        atomic_write_json(tmp / "summary.json", summary)
+        atomic_write_text(tmp / "records.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
+        if errors:
+            atomic_write_text(tmp / "errors.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors))
+        write_manifest(tmp, **manifest)
+    return out
+
+
+def evaluate(model: str, tasks: list[str], out: str | Path, *, data: list[str] | None = None,
+             limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0,
+             progress: bool = True, overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Generate greedily for every task's test examples and score them; returns the summary."""
+    from rlm.core.eval.generation import chat_prompt, generate
+    from rlm.core.io.atomic import prepare_output_dir
+    from rlm.core.models.hf import load_model, resolve_model
+
+    if not tasks:
+        raise RlmError("give at least one --task")
+    prepare_output_dir(out, overwrite)
+    paths = assign_data(tasks, list(data or []))
+    runs = [load_task(t, data=paths[t], limit=limit, seed=seed) for t in tasks]  # fail fast on bad data
+    model_path = resolve_model(model)
+    if device is None:
+        device = _default_device()
+    lm, tok = load_model(model_path, device=device)
+    summary: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
+    timing: dict[str, Any] = {}
+    for run in runs:
+        prompts = [chat_prompt(tok, ex.prompt, system=run.task.system_prompt) for ex in run.examples]
+        t0 = time.perf_counter()
+        gens = generate(lm, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                        progress=progress)
+        t1 = time.perf_counter()
+        completions = [g.text for g in gens]
+        scores = run.task.score_batch(run.examples, completions, progress=progress)
+        t2 = time.perf_counter()
+        summary[run.label] = _summary_entry(run.task, scores)
+        timing[run.label] = {"generation_s": t1 - t0, "scoring_s": t2 - t1,
+                             "examples_per_s": len(prompts) / max(t2 - t0, 1e-9)}
+        for ex, g, s in zip(run.examples, gens, scores):
+            records.append({"task": run.label, "id": ex.id, "prompt": g.prompt, "completion": g.text, "scores": s,
+                            "finish_reason": g.finish_reason, "completion_tokens": len(g.completion_ids)})
+    _write_run(Path(out), summary, records, overwrite=overwrite,
+               manifest=dict(command=list(sys.argv), seed=seed,
+                             config={"tasks": tasks, "limit": limit, "batch_size": batch_size,
+                                     "max_new_tokens": max_new_tokens, "device": device, "decoding": "greedy",
+                                     "task_configs": {r.label: r.task.config.model_dump(mode="json") for r in runs}},
+                             inputs={"model": model_path, **{f"data:{t}": p for t, p in paths.items() if p}},
+                             extra={"timing": timing}))
+    return summary
+
+
+def _example_index(examples: list[Example]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for i, ex in enumerate(examples):
+        keys = [ex.id, ex.meta.get("task_id"), ex.meta.get("key"), ex.meta.get("prompt"), ex.prompt]
+        for k in keys:
+            if k is not None and str(k) not in index:
+                index[str(k)] = i
+    return index
+
+
+def read_completions(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]], list[dict[str, Any]]]:
+    """Lines of a completions JSONL file; unreadable lines become errors (file, line, reason) instead of
+    stopping the run. Non-UTF-8 bytes are replaced (and reported)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RlmError(f"completions file not found: {path}")
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    rows: list[tuple[int, dict[str, Any]]] = []
+    errors: list[dict[str, Any]] = []
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                text = raw.decode("utf-8", errors="replace")
+                errors.append({"file": str(path), "line": lineno, "error": f"not UTF-8 ({exc.reason}); "
+                               "undecodable bytes replaced with U+FFFD and the line scored"})
+            text = text.strip()
+            if not text:
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                errors.append({"file": str(path), "line": lineno, "error": f"invalid JSON ({exc.msg})"})
+                continue
+            if not isinstance(obj, dict):
+                errors.append({"file": str(path), "line": lineno, "error": "not a JSON object"})
+                continue
+            rows.append((lineno, obj))
+    return rows, errors
+
+
+def score_completions(task_spec: str, completions: str | Path, out: str | Path, *, data: str | None = None,
+                      limit: int | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Score given completions (no model). Each JSONL line holds an id field (``task_id``, ``id``, ``key`` or
+    ``prompt``) and ``completion`` (or ``response``/``output``). Unknown ids and unreadable lines go to ``errors.jsonl`` (and a warning);
+    empty or non-string completions are scored (as failures); examples without a completion are left out."""
+    from rlm.core.io.atomic import prepare_output_dir
+
+    prepare_output_dir(out, overwrite)
+    run = load_task(task_spec, data=data, limit=limit)
+    index = _example_index(run.examples)
+    rows, errors = read_completions(completions)
+    chosen: dict[int, tuple[int, Any]] = {}
+    for lineno, obj in rows:
+        key = next((obj[f] for f in ID_FIELDS if f in obj and obj[f] is not None), None)
+        if key is None:
+            errors.append({"file": str(completions), "line": lineno,
+                           "error": f"no id field (one of {', '.join(ID_FIELDS)})"})
+            continue
+        i = index.get(str(key))
+        if i is None:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), [e.id for e in run.examples], n=1, cutoff=0.8)
+            hint = f"; closest id {close[0]!r}" if close else ""
+            errors.append({"file": str(completions), "line": lineno,
+                           "error": f"unknown id {str(key)[:80]!r} for task {run.label}{hint}"})
+            continue
+        if i in chosen:
+            errors.append({"file": str(completions), "line": lineno,
+                           "error": f"duplicate completion for id {run.examples[i].id!r}; the first (line "
+                                    f"{chosen[i][0]}) is scored"})
+            continue
+        comp = obj.get("completion")
+        if comp is None:
+            comp = next((obj[f] for f in ("response", "output") if f in obj), None)  # IFEval/evalplus styles
+        if not isinstance(comp, str):
+            errors.append({"file": str(completions), "line": lineno,
+                           "error": "'completion' missing or not a string; scored as a failure"})
+            comp = ""
+        chosen[i] = (lineno, comp)
+    if not chosen:
+        raise RlmError(f"{completions}: no line matched an example of {run.label} "
+                       f"({len(errors)} problem(s); first: {errors[0]['error'] if errors else 'empty file'})")
+    order = sorted(chosen)
+    exs = [run.examples[i] for i in order]
+    comps = [chosen[i][1] for i in order]
+    scores = run.task.score_batch(exs, comps, progress=progress)
+    summary = {run.label: _summary_entry(run.task, scores)}
+    missing = len(run.examples) - len(order)
+    records = [{"task": run.label, "id": ex.id, "line": chosen[i][0], "completion": c, "scores": s}
+               for i, ex, c, s in zip(order, exs, comps, scores)]
+    errors.sort(key=lambda e: e["line"])
+    _write_run(Path(out), summary, records, overwrite=overwrite, errors=errors,
+               manifest=dict(command=list(sys.argv), config={"task": task_spec, "limit": limit,
+                                                             "task_config": run.task.config.model_dump(mode="json")},
+                             inputs={"completions": completions, **({"data": data} if data else {})},
+                             extra={"problems": len(errors), "examples_without_completion": missing}))
+    return summary
+
+
+# -- lm-evaluation-harness ----------------------------------------------------------------------------------
+#: lm-eval task -> (its YAML under lm_eval/tasks, {split: local file name in the shared data folder})
+LM_EVAL_LOCAL = {
+    "gsm8k": ("gsm8k/gsm8k.yaml", {"train": "gsm8k_train.jsonl", "test": "gsm8k_test.jsonl"}),
+    "ifeval": ("ifeval/ifeval.yaml", {"train": "ifeval_input_data.jsonl"}),
+}
+
+
+def lm_eval_local_tasks(tasks: list[str], data_dir: str | Path | None, work: Path) -> tuple[list[str], str | None]:
+    """Point lm-eval tasks at local files: for each task with known local files present in ``data_dir``,
+    write a YAML that includes lm-eval's own task config and replaces only the dataset
+    (``dataset_path: json`` with ``data_files``). Returns the task names to run and the include path."""
+    import lm_eval
+
+    if data_dir is None:
+        return tasks, None
+    root = Path(lm_eval.__file__).parent / "tasks"
+    names = []
+    wrote = False
+    for t in tasks:
+        spec = LM_EVAL_LOCAL.get(t)
+        files = {s: Path(data_dir) / f for s, f in spec[1].items()} if spec else {}
+        if not spec or not all(p.is_file() for p in files.values()):
+            names.append(t)
+            continue
+        import yaml
+
+        cfg = {"include": str(root / spec[0]), "task": f"{t}_rlm_local", "tag": [], "dataset_path": "json",
+               "dataset_name": None, "dataset_kwargs": {"data_files": {s: str(p) for s, p in files.items()}}}
+        (work / f"{t}_rlm_local.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        names.append(f"{t}_rlm_local")
+        wrote = True
+    return names, (str(work) if wrote else None)
+
+
+def run_lm_eval(model: str, tasks: list[str], out: str | Path, *, limit: int | None = None, batch_size: int = 16,
+                max_new_tokens: int | None = None, num_fewshot: int | None = None, data_dir: str | Path | None = None,
+                apply_chat_template: bool = False, device: str | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+    """Run lm-evaluation-harness (its ``hf`` backend) on ``model``; returns and writes a summary in rlm's layout
+    (``{"lm-eval:TASK": {"METRIC,FILTER": value, ..., "n": count}}``) plus lm-eval's full results."""
+    import tempfile
+
+    from rlm.core.io.atomic import prepare_output_dir
+    from rlm.core.io.records import shared_data_dir
+    from rlm.core.models.hf import resolve_model
+
+    prepare_output_dir(out, overwrite)
+    if not tasks:
+        raise RlmError("give lm-eval tasks with --tasks, e.g. --tasks gsm8k,ifeval")
+    model_path = resolve_model(model)
+    if data_dir is None:
+        data_dir = shared_data_dir()
+    if "ifeval" in tasks:
+        from rlm.core.eval.nltk_data import ensure_punkt_tab
+
+        ensure_punkt_tab()
+    if device is None:
+        device = _default_device()
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:  # pragma: no cover - lm-eval is a dependency
+        raise RlmError(f"lm-evaluation-harness is not installed: {exc}") from exc
+    with tempfile.TemporaryDirectory(prefix="rlm-lmeval-") as work:
+        names, include = lm_eval_local_tasks(tasks, data_dir, Path(work))
+        tm = TaskManager(include_path=include) if include else TaskManager()
+        kwargs: dict[str, Any] = dict(model="hf", model_args=f"pretrained={model_path},dtype=float32",
+                                      tasks=names, batch_size=batch_size, limit=limit, device=device,
+                                      task_manager=tm, apply_chat_template=apply_chat_template,
+                                      log_samples=False)
+        if num_fewshot is not None:
+            kwargs["num_fewshot"] = num_fewshot
+        if max_new_tokens is not None:
+            kwargs["gen_kwargs"] = f"max_gen_toks={max_new_tokens}"
+        t0 = time.perf_counter()
+        try:
+            res = simple_evaluate(**kwargs)
+        except Exception as exc:
+            raise RlmError(f"lm-eval failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+                from exc
+        wall = time.perf_counter() - t0
+    summary: dict[str, Any] = {}
+    for name, t in zip(names, tasks):
+        metrics = res["results"].get(name, {})
+        n = res.get("n-samples", {}).get(name, {}).get("effective")
+        entry = {k: float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and "," in k and "_stderr" not in k}
+        summary[f"lm-eval:{t}"] = {**entry, "n": n}
+    from rlm.core.io.atomic import atomic_dir, atomic_write_json
+    from rlm.core.io.manifest import write_manifest
+
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        atomic_write_json(tmp / "summary.json", summary)
+        atomic_write_json(tmp / "lm_eval_results.json",
+                          {k: v for k, v in res.items() if k in ("results", "configs", "versions", "n-shot",
+                                                                "n-samples", "higher_is_better")})
+        write_manifest(tmp, command=list(sys.argv), config={"harness": "lm-eval", "tasks": tasks, "limit": limit,
+                                                            "batch_size": batch_size, "num_fewshot": num_fewshot,
+                                                            "max_new_tokens": max_new_tokens, "device": device},
+                       inputs={"model": model_path}, extra={"wall_seconds": wall, "lm_eval_tasks": names})
+    return summary

@@ -1,0 +1,341 @@
+"""Pure tensor functions of the RL trainers: advantage estimators, KL estimators, the PPO clipped policy loss,
+the value loss, loss aggregation and log-prob / entropy helpers. Definitions follow ``DESIGN.md`` exactly;
+every function here is tested against hand-computed float64 values in ``tests/test_rl.py``.
+
+Shapes: ``B`` sequences, ``T`` response positions. ``mask`` (B, T) is 1 on response tokens and 0 on padding;
+``rewards`` (B,) is the outcome reward of each sequence; ``index`` (B,) says which prompt (group) a sequence
+was sampled from. Advantage estimators are registered pure functions ``fn(**inputs) -> (advantages, returns)``,
+both (B, T) and zero on padding; look them up with :func:`get_advantage` or call :func:`compute_advantages`.
+
+Conventions where ``DESIGN.md`` leaves a corner open (documented here and in the tests):
+
+- a one-sample group has no baseline: GRPO / Dr. GRPO / RLOO give it an advantage of 0 (its deviation from its
+  own mean is 0 and its std is taken as 0; verl instead uses the raw reward);
+- "whiten" is ``(x - mean) / sqrt(var + 1e-8)`` over all valid tokens with the unbiased variance (verl's
+  ``masked_whiten``); a batch with a single valid token is only centred;
+- the log-ratio is clamped to ±20 before ``exp`` in the policy loss (overflow guard only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rlm.core.errors import ConfigError
+
+Tensor = torch.Tensor
+
+ADVANTAGES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def register_advantage(name: str) -> Callable[[Callable[..., tuple[Tensor, Tensor]]], Callable[..., tuple[Tensor, Tensor]]]:
+    """Decorator adding an advantage estimator to :data:`ADVANTAGES` under ``name``."""
+
+    def deco(fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+        if name in ADVANTAGES:
+            raise ValueError(f"advantage estimator {name!r} is registered twice")
+        ADVANTAGES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_advantage(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    try:
+        return ADVANTAGES[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(ADVANTAGES), n=2, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ConfigError(f"unknown advantage estimator {name!r}{hint} (known: {', '.join(ADVANTAGES)})") from None
+
+
+def compute_advantages(name: str, **inputs: Any) -> tuple[Tensor, Tensor]:
+    """Call the estimator ``name`` with the inputs it needs (extra inputs are ignored)."""
+    return get_advantage(name)(**inputs)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` where ``mask`` is 1 (0 when nothing is valid)."""
+    if dim is None:
+        return masked_sum(x, mask) / mask.sum().clamp(min=1)
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, stats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over valid entries, unbiased variance; zero on padding.
+
+    ``stats`` = (sum, sum of squares, count) lets a caller pass statistics reduced over several processes."""
+    mask = mask.to(x.dtype)
+    if stats is None:
+        s, sq, n = (x * mask).sum(), (x * x * mask).sum(), mask.sum()
+    else:
+        s, sq, n = stats
+    mean = s / n.clamp(min=1)
+    if float(n) < 2:
+        return (x - mean) * mask
+    var = (sq - n * mean * mean) / (n - 1)
+    return (x - mean) * torch.rsqrt(var.clamp(min=0) + eps) * mask
+
+
+def _groups(index: Sequence[Any] | Tensor) -> dict[Any, list[int]]:
+    ids = index.tolist() if isinstance(index, Tensor) else list(index)
+    out: dict[Any, list[int]] = {}
+    for i, g in enumerate(ids):
+        out.setdefault(g, []).append(i)
+    return out
+
+
+def group_stats(rewards: Tensor, index: Sequence[Any] | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-sequence group mean, unbiased group std (0 for a one-sample group), leave-one-out mean (0 for a
+    one-sample group) and group size."""
+    mean = torch.zeros_like(rewards)
+    std = torch.zeros_like(rewards)
+    loo = torch.zeros_like(rewards)
+    size = torch.zeros_like(rewards)
+    for members in _groups(index).values():
+        r = rewards[members]
+        g = len(members)
+        mean[members] = r.mean()
+        size[members] = g
+        if g > 1:
+            std[members] = r.std(unbiased=True)
+            loo[members] = (r.sum() - r) / (g - 1)
+        else:
+            loo[members] = r  # no other sample: the baseline equals the reward (advantage 0)
+    return mean, std, loo, size
+
+
+def zero_std_fraction(rewards: Tensor, index: Sequence[Any] | Tensor) -> float:
+    """Share of groups whose rewards are all equal (they give GRPO no signal)."""
+    groups = list(_groups(index).values())
+    if not groups:
+        return 0.0
+    same = sum(1 for m in groups if bool((rewards[m] == rewards[m][0]).all()))
+    return same / len(groups)
+
+
+def token_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None = None, beta: float = 0.0) -> Tensor:
+    """Per-token reward: ``-beta * kl_t`` on every response token plus the outcome reward on the last one."""
+    mask = mask.to(rewards.dtype)
+    out = torch.zeros_like(mask)
+    if kl is not None and beta:
+        out = out - beta * kl * mask
+    lengths = mask.sum(-1).long()
+    rows = torch.nonzero(lengths > 0).flatten()
+    # the last valid position of each row (responses may hold masked tokens in the middle)
+    pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    last = torch.where(mask > 0, pos, torch.full_like(pos, -1)).max(-1).values
+    out[rows, last[rows]] += rewards[rows]
+    return out
+
+
+def returns_to_go(rewards_t: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """``G_t = r_t + gamma * G_{t+1}`` over valid tokens (masked tokens are skipped), zero on padding."""
+    mask = mask.to(rewards_t.dtype)
+    out = torch.zeros_like(rewards_t)
+    running = torch.zeros_like(rewards_t[:, 0])
+    for t in reversed(range(rewards_t.shape[-1])):
+        m = mask[:, t]
+        new = rewards_t[:, t] + gamma * running
+        running = m * new + (1 - m) * running
+        out[:, t] = new * m
+    return out
+
+
+# -- advantage estimators --------------------------------------------------------------------------------
+
+@register_advantage("grpo")
+def grpo(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, norm_by_std: bool = True,
+         eps: float = 1e-6, **_: Any) -> tuple[Tensor, Tensor]:
+    """GRPO: ``A_i = (r_i - mean_g) / (std_g + eps)`` (unbiased std), broadcast over the response tokens.
+    ``norm_by_std=False`` is Dr. GRPO (``A_i = r_i - mean_g``)."""
+    mean, std, _, _ = group_stats(rewards, index)
+    score = rewards - mean
+    if norm_by_std:
+        score = score / (std + eps)
+    adv = score.unsqueeze(-1) * mask.to(rewards.dtype)
+    return adv, adv
+
+
+@register_advantage("dr_grpo")
+def dr_grpo(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, **_: Any) -> tuple[Tensor, Tensor]:
+    """Dr. GRPO: ``A_i = r_i - mean_g`` (no division by the group std)."""
+    return grpo(rewards=rewards, mask=mask, index=index, norm_by_std=False)
+
+
+@register_advantage("rloo")
+def rloo(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, **_: Any) -> tuple[Tensor, Tensor]:
+    """RLOO: ``A_i = r_i - mean of the other G-1 rewards of the group``."""
+    _, _, loo, _ = group_stats(rewards, index)
+    adv = (rewards - loo).unsqueeze(-1) * mask.to(rewards.dtype)
+    return adv, adv
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp(*, rewards: Tensor, mask: Tensor, kl: Tensor | None = None, beta: float = 0.0,
+                 gamma: float = 1.0, whiten_stats: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+                 **_: Any) -> tuple[Tensor, Tensor]:
+    """REINFORCE++: per-token reward ``-beta * k1_t`` plus ``r`` at the last token, return-to-go with
+    ``gamma``, whitened over every valid token of the batch. Returns (whitened advantages, returns)."""
+    rt = token_rewards(rewards, mask, kl, beta)
+    ret = returns_to_go(rt, mask, gamma)
+    stats = whiten_stats(ret, mask) if whiten_stats is not None else None
+    return masked_whiten(ret, mask, stats=stats), ret
+
+
+@register_advantage("reinforce_pp_baseline")
+def reinforce_pp_baseline(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, kl: Tensor | None = None,
+                          beta: float = 0.0, gamma: float = 1.0,
+                          whiten_stats: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+                          **_: Any) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline: subtract the group mean from ``r`` first, then as :func:`reinforce_pp`."""
+    mean, _, _, _ = group_stats(rewards, index)
+    return reinforce_pp(rewards=rewards - mean, mask=mask, kl=kl, beta=beta, gamma=gamma, whiten_stats=whiten_stats)
+
+
+@register_advantage("gae")
+def gae(*, rewards: Tensor, mask: Tensor, values: Tensor, kl: Tensor | None = None, beta: float = 0.0,
+        gamma: float = 1.0, lam: float = 1.0, token_level_rewards: Tensor | None = None, whiten: bool = True,
+        whiten_stats: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
+        **_: Any) -> tuple[Tensor, Tensor]:
+    """GAE: ``delta_t = r~_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (V and A are 0
+    after the last token; masked tokens are skipped), ``returns = A + V``, then A is whitened."""
+    m = mask.to(values.dtype)
+    rt = token_level_rewards if token_level_rewards is not None else token_rewards(rewards, mask, kl, beta)
+    adv = torch.zeros_like(values)
+    next_v = torch.zeros_like(values[:, 0])
+    next_a = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[-1])):
+        delta = rt[:, t] + gamma * next_v - values[:, t]
+        a = delta + gamma * lam * next_a
+        mt = m[:, t]
+        next_v = mt * values[:, t] + (1 - mt) * next_v
+        next_a = mt * a + (1 - mt) * next_a
+        adv[:, t] = a * mt
+    returns = (adv + values) * m
+    if whiten:
+        stats = whiten_stats(adv, m) if whiten_stats is not None else None
+        adv = masked_whiten(adv, m, stats=stats)
+    return adv, returns
+
+
+def positive_only(advantages: Tensor) -> Tensor:
+    """RL-Pos: every negative advantage set to 0 (positive ones unchanged)."""
+    return advantages.clamp(min=0)
+
+
+# -- KL estimators ---------------------------------------------------------------------------------------
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
+    """Per-token KL estimate with ``x = logp - ref_logp``: k1 = x, k2 = x²/2,
+    k3 (low-variance) = e^(-x) + x - 1 with x clamped to ±20 and the value to ±10."""
+    x = logp - ref_logp
+    if kind == "k1":
+        return x
+    if kind == "k2":
+        return 0.5 * x * x
+    if kind == "k3":
+        x = x.clamp(-20, 20)
+        return (torch.exp(-x) + x - 1).clamp(-10, 10)
+    raise ConfigError(f"unknown KL estimator {kind!r} (known: {', '.join(KL_ESTIMATORS)})")
+
+
+# -- losses ----------------------------------------------------------------------------------------------
+
+def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", *, num_tokens: float | Tensor | None = None,
+              num_seqs: float | Tensor | None = None, norm_len: float | None = None) -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar.
+
+    - ``token-mean``: sum over valid tokens / ``num_tokens`` (default: valid tokens here; pass the global
+      count of the mini-batch when it is split into micro-batches or processes);
+    - ``seq-mean-token-mean`` (original GRPO): per-sequence token mean, summed / ``num_seqs`` (default B);
+    - ``seq-mean-token-sum-norm`` (Dr. GRPO): per-sequence token sum / ``norm_len`` (default T, set it to the
+      generation budget), summed / ``num_seqs``.
+    """
+    mask = mask.to(loss_mat.dtype)
+    if mode == "token-mean":
+        n = mask.sum() if num_tokens is None else num_tokens
+        return (loss_mat * mask).sum() / (n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0))
+    nseq = loss_mat.shape[0] if num_seqs is None else num_seqs
+    nseq = nseq.clamp(min=1) if isinstance(nseq, Tensor) else max(float(nseq), 1.0)
+    if mode == "seq-mean-token-mean":
+        per_seq = (loss_mat * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.sum() / nseq
+    if mode == "seq-mean-token-sum-norm":
+        L = float(norm_len if norm_len is not None else loss_mat.shape[-1])
+        return ((loss_mat * mask).sum(-1) / L).sum() / nseq
+    raise ConfigError(f"unknown loss aggregation {mode!r} (known: {', '.join(LOSS_AGG_MODES)})")
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip_low: float = 0.2,
+                clip_high: float = 0.2, dual_clip: float | None = 3.0, agg: str = "token-mean",
+                **agg_kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped policy loss: ``l = max(-A rho, -A clip(rho, 1-eps_lo, 1+eps_hi))``; for ``A < 0`` the dual
+    clip ``l = min(l, -c A)``. Returns (aggregated loss, {"per_token", "clip_frac", "dual_clip_frac",
+    "approx_kl"}); ``clip_frac`` counts valid tokens where the clipped term is the larger one."""
+    log_ratio = (logp - old_logp).clamp(-20, 20)
+    ratio = torch.exp(log_ratio)
+    l1 = -advantages * ratio
+    l2 = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(l1, l2)
+    m = mask.to(loss.dtype)
+    stats = {"clip_frac": masked_mean((l2 > l1).to(loss.dtype), m).detach(),
+             "approx_kl": masked_mean(-log_ratio, m).detach()}
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ConfigError(f"dual_clip must be > 1, got {dual_clip}")
+        l3 = -dual_clip * advantages
+        dual = torch.minimum(loss, l3)
+        hit = (advantages < 0) & (l3 < loss)
+        loss = torch.where(advantages < 0, dual, loss)
+        stats["dual_clip_frac"] = masked_mean(hit.to(loss.dtype), m).detach()
+    else:
+        stats["dual_clip_frac"] = torch.zeros((), dtype=loss.dtype)
+    stats["per_token"] = loss
+    return aggregate(loss, mask, agg, **agg_kwargs), stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float = 0.5,
+               agg: str = "token-mean", **agg_kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss ``½ max((V - R)², (clip(V, V_old ± clip) - R)²)``, aggregated like the policy loss."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    a = (values - returns) ** 2
+    b = (clipped - returns) ** 2
+    loss = 0.5 * torch.maximum(a, b)
+    stats = {"vf_clip_frac": masked_mean((b > a).to(loss.dtype), mask.to(loss.dtype)).detach()}
+    return aggregate(loss, mask, agg, **agg_kwargs), stats
+
+
+def sft_loss(logp: Tensor, mask: Tensor, **agg_kwargs: Any) -> Tensor:
+    """Token-mean negative log-likelihood over the response tokens only (``mask`` 0 on prompt and padding)."""
+    return aggregate(-logp, mask, "token-mean", **agg_kwargs)
+
+
+# -- log-probs and entropy -------------------------------------------------------------------------------
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[label] per position, computed without materialising the full log-softmax twice."""
+    logits = _upcast(logits)
+    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) per position."""
+    logits = _upcast(logits)
+    p = torch.softmax(logits, -1)
+    return torch.logsumexp(logits, -1) - (p * logits).sum(-1)

