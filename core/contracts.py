@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
@@ -26,6 +27,10 @@ class Plugin:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     Config: ClassVar[type[PluginConfig]] = PluginConfig
+    #: part of the default selection wherever rlm picks plugins of this kind without being told which (the
+    #: metrics of ``rlm conflicts`` without ``--metrics`` and of a study's conflicts steps, the methods of
+    #: ``rlm merge-eval`` without ``--methods``); ``Registry.defaults()`` lists them
+    default: ClassVar[bool] = False
 
     def __init__(self, config: PluginConfig | dict[str, Any] | None = None, **overrides: Any) -> None:
         if isinstance(config, PluginConfig):
@@ -186,26 +191,72 @@ class Trainer(Plugin, abc.ABC):
         ``metrics.jsonl`` and the manifest."""
 
 
+@dataclass
+class ReportSection:
+    """What one metric adds to a Markdown report below the summary tables: a heading, a Markdown body and the
+    PNG figures it wrote into the report's directory (names relative to that directory)."""
+
+    title: str
+    markdown: str
+    figures: list[str] = field(default_factory=list)
+
+
 class Metric(Plugin, abc.ABC):
-    """A task-vector statistic accumulated tensor by tensor in one streaming pass.
+    """A task-vector statistic accumulated tensor by tensor in one streaming pass (``rlm conflicts``).
 
-    ``scope`` is ``"model"`` (one value per model) or ``"pair"`` (one per pair of models; the engine refuses
-    fewer than two models). ``needs_topk`` asks the engine for top-k thresholds (``context.first_kept``).
-    ``reads_deltas = False`` promises that :meth:`update` uses only ``context``'s sums (``sum_squares``, ``dot``,
-    ``conflict_sum_squares``, ``count_above`` for the thresholds in ``count_thresholds``, ``pair_joint``,
-    ``names``, ``pairs``, ``size``), never the τ blocks in ``deltas``: the engine may then run its fused kernels
-    and pass ``deltas`` empty."""
+    The engines (:mod:`rlm.core.conflicts`) read the class members below and nothing else; each has a default
+    that suits a metric computing its own sums from the τ blocks. Reports (the ``report.md`` of ``rlm
+    conflicts`` and the study report) are built from :meth:`columns` and :meth:`section` of the metrics that
+    ran, so a plugin's metric reaches them like a built-in one."""
 
+    #: ``"model"``: one value per model; ``"pair"``: one per pair of models (the engine refuses fewer than two)
     scope: ClassVar[str] = "model"
+    #: ask the engine for top-k thresholds (``context.first_kept``, ``context.pair_joint``); they need the whole
+    #: model's magnitude histograms, hence a second pass over the tensors
     needs_topk: ClassVar[bool] = False
+    #: ``False`` promises that :meth:`update` uses only ``context``'s sums (``sum_squares``, ``dot``,
+    #: ``conflict_sum_squares``, ``count_above`` for the thresholds in :attr:`count_thresholds`,
+    #: ``pair_joint``, ``names``, ``pairs``, ``size``), never the τ blocks in ``deltas``: the engine may then run
+    #: its fused kernels and pass ``deltas`` empty
     reads_deltas: ClassVar[bool] = True
+    #: magnitude-bin resolution (bits of |τ|'s float32 pattern) that :meth:`update_histogram` needs; ``None``:
+    #: the metric takes no histograms
+    histogram_bits: ClassVar[int | None] = None
+
+    @property
+    def count_thresholds(self) -> list[float]:
+        """The thresholds ``t`` whose counts ``context.count_above(name, t)`` this metric asks for (the fused
+        engine counts only these). Default: none."""
+        return []
 
     @abc.abstractmethod
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
         """Accumulate the statistic for one block of a tensor (called once or more per tensor, so keep sums
         over positions); ``deltas`` maps model name to its flat task-vector block, ``context`` is the
-        engine's :class:`rlm.core.conflicts.engine.Chunk` with shared derived quantities."""
+        engine's chunk (:class:`rlm.core.conflicts.chunk.Chunk`) with shared derived quantities. Never keep
+        ``deltas`` or arrays from ``context``: their buffers are reused by the next block."""
+
+    def update_histogram(self, tensor_name: str, hists: dict[str, Any], bits: int) -> None:
+        """Called with each tensor's histograms of ``bits``-bit magnitude bins per model (``bits`` at least
+        :attr:`histogram_bits`) when :attr:`histogram_bits` is set; the fused engine may hand every tensor's
+        at once under the name ``"*"``. Default: nothing."""
 
     @abc.abstractmethod
     def result(self) -> dict[str, Any]:
-        """Return ``{"models": {name: {...}}, "pairs": {"A|B": {...}}}`` (JSON-serialisable)."""
+        """Return ``{"models": {name: {...}}, "pairs": {"A|B": {...}}}`` (JSON-serialisable); merged into
+        ``conflicts.json`` with the other metrics' results."""
+
+    def columns(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """The cells this metric adds to one row of the summary tables, ``{column header: value}``: ``entry`` is
+        the merged result of one model (``scope = "model"``) or one pair (``scope = "pair"``) from
+        ``conflicts.json``. Values are numbers (formatted by the report), strings or ``None``. Default: the
+        entry's value under the metric's name when it is a number, else nothing."""
+        if self.name not in entry:
+            return {}
+        v = entry[self.name]
+        return {self.name: v} if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) else {}
+
+    def section(self, data: Mapping[str, Any], out_dir: Path) -> ReportSection | None:
+        """A report section of this metric beyond its table cells (a curve, a table over kept rates), given the
+        whole ``conflicts.json`` data; figures are written into ``out_dir``. Default: none."""
+        return None

@@ -91,6 +91,10 @@ class Registry:
         """Canonical names in registration order (aliases excluded)."""
         return list(self._canonical)
 
+    def defaults(self) -> list[str]:
+        """Canonical names of the plugins that declare ``default = True``, in registration order."""
+        return [n for n in self._canonical if getattr(self._entries[n].obj, "default", False)]
+
     def all_names(self) -> list[str]:
         return list(self._entries)
 
@@ -180,8 +184,8 @@ class PluginSystem:
             info.registered = []
         for kind, (hook_name, _) in KINDS.items():
             caller = getattr(self.pm.hook, hook_name)
-            # pluggy calls the most recently registered first; reverse for registration order
-            for impl in reversed(caller.get_hookimpls()):
+            # get_hookimpls() lists plugins in registration order (entry points: sorted by name)
+            for impl in caller.get_hookimpls():
                 plugin_name = impl.plugin_name
                 info = self.infos.get(plugin_name)
                 if info is not None and info.error:
@@ -224,7 +228,7 @@ class PluginSystem:
         return list(self.infos.values())
 
     def register_commands(self, app: Any) -> None:
-        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+        for impl in self.pm.hook.register_commands.get_hookimpls():
             info = self.infos.get(impl.plugin_name)
             try:
                 impl.function(app=app)

@@ -10,6 +10,7 @@ class Averaging(MergeMethod):
     """Weighted average of the models: Σ w_i θ_i / Σ w_i."""
 
     name = "averaging"
+    default = True  # one of the paper's four methods (rlm merge-eval --methods)
     aliases = ("linear",)
 
     class Config(PluginConfig):

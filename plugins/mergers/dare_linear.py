@@ -11,6 +11,7 @@ class DareLinear(DareTies):
 
     name = "dare_linear"
     elect = False
+    default = False  # not one of the paper's four methods
 
 
 @hookimpl

@@ -12,6 +12,7 @@ class DareTies(MergeMethod):
     """DARE-TIES: random drop with rescale, then sign election."""
 
     name = "dare_ties"
+    default = True  # one of the paper's four methods (rlm merge-eval --methods)
     elect = True
 
     Config = DareConfig

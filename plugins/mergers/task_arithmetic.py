@@ -11,6 +11,7 @@ class TaskArithmetic(MergeMethod):
     """Task arithmetic: base plus λ times the weighted sum of task vectors."""
 
     name = "task_arithmetic"
+    default = True  # one of the paper's four methods (rlm merge-eval --methods)
 
     Config = TaskArithmeticConfig
     presets = {"paper": {"params": {"lambda": 0.7}, "model_params": {"weight": 1.0}}}

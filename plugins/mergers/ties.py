@@ -14,6 +14,7 @@ class Ties(MergeMethod):
     """TIES: trim by magnitude, elect the sign, merge the agreeing entries."""
 
     name = "ties"
+    default = True  # one of the paper's four methods (rlm merge-eval --methods)
 
     Config = TiesConfig
     ModelParams = DensityParams

@@ -14,6 +14,7 @@ class ConflictNorm(Metric):
     """Norm of the element-wise product of two task vectors where their signs disagree (Eq. 10)."""
 
     name = "conflict_norm"
+    default = True
     scope = "pair"
     reads_deltas = False
 

@@ -14,6 +14,7 @@ class Cosine(Metric):
     """Cosine similarity of two task vectors over all parameters (null when either is zero)."""
 
     name = "cosine"
+    default = True
     scope = "pair"
     reads_deltas = False
 

@@ -16,6 +16,7 @@ class FractionUpdated(Metric):
     """Share of parameters with |τ| > threshold (default 1e-5), with a histogram of log10|τ|."""
 
     name = "fraction_updated"
+    default = True
     reads_deltas = False
 
     class Config(PluginConfig):

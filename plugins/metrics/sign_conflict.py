@@ -17,6 +17,7 @@ class SignConflict(PairTopkMetric):
     """Share of positions kept by both models' top-k masks whose signs disagree, over a grid of k."""
 
     name = "sign_conflict"
+    default = True
 
     class Config(PluginConfig):
         pass

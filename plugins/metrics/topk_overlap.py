@@ -13,6 +13,7 @@ class TopkOverlap(PairTopkMetric):
     """Jaccard overlap |K_a ∩ K_b| / |K_a ∪ K_b| of two models' top-k masks, over a grid of k."""
 
     name = "topk_overlap"
+    default = True
 
     class Config(PluginConfig):
         pass

@@ -14,6 +14,7 @@ class UpdateNorm(Metric):
     """L2 norm of each task vector, with per-layer and per-module-type breakdowns."""
 
     name = "update_norm"
+    default = True
     reads_deltas = False
 
     class Config(PluginConfig):
