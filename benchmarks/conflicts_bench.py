@@ -38,7 +38,7 @@ phase, base, models = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 t_start = time.perf_counter()
 import torch
 torch.set_num_threads(int(sys.argv[4]))
-from rlm.core.models.safetensors_io import ModelReader
+from rlm.core.models.reader import ModelReader
 if phase not in ("read", "stream"):
     from rlm.core.conflicts.engine import ConflictsConfig, compute_conflicts
 imports = time.perf_counter() - t_start
@@ -119,7 +119,7 @@ def write_model(out: Path, config: dict, shapes: dict[str, tuple[int, ...]], see
     size, files, weight_map = 0, [], {}
     base_reader = None
     if base is not None:
-        from rlm.core.models.safetensors_io import ModelReader
+        from rlm.core.models.reader import ModelReader
 
         base_reader = ModelReader(base)
 

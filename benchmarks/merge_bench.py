@@ -64,7 +64,8 @@ def write_model(out: Path, config: dict, shapes: dict[str, tuple[int, ...]], see
     """A sharded bf16 model written tensor by tensor; an expert is the base plus Gaussian noise."""
     import torch
 
-    from rlm.core.models.safetensors_io import ModelReader, ShardedWriter
+    from rlm.core.models.reader import ModelReader
+    from rlm.core.models.writer import ShardedWriter
 
     out.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
@@ -103,7 +104,8 @@ def generate_models(workdir: str | Path, params_m: float = 400, experts: int = 2
 
 FLOOR_CODE = r"""
 import sys, torch
-from rlm.core.models.safetensors_io import ModelReader, ShardedWriter
+from rlm.core.models.reader import ModelReader
+from rlm.core.models.writer import ShardedWriter
 base, out, models = sys.argv[1], sys.argv[2], sys.argv[3:]
 readers = [ModelReader(p) for p in [base, *models]]
 names = readers[0].tensor_names()
@@ -116,7 +118,7 @@ w.close()
 
 WARM_CODE = r"""
 import sys
-from rlm.core.models.safetensors_io import ModelReader
+from rlm.core.models.reader import ModelReader
 for p in sys.argv[1:]:
     r = ModelReader(p)
     for n in r.tensor_names():
@@ -141,7 +143,7 @@ def measure(cmd: list[str], label: str, env: dict | None = None) -> dict:
 
 def compare(a: Path, b: Path) -> dict:
     """Max |diff| of two models and the share of entries further apart than one bf16 step."""
-    from rlm.core.models.safetensors_io import ModelReader
+    from rlm.core.models.reader import ModelReader
 
     ra, rb = ModelReader(a), ModelReader(b)
     worst, differ, total = 0.0, 0, 0

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 class PluginConfig(BaseModel):
     """Base for every plugin config: unknown fields are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
 
 
 class Plugin:

@@ -150,7 +150,7 @@ def test_fused_refuses_what_it_cannot_run_and_auto_falls_back(tiny_model_dir, bf
             return {"models": {}}
 
     from rlm.core.conflicts import fused as F
-    from rlm.core.models.safetensors_io import TensorPlan
+    from rlm.core.models.validate import TensorPlan
 
     huge = TensorPlan("model.embed_tokens.weight", (2 ** 20, 2 ** 11), torch.bfloat16)
     assert "int32" in F.unavailable_reason(A.ConflictsConfig(), [], None, {}, [huge], 20)

@@ -14,7 +14,7 @@ from test_merge_engine import make_llama
 
 from rlm.core import plugins as plugins_mod
 from rlm.core.cli import main
-from rlm.core.models.safetensors_io import ModelReader
+from rlm.core.models.reader import ModelReader
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "rlm-example-plugin"
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from rlm.core.merge.engine import MergeRunConfig, merge_models
-from rlm.core.models.safetensors_io import ModelReader, ShardedWriter, validate_models
+from rlm.core.models.reader import ModelReader
+from rlm.core.models.validate import validate_models
+from rlm.core.models.writer import ShardedWriter
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=False)

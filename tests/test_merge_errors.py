@@ -131,10 +131,10 @@ def test_existing_output_refused_unless_overwrite(trio, tmp_path):
 
 
 def test_write_failure_part_way_leaves_no_partial_output(trio, tmp_path, monkeypatch):
-    from rlm.core.models import safetensors_io
+    from rlm.core.models import writer as safetensors_writer
 
     _, base, e1, e2 = trio
-    original = safetensors_io.ShardedWriter.write
+    original = safetensors_writer.ShardedWriter.write
     calls = {"n": 0}
 
     def failing(self, name, tensor, rows_offset=0):
@@ -143,7 +143,7 @@ def test_write_failure_part_way_leaves_no_partial_output(trio, tmp_path, monkeyp
             raise OSError(28, "No space left on device")
         return original(self, name, tensor, rows_offset)
 
-    monkeypatch.setattr(safetensors_io.ShardedWriter, "write", failing)
+    monkeypatch.setattr(safetensors_writer.ShardedWriter, "write", failing)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space left"):
         go(base, [e1, e2], out, max_shard_bytes=20_000)

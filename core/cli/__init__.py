@@ -1,12 +1,15 @@
-"""The ``rlm`` command line (typer). Each command group lives in a small ``cli_*`` module of its own;
-plugins add commands through the ``register_commands(app)`` hook."""
+"""The ``rlm`` command line (typer): the root app, ``main`` and the plugin kernel's own commands (``rlm
+plugins``, ``rlm config schema``).
+
+Every other command arrives through the ``register_commands(app)`` hook, the built-in ones exactly as a third
+party's: each module of this package (``model``, ``train``, ``merge``, ``conflicts``, ``eval``,
+``experiment``) is an entry point of the ``rlm`` group (``commands.NAME``) whose module-level command
+functions a ``register_commands`` implementation adds to the app."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -17,13 +20,8 @@ from rlm.core.errors import RlmError
 app = typer.Typer(name="rlm", help="rlm: how post-training (SFT, RFT, RL) decides how well task experts merge.",
                   rich_markup_mode="rich", no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
-model_app = typer.Typer(help="Create, import and inspect models.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect plugin configs.", no_args_is_help=True)
-app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
-
-# Modules under rlm.core that add command groups: each defines ``add_commands(app)``.
-COMMAND_MODULES: list[str] = ["merge", "conflicts", "train", "eval", "experiment"]
 
 
 def _version(value: bool) -> None:
@@ -76,53 +74,6 @@ def config_schema(kind: str = typer.Argument(..., help="trainer | merge_method |
     typer.echo(json.dumps(schema if model_params is not None else schema["config"], indent=2))
 
 
-@model_app.command("init")
-def model_init(preset: str = typer.Argument("tiny", help="Model preset; only 'tiny' is built in."),
-               out: Path = typer.Option(..., "--out", help="Output HF directory."),
-               seed: int = typer.Option(0, help="Seed for the initial weights."),
-               overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-               set_: list[str] = typer.Option([], "--set", help="Override a preset field, e.g. hidden_size=64.")) -> None:
-    """Create a freshly initialised model from a preset."""
-    from rlm.core.config import load_config
-    from rlm.core.io.manifest import write_manifest
-    from rlm.core.models.hf import init_tiny
-    from rlm.core.models.tiny import TinyPreset
-
-    if preset != "tiny":
-        raise RlmError(f"unknown model preset {preset!r} (presets: tiny)")
-    cfg = load_config(TinyPreset, sets=set_)
-    init_tiny(out, seed=seed, overwrite=overwrite, preset=cfg)
-    write_manifest(out, name="rlm_manifest.json", config=cfg, seed=seed)
-    typer.echo(f"wrote {preset} model to {out}")
-
-
-@model_app.command("import-gguf")
-def model_import_gguf(file: Path = typer.Argument(..., help="GGUF file."),
-                      out: Path = typer.Option(..., "--out", help="Output HF directory."),
-                      overwrite: bool = typer.Option(False, help="Replace an existing output directory.")) -> None:
-    """Import a GGUF file (through transformers) and save it as a plain HF directory."""
-    from rlm.core.io.manifest import write_manifest
-    from rlm.core.models.hf import import_gguf
-
-    import_gguf(file, out, overwrite=overwrite)
-    write_manifest(out, name="rlm_manifest.json", inputs={"gguf": file})
-    typer.echo(f"wrote {out}")
-
-
-@model_app.command("export-gguf")
-def model_export_gguf(model: str = typer.Argument(..., help="Llama-architecture HF directory (or 'tiny')."),
-                      out: Path = typer.Option(..., "--out", help="Output .gguf file."),
-                      dtype: str = typer.Option("f32", help="f32 or f16 for matrices (norms stay f32).")) -> None:
-    """Write a Llama-architecture HF directory as a GGUF file."""
-    from rlm.core.models.gguf import export_gguf
-    from rlm.core.models.hf import resolve_model
-
-    if dtype not in ("f32", "f16"):
-        raise RlmError(f"--dtype must be f32 or f16, not {dtype!r}")
-    export_gguf(resolve_model(model), out, dtype=dtype)
-    typer.echo(f"wrote {out}")
-
-
 _loaded = False
 
 
@@ -131,8 +82,6 @@ def _load_commands() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in COMMAND_MODULES:
-        importlib.import_module(f"rlm.core.cli.{mod}").add_commands(app)
     from rlm.core.plugins import get_system
 
     get_system().register_commands(app)
@@ -160,10 +109,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             return int(exc.exit_code)
         raise
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def run() -> None:

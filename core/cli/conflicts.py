@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from rlm.core.errors import RlmError
+from rlm.core.hookspecs import hookimpl
 
 
 def parse_named_dirs(spec: str, what: str) -> dict[str, str]:
@@ -121,3 +122,8 @@ def add_commands(app: typer.Typer) -> None:
             write_manifest(tmp, config=cfg, inputs={"base": base_dir, **model_dirs},
                            extra={"mode": "models", "stats": res.stats, "files": files})
         typer.echo(f"wrote {', '.join(files)} to {out}")
+
+
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
+    add_commands(app)

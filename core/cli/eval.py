@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from rlm.core.errors import RlmError
+from rlm.core.hookspecs import hookimpl
 
 
 def _print_summary(summary: dict) -> None:
@@ -91,3 +92,8 @@ def add_commands(app: typer.Typer) -> None:
                 typer.secho(f"  line {e['line']}: {e['error']}", fg="yellow", err=True)
         _print_summary(summary)
         typer.echo(f"wrote {out}")
+
+
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
+    add_commands(app)

@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import typer
 
 from rlm.core.errors import RlmError
+from rlm.core.hookspecs import hookimpl
 
 #: the paper's merge settings (Task Arithmetic λ 0.7; TIES and DARE-TIES weight 0.5, density 0.8)
 PAPER_METHODS: dict[str, dict[str, Any]] = {
@@ -255,3 +256,8 @@ def add_commands(app: typer.Typer) -> None:
         check_plugins(cfg, trainers=False)
         run_study(cfg, out, plan=plan_given_experts(cfg, spec), progress=progress)
         _print_table1(out)
+
+
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
+    add_commands(app)

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from rlm.core.errors import ConfigError
+from rlm.core.hookspecs import hookimpl
 
 
 def _floats(text: str | None, flag: str, n: int) -> list[float] | None:
@@ -81,3 +82,8 @@ def add_commands(app: typer.Typer) -> None:
                                    command=["rlm", *sys.argv[1:]])
         typer.echo(f"merged {summary['tensors']} tensors with {run.method} into {out} "
                    f"({summary['bytes'] / 1e6:.1f} MB, {summary['seconds']:.1f} s)")
+
+
+@hookimpl
+def register_commands(app: typer.Typer) -> None:
+    add_commands(app)

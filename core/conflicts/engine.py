@@ -1,7 +1,7 @@
 """Streaming task-vector statistics (``rlm conflicts``): the engine that drives Metric plugins.
 
 Task vectors are ``τ_m = θ_m − θ_base`` for every model ``m``. The engine reads the base and every model one
-tensor at a time (in blocks of rows for large tensors) through :mod:`rlm.core.models.safetensors_io`, forms τ
+tensor at a time (in blocks of rows for large tensors) through :mod:`rlm.core.models.reader`, forms τ
 (``delta_dtype``: ``auto`` = float32 for bf16/fp16 inputs, where the conversion and the difference are exact
 but for values more than 2^15 apart, float64 otherwise) in reused buffers, and hands each block to every
 metric as a :class:`Chunk`, which computes the shared quantities once (squares, products τ_a·τ_b, sign bits,
@@ -717,7 +717,9 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
     ``progress(phase, done, total)`` is called after each tensor (phase ``histogram`` or ``statistics``).
     Raises :class:`RlmError` (ModelError) for bad input, naming the model and tensor."""
     from rlm.core.errors import ModelError
-    from rlm.core.models.safetensors_io import ModelReader, check_finite, open_source, validate_models
+    from rlm.core.models.lora import open_source
+    from rlm.core.models.reader import ModelReader, check_finite
+    from rlm.core.models.validate import validate_models
 
     torch = _torch()
     config = config or ConflictsConfig()
@@ -753,7 +755,7 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
         half = (torch.bfloat16, torch.float16)
         topk_metrics = [m for m in metrics if getattr(m, "needs_topk", False)]
         plain_metrics = [m for m in metrics if not getattr(m, "needs_topk", False)]
-        hist_metrics = [m for m in plain_metrics if hasattr(m, "update_histogram")]
+        hist_metrics = [m for m in plain_metrics if m.histogram_bits is not None]
         modes = list(config.topk_modes) if topk_metrics else []
         bits = config.threshold_bits
         g = len(config.kept_rates)
@@ -765,7 +767,7 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
         ws = Workspace()
 
         def blocks(t: Any) -> list[tuple[int, int] | None]:
-            from rlm.core.models.safetensors_io import row_blocks
+            from rlm.core.models.reader import row_blocks
 
             return (row_blocks(t.shape, t.numel, config.chunk_elements) or [None]) if t.shape else [None]
 

@@ -41,7 +41,7 @@ DTYPES = ("BF16", "F32")  # stored dtypes (safetensors codes) the kernels read
 def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mapping[str, Any],
                        tensors: Sequence[Any], hist_bits: int) -> str | None:
     """Why the fused path cannot run these inputs (``None`` when it can)."""
-    from rlm.core.models.safetensors_io import ModelReader, st_code
+    from rlm.core.models.reader import ModelReader, st_code
 
     if sys.byteorder != "little":
         return "this machine is big-endian (the kernels read safetensors' little-endian values as stored)"
@@ -50,7 +50,7 @@ def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, re
     for m in metrics:
         if getattr(m, "reads_deltas", True):
             return f"metric {m.name!r} reads task-vector blocks (reads_deltas = True)"
-        if getattr(m, "histogram_bits", 0) > hist_bits:
+        if (m.histogram_bits or 0) > hist_bits:
             return f"metric {m.name!r} wants {m.histogram_bits}-bit magnitude bins, more than threshold_bits"
     big = next((t for t in tensors if t.numel >= 2 ** 31), None)
     if big is not None:
@@ -151,7 +151,7 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
 
     from rlm.core.conflicts import _kernels as K
     from rlm.core.conflicts.engine import float32_floor_bits, histogram_thresholds, n_bins
-    from rlm.core.models.safetensors_io import check_finite, element_size, row_blocks
+    from rlm.core.models.reader import check_finite, element_size, row_blocks
 
     names = list(readers)
     n_models = len(names)
@@ -161,7 +161,7 @@ def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mappi
     big = g + 1
     topk_metrics = [m for m in metrics if getattr(m, "needs_topk", False)]
     plain_metrics = [m for m in metrics if not getattr(m, "needs_topk", False)]
-    hist_metrics = [m for m in plain_metrics if hasattr(m, "update_histogram")]
+    hist_metrics = [m for m in plain_metrics if m.histogram_bits is not None]
     need_hist = bool(modes) or bool(hist_metrics)
     nb = n_bins(hist_bits) if need_hist else 0
     shift = 32 - hist_bits

@@ -394,7 +394,7 @@ class _Job:
         t = self.t
         if not t.shape or t.numel <= self.e.run.chunk_elements or t.shape[0] <= 1:
             return [(0, t.shape[0])] if t.vocab else [None]
-        from rlm.core.models.safetensors_io import row_blocks
+        from rlm.core.models.reader import row_blocks
 
         return row_blocks(t.shape, t.numel, self.e.run.chunk_elements)
 
@@ -404,7 +404,7 @@ class _Job:
         e, name = self.e, self.t.name
         b = e.base.get(name, rows).to(torch.float32)
         if e.run.check_finite:
-            from rlm.core.models.safetensors_io import check_finite
+            from rlm.core.models.reader import check_finite
 
             check_finite(b, e.base.path, name)
         return b
@@ -413,7 +413,7 @@ class _Job:
         """Stacked fp32 task vectors ``(n_models, *base.shape)`` (just model ``only`` when given, unstacked)."""
         import torch
 
-        from rlm.core.models.safetensors_io import check_finite
+        from rlm.core.models.reader import check_finite
 
         e, name = self.e, self.t.name
         if only is not None:
@@ -521,7 +521,9 @@ class _Engine:
 
 def plan_merge(run: MergeRunConfig, system: Any = None) -> dict[str, Any]:
     """Resolve and validate everything (no tensor data read): method, params, readers, the tensor plan."""
-    from rlm.core.models.safetensors_io import ModelReader, open_source, validate_models
+    from rlm.core.models.lora import open_source
+    from rlm.core.models.reader import ModelReader
+    from rlm.core.models.validate import validate_models
 
     method, params, paths = build_method(run, system)
     if not run.base:
@@ -558,7 +560,7 @@ def _merge_planned(run: MergeRunConfig, out: Path, p: dict[str, Any], t0: float,
 
     from rlm.core.io.atomic import atomic_dir
     from rlm.core.io.manifest import write_manifest
-    from rlm.core.models.safetensors_io import ShardedWriter
+    from rlm.core.models.writer import ShardedWriter
 
     method, params, base, sources, plan = p["method"], p["params"], p["base"], p["sources"], p["plan"]
     if on_plan is not None:

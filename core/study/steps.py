@@ -402,7 +402,7 @@ class Landscape:
     def __init__(self, model: Any, merged_dir: str | Path, seed: int = 0) -> None:
         import torch
 
-        from rlm.core.models.safetensors_io import ModelReader
+        from rlm.core.models.reader import ModelReader
 
         self.model, self.seed = model, int(seed)
         self.reader = ModelReader(str(merged_dir))
