@@ -36,6 +36,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from rlm.core.io.progress import progress_bar
+
 
 @dataclass
 class Generation:
@@ -111,41 +113,6 @@ def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     return ids
 
 
-def _progress(total: int, enabled: bool, description: str):
-    """A rich progress bar (or a no-op stand-in) with ``advance(k)`` and context-manager use."""
-    import contextlib
-
-    if not enabled:
-        class _Null:
-            def advance(self, k: int = 1) -> None:
-                pass
-
-        return contextlib.nullcontext(_Null())
-
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    @contextlib.contextmanager
-    def _bar():
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), transient=False) as prog:
-            task = prog.add_task(description, total=total)
-
-            class _Adv:
-                def advance(self, k: int = 1) -> None:
-                    prog.advance(task, k)
-
-            yield _Adv()
-
-    return _bar()
-
-
 NEUTRAL: dict[str, Any] = dict(num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
 NEUTRAL_SAMPLING: dict[str, Any] = dict(top_k=0, typical_p=1.0, min_p=0.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
 
@@ -185,7 +152,7 @@ class HFBackend(GenerationBackend):
         per_batch = max(1, params.batch_size // n_draw)
         batches = [order[s:s + per_batch] for s in range(0, len(order), per_batch)]
         try:
-            with _progress(len(prompts), params.progress, "generating") as bar:
+            with progress_bar(len(prompts), params.progress, "generating") as bar:
                 for b, idx in enumerate(batches):
                     seqs = [encoded[i] for i in idx]
                     width = max(len(s) for s in seqs)

@@ -469,10 +469,10 @@ def score_in_parallel(score: Callable[[Example, str], dict[str, Any]], examples:
     in input order, with a progress bar."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    from rlm.core.eval.generation import _progress
+    from rlm.core.io.progress import progress_bar
 
     results: list[dict[str, Any]] = [{}] * len(examples)
-    with _progress(len(examples), progress, "testing") as bar, \
+    with progress_bar(len(examples), progress, "testing") as bar, \
             ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futs = {pool.submit(score, e, c): i for i, (e, c) in enumerate(zip(examples, completions))}
         for f in as_completed(futs):
