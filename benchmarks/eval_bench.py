@@ -36,7 +36,8 @@ def main() -> None:
 
     import torch
 
-    from rlm.core.eval.engine import evaluate, run_lm_eval
+    from rlm.core.eval.engine import evaluate
+    from rlm.core.eval.lm_eval import run_lm_eval
     from rlm.core.io.records import shared_data_dir
     from rlm.core.models.hf import resolve_model
 

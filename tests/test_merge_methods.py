@@ -260,7 +260,7 @@ def test_mergekit_default_flags():
 @pytest.mark.parametrize("density", [0.8, 0.37, 0.01, 1e-9, 0.999])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_streaming_magnitude_cut_equals_whole_tensor_cut(density, quantized):
-    from rlm.core.merge.engine import magnitude_keep, magnitude_threshold, magnitude_threshold_blocks
+    from rlm.core.merge.ops import magnitude_keep, magnitude_threshold, magnitude_threshold_blocks
 
     g = torch.Generator().manual_seed(7)
     t = torch.randn(37, 29, generator=g)

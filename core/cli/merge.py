@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from rlm.core.errors import ConfigError
 from rlm.core.hookspecs import hookimpl
 
+if TYPE_CHECKING:
+    from rlm.core.merge.engine import MergeRunConfig
+
 
 def _floats(text: str | None, flag: str, n: int) -> list[float] | None:
+    """``--weights``/``--density``: comma-separated numbers, one (for every model) or one per model."""
     if text is None:
         return None
     try:
@@ -26,64 +30,68 @@ def _floats(text: str | None, flag: str, n: int) -> list[float] | None:
     return values
 
 
-def add_commands(app: typer.Typer) -> None:
-    @app.command("merge")
-    def merge_cmd(
-        method: Optional[str] = typer.Option(None, "--method", help="Merge method (see `rlm plugins`)."),
-        base: Optional[str] = typer.Option(None, "--base", help="Base model: HF directory or tiny[:SEED]."),
-        models: Optional[str] = typer.Option(None, "--models",
-                                             help="Comma-separated expert directories (HF or PEFT LoRA)."),
-        out: Path = typer.Option(..., "--out", help="Output HF directory."),
-        weights: Optional[str] = typer.Option(None, "--weights", help="Per-model weights, e.g. 0.5,0.5."),
-        density: Optional[str] = typer.Option(None, "--density", help="Per-model density (one value: all)."),
-        lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector."),
-        seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random masks (DARE)."),
-        preset: Optional[str] = typer.Option(None, "--preset", help="Named settings, e.g. paper."),
-        vocab: Optional[str] = typer.Option(None, "--vocab", help="Vocabulary size mismatch: error|truncate|base."),
-        workers: Optional[int] = typer.Option(None, "--workers", help="Worker threads (0: inline)."),
-        config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON file of merge settings."),
-        set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. params.normalize=false."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-    ) -> None:
-        """Merge expert models (or LoRA adapters) into the base, tensor by tensor."""
-        from rlm.core.config import load_config
-        from rlm.core.merge.engine import MergeRunConfig, merge_models
+def _with_per_model(run: MergeRunConfig, weights: str | None, density: str | None) -> MergeRunConfig:
+    """``run`` with ``--weights``/``--density`` (one value for all models, or one per model) written into each
+    model entry, where they win over ``model_params`` and the preset."""
+    n = len(run.models)
+    per_model = {"weight": _floats(weights, "--weights", n), "density": _floats(density, "--density", n)}
+    if all(v is None for v in per_model.values()):
+        return run
+    entries = []
+    for i, entry in enumerate(run.models):
+        e = {"path": entry} if isinstance(entry, str) else dict(entry)
+        for key, values in per_model.items():
+            if values is not None:
+                e[key] = values[i]
+        entries.append(e)
+    return run.model_copy(update={"models": entries})
 
-        flags: dict[str, object] = {"method": method, "base": base, "seed": seed, "preset": preset,
-                                    "vocab": vocab, "workers": workers, "params.lambda": lam}
-        if models is not None:
-            flags["models"] = [m.strip() for m in models.split(",") if m.strip()]
-        run = load_config(MergeRunConfig, file=config, sets=set_, flags=flags)
-        n = len(run.models)
-        per_model = {"weight": _floats(weights, "--weights", n), "density": _floats(density, "--density", n)}
-        if any(v is not None for v in per_model.values()):
-            entries = []
-            for i, entry in enumerate(run.models):
-                e = {"path": entry} if isinstance(entry, str) else dict(entry)
-                for key, values in per_model.items():
-                    if values is not None:
-                        e[key] = values[i]
-                entries.append(e)
-            run = run.model_copy(update={"models": entries})
 
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def merge(
+    method: Optional[str] = typer.Option(None, "--method", help="Merge method (see `rlm plugins`)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: HF directory or tiny[:SEED]."),
+    models: Optional[str] = typer.Option(None, "--models",
+                                         help="Comma-separated expert directories (HF or PEFT LoRA)."),
+    out: Path = typer.Option(..., "--out", help="Output HF directory."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Per-model weights, e.g. 0.5,0.5."),
+    density: Optional[str] = typer.Option(None, "--density", help="Per-model density (one value: all)."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random masks (DARE)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Named settings, e.g. paper."),
+    vocab: Optional[str] = typer.Option(None, "--vocab", help="Vocabulary size mismatch: error|truncate|base."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker threads (0: inline)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON file of merge settings."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. params.normalize=false."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+) -> None:
+    """Merge expert models (or LoRA adapters) into the base, tensor by tensor."""
+    from rlm.core.config import load_config
+    from rlm.core.merge.engine import MergeRunConfig, merge_models
 
-        with Progress(TextColumn("[bold]merge[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), transient=False) as bar:
-            task = bar.add_task("validating", total=None)
+    flags: dict[str, object] = {"method": method, "base": base, "seed": seed, "preset": preset,
+                                "vocab": vocab, "workers": workers, "params.lambda": lam}
+    if models is not None:
+        flags["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    run = _with_per_model(load_config(MergeRunConfig, file=config, sets=set_, flags=flags), weights, density)
 
-            def on_plan(plan: object) -> None:
-                bar.update(task, total=len(plan.tensors), description=run.method)  # type: ignore[attr-defined]
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            def progress(name: str) -> None:
-                bar.advance(task)
+    with Progress(TextColumn("[bold]merge[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task("validating", total=None)
 
-            summary = merge_models(run, out, overwrite=overwrite, progress=progress, on_plan=on_plan,
-                                   command=["rlm", *sys.argv[1:]])
-        typer.echo(f"merged {summary['tensors']} tensors with {run.method} into {out} "
-                   f"({summary['bytes'] / 1e6:.1f} MB, {summary['seconds']:.1f} s)")
+        def on_plan(plan: object) -> None:
+            bar.update(task, total=len(plan.tensors), description=run.method)  # type: ignore[attr-defined]
+
+        def progress(name: str) -> None:
+            bar.advance(task)
+
+        summary = merge_models(run, out, overwrite=overwrite, progress=progress, on_plan=on_plan,
+                               command=["rlm", *sys.argv[1:]])
+    typer.echo(f"merged {summary['tensors']} tensors with {run.method} into {out} "
+               f"({summary['bytes'] / 1e6:.1f} MB, {summary['seconds']:.1f} s)")
 
 
 @hookimpl
 def register_commands(app: typer.Typer) -> None:
-    add_commands(app)
+    app.command("merge")(merge)

@@ -7,7 +7,9 @@ Output directory layout (written atomically, with ``manifest.json``)::
     errors.jsonl    (``rlm score`` only, when there were any) lines that could not be matched or read
 
 ``evaluate`` generates greedily with :func:`rlm.core.eval.generation.generate` (batched, progress bar) and scores
-with ``Task.score_batch``/``Task.metrics``; ``score_completions`` does the same for given completions.
+with ``Task.score_batch``/``Task.metrics``; ``score_completions`` does the same for given completions. Used by
+``rlm eval`` and ``rlm score`` (:mod:`rlm.core.cli.eval`); ``load_task`` also by the study's evaluation steps.
+``rlm eval --harness lm-eval`` goes through the lm-evaluation-harness bridge, :mod:`rlm.core.eval.lm_eval`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ ID_FIELDS = ("task_id", "id", "key", "prompt")
 
 @dataclass
 class TaskRun:
+    """A task plugin instance with the examples loaded for one run; ``label`` is ``NAME`` or ``NAME:SUBSET``."""
+
     label: str
     task: Task
     subset: str | None
@@ -35,6 +39,7 @@ class TaskRun:
 
 
 def parse_task_spec(spec: str) -> tuple[str, str | None]:
+    """``TASK`` or ``TASK:SUBSET`` -> ``(task, subset or None)``."""
     name, _, subset = spec.partition(":")
     if not name:
         raise RlmError(f"empty task name in {spec!r} (expected TASK or TASK:SUBSET)")
@@ -76,7 +81,8 @@ def assign_data(tasks: list[str], data: list[str]) -> dict[str, str | None]:
     return out
 
 
-def _default_device() -> str:
+def default_device() -> str:
+    """``cuda`` when torch sees a GPU, else ``cpu`` (also the lm-eval bridge's default)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,7 +123,7 @@ def evaluate(model: str, tasks: list[str], out: str | Path, *, data: list[str] |
     runs = [load_task(t, data=paths[t], limit=limit, seed=seed) for t in tasks]  # fail fast on bad data
     model_path = resolve_model(model)
     if device is None:
-        device = _default_device()
+        device = default_device()
     lm, tok = load_model(model_path, device=device)
     summary: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
@@ -191,17 +197,12 @@ def read_completions(path: str | Path) -> tuple[list[tuple[int, dict[str, Any]]]
     return rows, errors
 
 
-def score_completions(task_spec: str, completions: str | Path, out: str | Path, *, data: str | None = None,
-                      limit: int | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Score given completions (no model). Each JSONL line holds an id field (``task_id``, ``id``, ``key`` or
-    ``prompt``) and ``completion`` (or ``response``/``output``). Unknown ids and unreadable lines go to ``errors.jsonl`` (and a warning);
-    empty or non-string completions are scored (as failures); examples without a completion are left out."""
-    from rlm.core.io.atomic import prepare_output_dir
-
-    prepare_output_dir(out, overwrite)
-    run = load_task(task_spec, data=data, limit=limit)
+def _match_completions(run: TaskRun, rows: list[tuple[int, dict[str, Any]]], errors: list[dict[str, Any]],
+                       completions: str | Path) -> dict[int, tuple[int, Any]]:
+    """Example index -> (line, completion) for the lines of a completions file whose id names an example of
+    ``run``; lines without an id, with an unknown or repeated id, or without a string completion are added to
+    ``errors`` (the last ones are still scored, as failures)."""
     index = _example_index(run.examples)
-    rows, errors = read_completions(completions)
     chosen: dict[int, tuple[int, Any]] = {}
     for lineno, obj in rows:
         key = next((obj[f] for f in ID_FIELDS if f in obj and obj[f] is not None), None)
@@ -231,6 +232,21 @@ def score_completions(task_spec: str, completions: str | Path, out: str | Path, 
                            "error": "'completion' missing or not a string; scored as a failure"})
             comp = ""
         chosen[i] = (lineno, comp)
+    return chosen
+
+
+def score_completions(task_spec: str, completions: str | Path, out: str | Path, *, data: str | None = None,
+                      limit: int | None = None, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Score given completions (no model). Each JSONL line holds an id field (``task_id``, ``id``, ``key`` or
+    ``prompt``) and ``completion`` (or ``response``/``output``). Unknown ids and unreadable lines go to
+    ``errors.jsonl`` (and a warning); empty or non-string completions are scored (as failures); examples without
+    a completion are left out."""
+    from rlm.core.io.atomic import prepare_output_dir
+
+    prepare_output_dir(out, overwrite)
+    run = load_task(task_spec, data=data, limit=limit)
+    rows, errors = read_completions(completions)
+    chosen = _match_completions(run, rows, errors, completions)
     if not chosen:
         raise RlmError(f"{completions}: no line matched an example of {run.label} "
                        f"({len(errors)} problem(s); first: {errors[0]['error'] if errors else 'empty file'})")
@@ -248,108 +264,4 @@ def score_completions(task_spec: str, completions: str | Path, out: str | Path, 
                                                              "task_config": run.task.config.model_dump(mode="json")},
                              inputs={"completions": completions, **({"data": data} if data else {})},
                              extra={"problems": len(errors), "examples_without_completion": missing}))
-    return summary
-
-
-# -- lm-evaluation-harness ----------------------------------------------------------------------------------
-#: lm-eval task -> (its YAML under lm_eval/tasks, {split: local file name in the shared data folder})
-LM_EVAL_LOCAL = {
-    "gsm8k": ("gsm8k/gsm8k.yaml", {"train": "gsm8k_train.jsonl", "test": "gsm8k_test.jsonl"}),
-    "ifeval": ("ifeval/ifeval.yaml", {"train": "ifeval_input_data.jsonl"}),
-}
-
-
-def lm_eval_local_tasks(tasks: list[str], data_dir: str | Path | None, work: Path) -> tuple[list[str], str | None]:
-    """Point lm-eval tasks at local files: for each task with known local files present in ``data_dir``,
-    write a YAML that includes lm-eval's own task config and replaces only the dataset
-    (``dataset_path: json`` with ``data_files``). Returns the task names to run and the include path."""
-    import lm_eval
-
-    if data_dir is None:
-        return tasks, None
-    root = Path(lm_eval.__file__).parent / "tasks"
-    names = []
-    wrote = False
-    for t in tasks:
-        spec = LM_EVAL_LOCAL.get(t)
-        files = {s: Path(data_dir) / f for s, f in spec[1].items()} if spec else {}
-        if not spec or not all(p.is_file() for p in files.values()):
-            names.append(t)
-            continue
-        import yaml
-
-        cfg = {"include": str(root / spec[0]), "task": f"{t}_rlm_local", "tag": [], "dataset_path": "json",
-               "dataset_name": None, "dataset_kwargs": {"data_files": {s: str(p) for s, p in files.items()}}}
-        (work / f"{t}_rlm_local.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
-        names.append(f"{t}_rlm_local")
-        wrote = True
-    return names, (str(work) if wrote else None)
-
-
-def run_lm_eval(model: str, tasks: list[str], out: str | Path, *, limit: int | None = None, batch_size: int = 16,
-                max_new_tokens: int | None = None, num_fewshot: int | None = None, data_dir: str | Path | None = None,
-                apply_chat_template: bool = False, device: str | None = None,
-                overwrite: bool = False) -> dict[str, Any]:
-    """Run lm-evaluation-harness (its ``hf`` backend) on ``model``; returns and writes a summary in rlm's layout
-    (``{"lm-eval:TASK": {"METRIC,FILTER": value, ..., "n": count}}``) plus lm-eval's full results."""
-    import tempfile
-
-    from rlm.core.io.atomic import prepare_output_dir
-    from rlm.core.io.records import shared_data_dir
-    from rlm.core.models.hf import resolve_model
-
-    prepare_output_dir(out, overwrite)
-    if not tasks:
-        raise RlmError("give lm-eval tasks with --tasks, e.g. --tasks gsm8k,ifeval")
-    model_path = resolve_model(model)
-    if data_dir is None:
-        data_dir = shared_data_dir()
-    if "ifeval" in tasks:
-        from rlm.core.eval.nltk_data import ensure_punkt_tab
-
-        ensure_punkt_tab()
-    if device is None:
-        device = _default_device()
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:  # pragma: no cover - lm-eval is a dependency
-        raise RlmError(f"lm-evaluation-harness is not installed: {exc}") from exc
-    with tempfile.TemporaryDirectory(prefix="rlm-lmeval-") as work:
-        names, include = lm_eval_local_tasks(tasks, data_dir, Path(work))
-        tm = TaskManager(include_path=include) if include else TaskManager()
-        kwargs: dict[str, Any] = dict(model="hf", model_args=f"pretrained={model_path},dtype=float32",
-                                      tasks=names, batch_size=batch_size, limit=limit, device=device,
-                                      task_manager=tm, apply_chat_template=apply_chat_template,
-                                      log_samples=False)
-        if num_fewshot is not None:
-            kwargs["num_fewshot"] = num_fewshot
-        if max_new_tokens is not None:
-            kwargs["gen_kwargs"] = f"max_gen_toks={max_new_tokens}"
-        t0 = time.perf_counter()
-        try:
-            res = simple_evaluate(**kwargs)
-        except Exception as exc:
-            raise RlmError(f"lm-eval failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
-                from exc
-        wall = time.perf_counter() - t0
-    summary: dict[str, Any] = {}
-    for name, t in zip(names, tasks):
-        metrics = res["results"].get(name, {})
-        n = res.get("n-samples", {}).get(name, {}).get("effective")
-        entry = {k: float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and "," in k and "_stderr" not in k}
-        summary[f"lm-eval:{t}"] = {**entry, "n": n}
-    from rlm.core.io.atomic import atomic_dir, atomic_write_json
-    from rlm.core.io.manifest import write_manifest
-
-    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
-        atomic_write_json(tmp / "summary.json", summary)
-        atomic_write_json(tmp / "lm_eval_results.json",
-                          {k: v for k, v in res.items() if k in ("results", "configs", "versions", "n-shot",
-                                                                "n-samples", "higher_is_better")})
-        write_manifest(tmp, command=list(sys.argv), config={"harness": "lm-eval", "tasks": tasks, "limit": limit,
-                                                            "batch_size": batch_size, "num_fewshot": num_fewshot,
-                                                            "max_new_tokens": max_new_tokens, "device": device},
-                       inputs={"model": model_path}, extra={"wall_seconds": wall, "lm_eval_tasks": names})
     return summary

@@ -135,6 +135,40 @@ class HFBackend(GenerationBackend):
         enc = self.tokenizer(list(prompts), add_special_tokens=False)
         return [list(map(int, ids)) for ids in enc["input_ids"]]
 
+    def _left_padded(self, seqs: list[list[int]]) -> tuple[Any, Any, int]:
+        """``(input_ids, attention_mask, width)`` of token lists padded on the left to the longest; an empty
+        prompt gets one eos token to condition on."""
+        import torch
+
+        width = max(len(s) for s in seqs)
+        if width == 0:  # an empty prompt: give the model something to condition on
+            width = 1
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            if s:
+                input_ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+                attn[r, width - len(s):] = 1
+            else:
+                input_ids[r, -1] = self.eos_ids[0]
+                attn[r, -1] = 1
+        return input_ids, attn, width
+
+    def _decoding_kwargs(self, params: SamplingParams, n_draw: int) -> dict[str, Any]:
+        """``model.generate`` settings besides the inputs: length, stop tokens, greedy or nucleus sampling."""
+        kwargs: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,
+                                      pad_token_id=self.pad_id, num_return_sequences=n_draw,
+                                      return_dict_in_generate=False)
+        # neutralise decoding defaults a hub model's generation_config may carry (transformers fills
+        # every unset value from it): the distribution is exactly softmax(logits / T) with top-p
+        kwargs.update(NEUTRAL)
+        if params.greedy:
+            kwargs.update(do_sample=False)
+        else:
+            kwargs.update(NEUTRAL_SAMPLING, do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        kwargs.update(params.extra)
+        return kwargs
+
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
         import torch
 
@@ -151,46 +185,21 @@ class HFBackend(GenerationBackend):
         # with n samples per prompt, each batch holds batch_size sequences in total
         per_batch = max(1, params.batch_size // n_draw)
         batches = [order[s:s + per_batch] for s in range(0, len(order), per_batch)]
+        decoding = self._decoding_kwargs(params, n_draw)
         try:
             with progress_bar(len(prompts), params.progress, "generating") as bar:
                 for b, idx in enumerate(batches):
-                    seqs = [encoded[i] for i in idx]
-                    width = max(len(s) for s in seqs)
-                    if width == 0:  # an empty prompt: give the model something to condition on
-                        width = 1
-                    input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-                    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-                    for r, s in enumerate(seqs):
-                        if s:
-                            input_ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-                            attn[r, width - len(s):] = 1
-                        else:
-                            input_ids[r, -1] = self.eos_ids[0]
-                            attn[r, -1] = 1
-                    kwargs: dict[str, Any] = dict(
-                        input_ids=input_ids.to(device), attention_mask=attn.to(device),
-                        max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                        num_return_sequences=n_draw, return_dict_in_generate=False)
-                    # neutralise decoding defaults a hub model's generation_config may carry (transformers fills
-                    # every unset value from it): the distribution is exactly softmax(logits / T) with top-p
-                    kwargs.update(NEUTRAL)
-                    if params.greedy:
-                        kwargs.update(do_sample=False)
-                    else:
-                        kwargs.update(NEUTRAL_SAMPLING, do_sample=True, temperature=params.temperature,
-                                      top_p=params.top_p)
-                    kwargs.update(params.extra)
+                    input_ids, attn, width = self._left_padded([encoded[i] for i in idx])
                     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                         if params.seed is not None:
                             torch.manual_seed(params.seed + b)
                         with torch.inference_mode():
-                            out = self.model.generate(**kwargs)
+                            out = self.model.generate(**{"input_ids": input_ids.to(device),
+                                                         "attention_mask": attn.to(device), **decoding})
                     new = out[:, width:].tolist()
                     for r, i in enumerate(idx):
-                        gens = []
-                        for j in range(n_draw):
-                            gens.append(self._make(i, j, prompts[i], encoded[i], new[r * n_draw + j],
-                                                   params.max_new_tokens))
+                        gens = [self._make(i, j, prompts[i], encoded[i], new[r * n_draw + j], params.max_new_tokens)
+                                for j in range(n_draw)]
                         if n_draw < params.n:  # greedy: every sample is the same completion
                             gens = [self._copy(gens[0], j) for j in range(params.n)]
                         results[i] = gens

@@ -1,1 +1,2 @@
-"""The streaming merge engine that drives :class:`rlm.core.contracts.MergeMethod` plugins tensor by tensor."""
+"""Merging: the streaming engine that drives :class:`rlm.core.contracts.MergeMethod` plugins tensor by tensor
+(``engine``), and the tensor helpers (``ops``) and configs (``params``) the merge-method plugins share."""

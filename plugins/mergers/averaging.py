@@ -25,7 +25,7 @@ class Averaging(MergeMethod):
             raise ConfigError("averaging: the weights sum to 0; set other weights or normalize=false")
 
     def merge(self, base, deltas, params, *, context=None):
-        from rlm.core.merge.engine import weights_of
+        from rlm.core.merge.ops import weights_of
 
         # Σ w_i θ_i = (Σ w_i) θ_b + Σ w_i τ_i, computed from the task vectors
         w = weights_of(params, deltas)

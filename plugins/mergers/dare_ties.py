@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rlm.core.contracts import MergeMethod
 from rlm.core.hookspecs import hookimpl
-from rlm.core.merge.engine import DareConfig, DensityParams
+from rlm.core.merge.params import DareConfig, DensityParams
 
 
 class DareTies(MergeMethod):
@@ -20,13 +20,13 @@ class DareTies(MergeMethod):
     presets = {"paper": {"params": {}, "model_params": {"weight": 0.5, "density": 0.8}}}
 
     def prepare(self, delta, param, *, context):
-        from rlm.core.merge.engine import dare_mask, l1_scale
+        from rlm.core.merge.ops import dare_mask, l1_scale
 
         mask = dare_mask(delta.shape, param.density, context.generator(context.model_index))
         return mask, (l1_scale(delta, mask) if self.config.rescale else 1.0)
 
     def prepare_blocks(self, blocks, param, *, context):
-        from rlm.core.merge.engine import SequentialMask, l1_scale_blocks
+        from rlm.core.merge.ops import SequentialMask, l1_scale_blocks
 
         seq = SequentialMask(context, context.model_index, param.density)
         scale = l1_scale_blocks(blocks, lambda rows, b: seq.take(b.shape)) if self.config.rescale else 1.0
@@ -36,7 +36,7 @@ class DareTies(MergeMethod):
     def merge(self, base, deltas, params, *, context=None):
         import torch
 
-        from rlm.core.merge.engine import SequentialMask, combine
+        from rlm.core.merge.ops import SequentialMask, combine
 
         u = torch.empty_like(deltas)
         row = base.numel() // max(1, base.shape[0]) if base.dim() else 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rlm.core.contracts import MergeMethod
 from rlm.core.hookspecs import hookimpl
-from rlm.core.merge.engine import TaskArithmeticConfig
+from rlm.core.merge.params import TaskArithmeticConfig
 
 
 class TaskArithmetic(MergeMethod):
@@ -17,7 +17,7 @@ class TaskArithmetic(MergeMethod):
     presets = {"paper": {"params": {"lambda": 0.7}, "model_params": {"weight": 1.0}}}
 
     def merge(self, base, deltas, params, *, context=None):
-        from rlm.core.merge.engine import combine
+        from rlm.core.merge.ops import combine
 
         return combine(base, deltas, params, lam=self.config.lambda_, normalize=self.config.normalize)
 

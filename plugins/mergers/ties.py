@@ -7,7 +7,7 @@ import math
 
 from rlm.core.contracts import MergeMethod
 from rlm.core.hookspecs import hookimpl
-from rlm.core.merge.engine import DensityParams, TiesConfig
+from rlm.core.merge.params import DensityParams, TiesConfig
 
 
 class Ties(MergeMethod):
@@ -21,7 +21,7 @@ class Ties(MergeMethod):
     presets = {"paper": {"params": {}, "model_params": {"weight": 0.5, "density": 0.8}}}
 
     def prepare(self, delta, param, *, context):
-        from rlm.core.merge.engine import l1_scale, magnitude_keep, magnitude_threshold
+        from rlm.core.merge.ops import l1_scale, magnitude_keep, magnitude_threshold
 
         cut = magnitude_threshold(delta, param.density)
         scale = l1_scale(delta, magnitude_keep(delta, cut)) if self.config.rescale and cut is not None else 1.0
@@ -30,7 +30,7 @@ class Ties(MergeMethod):
     def prepare_blocks(self, blocks, param, *, context):
         from dataclasses import replace
 
-        from rlm.core.merge.engine import l1_scale_blocks, magnitude_keep, magnitude_threshold_blocks
+        from rlm.core.merge.ops import l1_scale_blocks, magnitude_keep, magnitude_threshold_blocks
 
         cut = magnitude_threshold_blocks(blocks, math.prod(context.shape), param.density)
         scale = 1.0
@@ -41,7 +41,7 @@ class Ties(MergeMethod):
     def merge(self, base, deltas, params, *, context=None):
         import torch
 
-        from rlm.core.merge.engine import combine, magnitude_keep
+        from rlm.core.merge.ops import combine, magnitude_keep
 
         u = torch.empty_like(deltas)
         for i, (cut, scale) in enumerate(context.stats):  # u_i = w_i · scale_i · trimmed τ_i
