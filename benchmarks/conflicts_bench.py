@@ -40,7 +40,8 @@ import torch
 torch.set_num_threads(int(sys.argv[4]))
 from rlm.core.models.reader import ModelReader
 if phase not in ("read", "stream"):
-    from rlm.core.conflicts.engine import ConflictsConfig, compute_conflicts
+    from rlm.core.conflicts.config import ConflictsConfig
+    from rlm.core.conflicts.engine import compute_conflicts
 imports = time.perf_counter() - t_start
 t0 = time.perf_counter()
 if phase == "read":

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from rlm.core.cli import main
-from rlm.core.conflicts import engine as A
+from rlm.core.conflicts.config import ConflictsConfig
+from rlm.core.conflicts.engine import compute_conflicts
+from rlm.core.conflicts.over_steps import compute_over_steps
 from rlm.core.errors import ModelError, RlmError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -71,10 +73,10 @@ def np_kept(x: np.ndarray, k: float, bits: int = 20) -> np.ndarray:
 
 
 def test_engine_matches_numpy_and_is_independent_of_block_size(tiny_model_dir, experts):
-    cfg = A.ConflictsConfig(kept_rates=[0.01, 0.1, 0.5, 1.0], topk_modes=["global"])
-    small = A.ConflictsConfig(kept_rates=[0.01, 0.1, 0.5, 1.0], topk_modes=["global"], chunk_elements=20000)
-    res = A.compute_conflicts(tiny_model_dir, experts, cfg).data
-    res_small = A.compute_conflicts(tiny_model_dir, experts, small).data
+    cfg = ConflictsConfig(kept_rates=[0.01, 0.1, 0.5, 1.0], topk_modes=["global"])
+    small = ConflictsConfig(kept_rates=[0.01, 0.1, 0.5, 1.0], topk_modes=["global"], chunk_elements=20000)
+    res = compute_conflicts(tiny_model_dir, experts, cfg).data
+    res_small = compute_conflicts(tiny_model_dir, experts, small).data
     tv = np_task_vectors(tiny_model_dir, experts)
     kept = {(n, k): np_kept(x, k) for n, x in tv.items() for k in cfg.kept_rates}
     for n, x in tv.items():
@@ -165,23 +167,23 @@ def test_bad_inputs_name_the_model_and_tensor(tiny_model_dir, experts, tmp_path)
 
     bad = make_expert(tiny_model_dir, tmp_path / "nan", 9, edit=nan)
     with pytest.raises(ModelError, match=r"nan.*model\.layers\.1\.mlp\.up_proj\.weight.*non-finite"):
-        A.compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": bad})
+        compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": bad})
 
     def shape(sd):
         sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"][:, :-1].copy()
 
     wrong = make_expert(tiny_model_dir, tmp_path / "shape", 10, edit=shape)
     with pytest.raises(ModelError, match=r"shape.*model\.layers\.0\.mlp\.down_proj\.weight"):
-        A.compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": wrong})
+        compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": wrong})
 
     def drop(sd):
         del sd["model.norm.weight"]
 
     missing = make_expert(tiny_model_dir, tmp_path / "missing", 11, edit=drop)
     with pytest.raises(ModelError, match=r"missing.*model\.norm\.weight"):
-        A.compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": missing})
+        compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": missing})
     with pytest.raises(ModelError, match="does not exist"):
-        A.compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": tmp_path / "nowhere"})
+        compute_conflicts(tiny_model_dir, {"a": experts["sft"], "b": tmp_path / "nowhere"})
     from rlm.core.cli.conflicts import parse_named_dirs
 
     with pytest.raises(RlmError, match="given twice"):
@@ -220,9 +222,9 @@ def test_over_steps_norms_and_conflict_norms(tiny_model_dir, tmp_path):
         assert raw[:8] == PNG_MAGIC and len(raw) > 5000
     assert (out / "manifest.json").is_file() and "| 10 |" in (out / "report.md").read_text()
     with pytest.raises(RlmError, match="at least two runs"):
-        A.compute_over_steps(tiny_model_dir, {"grpo": runs["grpo"]})
+        compute_over_steps(tiny_model_dir, {"grpo": runs["grpo"]})
     with pytest.raises(RlmError, match="no checkpoints"):
-        A.compute_over_steps(tiny_model_dir, {"grpo": runs["grpo"], "x": tmp_path})
+        compute_over_steps(tiny_model_dir, {"grpo": runs["grpo"], "x": tmp_path})
 
 
 def test_lora_adapter_is_read_as_a_task_vector(tiny_model_dir, experts, tmp_path):
@@ -249,8 +251,8 @@ def test_lora_adapter_is_read_as_a_task_vector(tiny_model_dir, experts, tmp_path
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"]}))
     flat = np.concatenate([tau[t].ravel() for t in sorted(base)])
-    res = A.compute_conflicts(tiny_model_dir, {"lora": tmp_path / "lora", "sft": experts["sft"]},
-                              A.ConflictsConfig(metrics=["update_norm", "cosine"])).data
+    res = compute_conflicts(tiny_model_dir, {"lora": tmp_path / "lora", "sft": experts["sft"]},
+                              ConflictsConfig(metrics=["update_norm", "cosine"])).data
     assert res["models"]["lora"]["update_norm"] == pytest.approx(np.linalg.norm(flat), rel=1e-6)
     assert res["models"]["lora"]["update_norm_per_module"]["mlp.up_proj"] == 0.0
     sft = np_task_vectors(tiny_model_dir, {"sft": experts["sft"]})["sft"]

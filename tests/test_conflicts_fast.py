@@ -14,7 +14,10 @@ import pytest
 import torch
 from test_conflicts import np_kept
 
-from rlm.core.conflicts import engine as A
+from rlm.core.conflicts import stats as S
+from rlm.core.conflicts.chunk import Chunk
+from rlm.core.conflicts.config import ConflictsConfig
+from rlm.core.conflicts.engine import compute_conflicts
 
 RATES = [0.01, 0.1, 0.3, 0.5, 1.0]
 
@@ -76,19 +79,19 @@ def np_tv(base: Path, experts: dict[str, Path]) -> dict[str, np.ndarray]:
 
 def test_bf16_float32_path_matches_numpy_float64(bf16_models, monkeypatch):
     base, experts = bf16_models
-    cfg = A.ConflictsConfig(kept_rates=RATES, topk_modes=["global"], chunk_elements=30000, engine="eager")
+    cfg = ConflictsConfig(kept_rates=RATES, topk_modes=["global"], chunk_elements=30000, engine="eager")
     seen = set()
-    init = A.Chunk.__init__
+    init = Chunk.__init__
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
         seen.update(d.dtype for d in self.deltas.values())
 
-    monkeypatch.setattr(A.Chunk, "__init__", spy)
-    res = A.compute_conflicts(base, experts, cfg).data
+    monkeypatch.setattr(Chunk, "__init__", spy)
+    res = compute_conflicts(base, experts, cfg).data
     assert seen == {torch.float32}  # bf16 inputs take the float32 path
     monkeypatch.undo()
-    ref64 = A.compute_conflicts(base, experts, cfg.model_copy(update={"delta_dtype": "float64"})).data
+    ref64 = compute_conflicts(base, experts, cfg.model_copy(update={"delta_dtype": "float64"})).data
     tv = np_tv(base, experts)
     for n, x in tv.items():
         m = res["models"][n]
@@ -119,9 +122,9 @@ def test_bf16_float32_path_matches_numpy_float64(bf16_models, monkeypatch):
 def test_bf16_per_tensor_topk_single_and_multi_block_match_float64(bf16_models):
     base, experts = bf16_models
     for chunk in (1 << 18, 5000):  # one pass (one block per tensor) and a deferred second pass
-        cfg = A.ConflictsConfig(kept_rates=RATES, topk_modes=["per_tensor"], chunk_elements=chunk, engine="eager")
-        res = A.compute_conflicts(base, experts, cfg).data
-        ref = A.compute_conflicts(base, experts, cfg.model_copy(update={"delta_dtype": "float64"})).data
+        cfg = ConflictsConfig(kept_rates=RATES, topk_modes=["per_tensor"], chunk_elements=chunk, engine="eager")
+        res = compute_conflicts(base, experts, cfg).data
+        ref = compute_conflicts(base, experts, cfg.model_copy(update={"delta_dtype": "float64"})).data
         assert res["pairs"]["sft|rl"]["sign_conflict"] == ref["pairs"]["sft|rl"]["sign_conflict"]
         assert res["pairs"]["sft|rl"]["topk_overlap"] == ref["pairs"]["sft|rl"]["topk_overlap"]
         for n in experts:
@@ -165,7 +168,7 @@ def test_tiny_task_vectors_fall_back_to_float64(bf16_models, tmp_path, engine):
     zbase = write_bf16(tmp_path / "zbase", zero, base)
     ex = {n: write_bf16(tmp_path / n, {k: torch.randn(v.shape, generator=g) * 1e-25 for k, v in zero.items()}, base)
           for n in ("a", "b")}
-    res = A.compute_conflicts(zbase, ex, A.ConflictsConfig(metrics=["update_norm", "conflict_norm", "cosine"],
+    res = compute_conflicts(zbase, ex, ConflictsConfig(metrics=["update_norm", "conflict_norm", "cosine"],
                                                            engine=engine)).data
     tv = np_tv(zbase, ex)
     for n, x in tv.items():
@@ -186,9 +189,9 @@ def test_chunk_float32_quantities_match_float64_references():
     x32 = [v.astype(np.float32) for v in x]  # the float32 values are the data
     x64 = [v.astype(np.float64) for v in x32]
     bits, modes = 20, ["global"]
-    thr = {"global": {nm: A.threshold_bins(A.bin_histogram(A.magnitude_bins(torch.from_numpy(v), bits), bits),
+    thr = {"global": {nm: S.threshold_bins(S.bin_histogram(S.magnitude_bins(torch.from_numpy(v), bits), bits),
                                            n, RATES) for nm, v in zip("ab", x64)}}
-    c32 = A.Chunk("t", {"a": torch.from_numpy(x32[0]), "b": torch.from_numpy(x32[1])}, numel=n, kept_rates=RATES,
+    c32 = Chunk("t", {"a": torch.from_numpy(x32[0]), "b": torch.from_numpy(x32[1])}, numel=n, kept_rates=RATES,
                   bits=bits, thresholds=thr, modes=modes)
     a, b = x64
     assert c32.sum_squares("a") == pytest.approx(np.sum(a * a), rel=1e-7)
@@ -197,9 +200,9 @@ def test_chunk_float32_quantities_match_float64_references():
     assert c32.conflict_sum_squares("a", "b") == pytest.approx(np.sum(p[p < 0] ** 2), rel=1e-7)
     for t in (0.0, 1e-5, 1e-3, float(x32[0][5]) if x32[0][5] else 1e-4):
         assert c32.count_above("a", t) == int((np.abs(a) > t).sum())  # exact, also at a float32 value
-    ref = A.pair_counts(A.first_kept(A.magnitude_bins(torch.from_numpy(a), bits), thr["global"]["a"], bits),
-                        A.first_kept(A.magnitude_bins(torch.from_numpy(b), bits), thr["global"]["b"], bits),
-                        A.conflict_mask(torch.from_numpy(a), torch.from_numpy(b)), len(RATES))
+    ref = S.pair_counts(S.first_kept(S.magnitude_bins(torch.from_numpy(a), bits), thr["global"]["a"], bits),
+                        S.first_kept(S.magnitude_bins(torch.from_numpy(b), bits), thr["global"]["b"], bits),
+                        S.conflict_mask(torch.from_numpy(a), torch.from_numpy(b)), len(RATES))
     got = c32.pair_counts("a", "b", "global")
     for r, g_ in zip(ref, got):
         assert r.tolist() == g_.tolist()
@@ -208,19 +211,19 @@ def test_chunk_float32_quantities_match_float64_references():
 def test_first_kept_table_scaled_matches_binary_search():
     bits = 12
     thr = torch.tensor([900, 700, 700, 300, 0, 0], dtype=torch.int64)
-    bins = torch.arange(A.n_bins(bits), dtype=torch.int32)
-    ref = A.first_kept(bins[:10], thr, bits)  # binary-search path on a small block
-    assert ref.tolist() == A.first_kept_table(thr, bits)[:10].tolist()
-    table = A.first_kept_table(thr, bits, scale=3)
+    bins = torch.arange(S.n_bins(bits), dtype=torch.int32)
+    ref = S.first_kept(bins[:10], thr, bits)  # binary-search path on a small block
+    assert ref.tolist() == S.first_kept_table(thr, bits)[:10].tolist()
+    table = S.first_kept_table(thr, bits, scale=3)
     expect = [3 * next((k for k, t in enumerate(thr.tolist()) if b >= t and b > 0), len(thr)) for b in range(len(bins))]
     assert table.tolist() == expect
-    hist = torch.bincount(torch.randint(0, A.n_bins(bits), (5000,), generator=torch.Generator().manual_seed(1)),
-                          minlength=A.n_bins(bits))
+    hist = torch.bincount(torch.randint(0, S.n_bins(bits), (5000,), generator=torch.Generator().manual_seed(1)),
+                          minlength=S.n_bins(bits))
     hist[0] += 700
     for k in (0.001, 0.2, 0.9, 1.0):
-        tb = int(A.threshold_bins(hist, int(hist.sum()), [k])[0])
-        need = A.n_keep(k, int(hist.sum()))
-        assert int(hist[tb:].sum()) >= need and (tb == A.n_bins(bits) - 1 or int(hist[tb + 1:].sum()) < need)
+        tb = int(S.threshold_bins(hist, int(hist.sum()), [k])[0])
+        need = S.n_keep(k, int(hist.sum()))
+        assert int(hist[tb:].sum()) >= need and (tb == S.n_bins(bits) - 1 or int(hist[tb + 1:].sum()) < need)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -240,11 +243,11 @@ def test_histogram_thresholds_match_full_cumulative_sums(seed):
     total = int(hist.sum())
     rates = [1e-4, 0.01, 0.1, 0.33, 0.5, 0.9, 1.0]
     for block in (64, 512, 4096):
-        thr, kept = A.histogram_thresholds(hist, total, rates, block=block)
-        ref = A.threshold_bins(hist, total, rates)
+        thr, kept = S.histogram_thresholds(hist, total, rates, block=block)
+        ref = S.threshold_bins(hist, total, rates)
         assert thr.tolist() == ref.tolist()
-        assert kept.tolist() == A.kept_from_histogram(hist, ref).tolist()
+        assert kept.tolist() == S.kept_from_histogram(hist, ref).tolist()
         for k, t in zip(rates, thr.tolist()):  # the documented rule, by hand
-            need = A.n_keep(k, total)
+            need = S.n_keep(k, total)
             at_or_above = [int(hist[b:].sum()) for b in (t, t + 1)]
             assert at_or_above[0] >= need and (t == nb - 1 or at_or_above[1] < need)

@@ -17,7 +17,9 @@ import torch
 from test_conflicts import np_kept
 from test_conflicts_fast import make_bf16_experts, np_tv, np_tv_per_tensor, write_bf16
 
-from rlm.core.conflicts import engine as A
+from rlm.core.conflicts.config import ConflictsConfig
+from rlm.core.conflicts.engine import ConflictsResult, compute_conflicts
+from rlm.core.contracts import Metric
 from rlm.core.errors import ModelError, RlmError
 
 K = pytest.importorskip("rlm.core.conflicts._kernels")
@@ -31,8 +33,8 @@ def bf16_three(tiny_model_dir, tmp_path_factory):
                              [("sft", 3e-3, 0.2), ("rl", 2e-4, 0.8), ("pos", 1e-3, 0.5)], untouched_every={"pos": 3})
 
 
-def run(base: Path, experts: dict[str, Path], **cfg) -> A.ConflictsResult:
-    return A.compute_conflicts(base, experts, A.ConflictsConfig(**cfg))
+def run(base: Path, experts: dict[str, Path], **cfg) -> ConflictsResult:
+    return compute_conflicts(base, experts, ConflictsConfig(**cfg))
 
 
 def assert_same(fused: dict, eager: dict) -> None:
@@ -137,7 +139,7 @@ def test_fused_refuses_what_it_cannot_run_and_auto_falls_back(tiny_model_dir, bf
     with pytest.raises(RlmError, match="delta_dtype"):
         run(base, experts, engine="fused", delta_dtype="float64")
 
-    class Peek(A.Metric):  # a third-party metric that reads τ blocks itself
+    class Peek(Metric):  # a third-party metric that reads τ blocks itself
         name = "peek"
 
         def __init__(self):
@@ -153,9 +155,9 @@ def test_fused_refuses_what_it_cannot_run_and_auto_falls_back(tiny_model_dir, bf
     from rlm.core.models.validate import TensorPlan
 
     huge = TensorPlan("model.embed_tokens.weight", (2 ** 20, 2 ** 11), torch.bfloat16)
-    assert "int32" in F.unavailable_reason(A.ConflictsConfig(), [], None, {}, [huge], 20)
+    assert "int32" in F.unavailable_reason(ConflictsConfig(), [], None, {}, [huge], 20)
     peek = Peek()
-    res = A.compute_conflicts(base, experts, A.ConflictsConfig(metrics=["update_norm"]), metrics=[peek])
+    res = compute_conflicts(base, experts, ConflictsConfig(metrics=["update_norm"]), metrics=[peek])
     assert res.stats["engine"] == "eager" and "peek" in res.stats["eager_because"]
     assert peek.seen == 3 * res.stats["parameters"]
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlm.core.conflicts import engine as A
+from rlm.core.conflicts import stats as S
+from rlm.core.conflicts.chunk import Chunk
+from rlm.core.conflicts.config import ConflictsConfig
 from rlm.plugins.metrics.conflict_norm import ConflictNorm
 from rlm.plugins.metrics.cosine import Cosine
 from rlm.plugins.metrics.fraction_updated import FractionUpdated
@@ -65,18 +67,18 @@ def test_reductions_match_numpy_float64():
     b[:50] = -a[:50]  # exact opposite values
     b[50:100] = a[50:100]  # exact equal values
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    assert A.sum_squares(ta) == pytest.approx(np.sum(a * a), rel=1e-12)
-    assert A.dot(ta, tb) == pytest.approx(np.dot(a, b), rel=1e-12)
+    assert S.sum_squares(ta) == pytest.approx(np.sum(a * a), rel=1e-12)
+    assert S.dot(ta, tb) == pytest.approx(np.dot(a, b), rel=1e-12)
     prod = a * b
-    assert A.conflict_sum_squares(ta, tb) == pytest.approx(np.sum(prod[prod < 0] ** 2), rel=1e-12)
-    assert bool(A.conflict_mask(ta, tb).numpy().sum() == (prod < 0).sum())
+    assert S.conflict_sum_squares(ta, tb) == pytest.approx(np.sum(prod[prod < 0] ** 2), rel=1e-12)
+    assert bool(S.conflict_mask(ta, tb).numpy().sum() == (prod < 0).sum())
     # tiny values whose product underflows in float32 still count as conflicts
     tiny = torch.tensor([1e-30, -1e-30, 0.0, -0.0], dtype=torch.float32)
     other = torch.tensor([-1e-30, -1e-30, -1.0, 1.0], dtype=torch.float32)
-    assert A.conflict_mask(tiny, other).tolist() == [True, False, False, False]
+    assert S.conflict_mask(tiny, other).tolist() == [True, False, False, False]
     # strict ">" at the threshold
     x = torch.tensor([1e-5, -1e-5, 2e-5, 0.0, -3e-5], dtype=torch.float64)
-    assert A.count_above(x, 1e-5) == 2
+    assert S.count_above(x, 1e-5) == 2
 
 
 def test_log10_histogram_matches_numpy():
@@ -104,11 +106,11 @@ def test_magnitude_bins_are_monotone_and_match_float32_bits():
     rng = np.random.default_rng(2)
     x = task_vector(rng, 3000)
     for bits in (9, 16, 20, 24):
-        q = A.magnitude_bins(torch.from_numpy(x), bits).numpy()
+        q = S.magnitude_bins(torch.from_numpy(x), bits).numpy()
         assert (q == np_bins(x, bits)).all()
         order = np.argsort(np.abs(x), kind="stable")
         assert (np.diff(q[order]) >= 0).all()
-        assert q.max() < A.n_bins(bits)
+        assert q.max() < S.n_bins(bits)
 
 
 @pytest.mark.parametrize("bits", [12, 20, 24])
@@ -116,16 +118,16 @@ def test_topk_levels_and_pair_counts_match_numpy(bits):
     rng = np.random.default_rng(3)
     a, b = task_vector(rng, 20000), task_vector(rng, 20000)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    ba, bb = A.magnitude_bins(ta, bits), A.magnitude_bins(tb, bits)
-    thr_a = A.threshold_bins(A.bin_histogram(ba, bits), a.size, RATES)
-    fa = A.first_kept(ba, thr_a, bits)
-    fb = A.first_kept(bb, A.threshold_bins(A.bin_histogram(bb, bits), b.size, RATES), bits)
+    ba, bb = S.magnitude_bins(ta, bits), S.magnitude_bins(tb, bits)
+    thr_a = S.threshold_bins(S.bin_histogram(ba, bits), a.size, RATES)
+    fa = S.first_kept(ba, thr_a, bits)
+    fb = S.first_kept(bb, S.threshold_bins(S.bin_histogram(bb, bits), b.size, RATES), bits)
     # the binary-search path (small blocks) and the lookup-table path agree
-    assert torch.equal(fa, A.first_kept(ba, thr_a, bits, table=A.first_kept_table(thr_a, bits)))
-    assert torch.equal(A.first_kept(ba[:100], thr_a, bits), fa[:100])
-    both, union, conf = A.pair_counts(fa, fb, A.conflict_mask(ta, tb), len(RATES))
-    kept_a = A.kept_counts(fa, len(RATES))
-    kept_hist = A.kept_from_histogram(A.bin_histogram(ba, bits), thr_a)
+    assert torch.equal(fa, S.first_kept(ba, thr_a, bits, table=S.first_kept_table(thr_a, bits)))
+    assert torch.equal(S.first_kept(ba[:100], thr_a, bits), fa[:100])
+    both, union, conf = S.pair_counts(fa, fb, S.conflict_mask(ta, tb), len(RATES))
+    kept_a = S.kept_counts(fa, len(RATES))
+    kept_hist = S.kept_from_histogram(S.bin_histogram(ba, bits), thr_a)
     for g, k in enumerate(RATES):
         ka, kb = np_kept(a, k, bits), np_kept(b, k, bits)
         assert int(kept_a[g]) == ka.sum() == int(kept_hist[g])
@@ -156,9 +158,9 @@ def test_binned_topk_is_close_to_exact_topk():
 def test_exact_ties_are_kept_together():
     x = np.array([0.5, -0.5, 0.5, 0.25, 0.0, 0.0, -0.25, 0.5, 0.1, 0.0])
     t = torch.from_numpy(x)
-    bins = A.magnitude_bins(t, 20)
-    thr = A.threshold_bins(A.bin_histogram(bins, 20), x.size, [0.1, 0.2, 0.5, 0.9, 1.0])
-    kept = A.kept_counts(A.first_kept(bins, thr, 20), 5).tolist()
+    bins = S.magnitude_bins(t, 20)
+    thr = S.threshold_bins(S.bin_histogram(bins, 20), x.size, [0.1, 0.2, 0.5, 0.9, 1.0])
+    kept = S.kept_counts(S.first_kept(bins, thr, 20), 5).tolist()
     # k=0.1 asks for 1 of 10 but four values tie at 0.5; k=0.5 asks 5 -> 0.5s and both 0.25s;
     # k=0.9 and 1.0 reach the zeros, which are never kept
     assert kept == [4, 4, 6, 7, 7]
@@ -173,18 +175,18 @@ def _feed(metrics, tensors: dict[str, dict[str, np.ndarray]], bits: int, modes: 
     total = sum(v[names[0]].size for v in tensors.values())
     thresholds: dict[str, dict[str, torch.Tensor]] = {}
     if "global" in modes:
-        hists = {n: sum(A.bin_histogram(A.magnitude_bins(torch.from_numpy(v[n]), bits), bits)
+        hists = {n: sum(S.bin_histogram(S.magnitude_bins(torch.from_numpy(v[n]), bits), bits)
                         for v in tensors.values()) for n in names}
-        thresholds["global"] = {n: A.threshold_bins(h, total, RATES) for n, h in hists.items()}
+        thresholds["global"] = {n: S.threshold_bins(h, total, RATES) for n, h in hists.items()}
     for tname, per_model in tensors.items():
         size = per_model[names[0]].size
         if "per_tensor" in modes:
-            thresholds["per_tensor"] = {n: A.threshold_bins(
-                A.bin_histogram(A.magnitude_bins(torch.from_numpy(per_model[n]), bits), bits), size, RATES)
+            thresholds["per_tensor"] = {n: S.threshold_bins(
+                S.bin_histogram(S.magnitude_bins(torch.from_numpy(per_model[n]), bits), bits), size, RATES)
                 for n in names}
         for s in range(0, size, block):
             deltas = {n: torch.from_numpy(per_model[n][s:s + block]) for n in names}
-            chunk = A.Chunk(tname, deltas, numel=size, kept_rates=RATES, bits=bits, thresholds=thresholds,
+            chunk = Chunk(tname, deltas, numel=size, kept_rates=RATES, bits=bits, thresholds=thresholds,
                             modes=modes)
             for m in metrics:
                 m.update(tname, deltas, context=chunk)
@@ -263,7 +265,7 @@ def test_config_validation():
     from rlm.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="kept_rates"):
-        validate(A.ConflictsConfig, {"kept_rates": [0.0, 0.5]})
+        validate(ConflictsConfig, {"kept_rates": [0.0, 0.5]})
     with pytest.raises(ConfigError, match="unknown field"):
-        validate(A.ConflictsConfig, {"no_such": 1})
-    assert validate(A.ConflictsConfig, {"kept_rates": [1.0, 0.1, 0.1]}).kept_rates == [0.1, 1.0]
+        validate(ConflictsConfig, {"no_such": 1})
+    assert validate(ConflictsConfig, {"kept_rates": [1.0, 0.1, 0.1]}).kept_rates == [0.1, 1.0]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from rlm.core.errors import RlmError
 from rlm.core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from rlm.core.conflicts.config import ConflictsConfig
 
 
 def parse_named_dirs(spec: str, what: str) -> dict[str, str]:
@@ -43,7 +46,7 @@ def _resolve(spec: str) -> str:
     return spec
 
 
-class _Progress:
+class ConflictsProgress:
     """A rich progress bar per phase, driven by the engine's ``progress(phase, done, total)`` callback."""
 
     def __init__(self) -> None:
@@ -53,7 +56,7 @@ class _Progress:
                             TimeElapsedColumn(), transient=False, disable=not sys.stderr.isatty())
         self.tasks: dict[str, Any] = {}
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> "ConflictsProgress":
         self.bar.__enter__()
         return self
 
@@ -66,64 +69,84 @@ class _Progress:
         self.bar.update(self.tasks[phase], completed=done, total=total)
 
 
-def add_commands(app: typer.Typer) -> None:
-    @app.command("conflicts")
-    def conflicts(
-        base: str = typer.Option(..., "--base", help="Start model θ0 (HF dir, or 'tiny')."),
-        models: Optional[str] = typer.Option(None, "--models", help="name1=DIR1,name2=DIR2,... expert models."),
-        runs: Optional[str] = typer.Option(None, "--runs", help="With --over-steps: name1=RUN1,name2=RUN2,..."),
-        over_steps: bool = typer.Option(False, "--over-steps", help="Norms and conflict norms at every common "
-                                                                    "checkpoint step (RUN/checkpoints/step-N)."),
-        out: Path = typer.Option(..., "--out", help="Output directory."),
-        metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metric plugins "
-                                                                      "(default: all built-in)."),
-        threshold: Optional[float] = typer.Option(None, "--threshold", help="|τ| threshold of fraction_updated."),
-        config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config file."),
-        set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. kept_rates=[0.1,0.5]."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-    ) -> None:
-        """Task-vector statistics: update norms, fraction updated, conflict norm, sign conflicts, cosine."""
-        from rlm.core.config import load_config
-        from rlm.core.conflicts import engine as analysis
-        from rlm.core.io.atomic import atomic_dir, prepare_output_dir
-        from rlm.core.io.manifest import write_manifest
+def conflicts(
+    base: str = typer.Option(..., "--base", help="Start model θ0 (HF dir, or 'tiny')."),
+    models: Optional[str] = typer.Option(None, "--models", help="name1=DIR1,name2=DIR2,... expert models."),
+    runs: Optional[str] = typer.Option(None, "--runs", help="With --over-steps: name1=RUN1,name2=RUN2,..."),
+    over_steps: bool = typer.Option(False, "--over-steps", help="Norms and conflict norms at every common "
+                                                                "checkpoint step (RUN/checkpoints/step-N)."),
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metric plugins "
+                                                                  "(default: the metrics that declare "
+                                                                  "themselves default)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="|τ| threshold of fraction_updated."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON config file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. kept_rates=[0.1,0.5]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+) -> None:
+    """Task-vector statistics: update norms, fraction updated, conflict norm, sign conflicts, cosine."""
+    from rlm.core.config import load_config
+    from rlm.core.conflicts.config import ConflictsConfig
+    from rlm.core.io.atomic import prepare_output_dir
 
-        flags: dict[str, Any] = {}
-        if metrics is not None:
-            flags["metrics"] = [m.strip() for m in metrics.split(",") if m.strip()]
-        if threshold is not None:
-            flags["metric.fraction_updated.threshold"] = threshold
-        cfg = load_config(analysis.ConflictsConfig, file=config, sets=set_, flags=flags)
-        prepare_output_dir(out, overwrite)
-        base_dir = _resolve(base)
-        if over_steps:
-            if models is not None:
-                raise RlmError("--over-steps reads --runs (name=RUN_DIR,...), not --models")
-            if runs is None:
-                raise RlmError("--over-steps needs --runs name1=RUN1,name2=RUN2")
-            run_dirs = parse_named_dirs(runs, "runs")
-            with _Progress() as bar:
-                data = analysis.compute_over_steps(base_dir, run_dirs, cfg, progress=bar)
-            with atomic_dir(out, overwrite=overwrite) as tmp:
-                analysis.write_over_steps(tmp, data)
-                write_manifest(tmp, config=cfg, inputs={"base": base_dir, **run_dirs},
-                               extra={"mode": "over_steps", "steps": data["steps"]})
-            typer.echo(f"wrote statistics over {len(data['steps'])} steps to {out}")
-            return
-        if runs is not None:
-            raise RlmError("--runs is only used with --over-steps; pass experts with --models")
-        if models is None:
-            raise RlmError("--models name1=DIR1,name2=DIR2 is required (or --over-steps --runs ...)")
-        model_dirs = {n: _resolve(p) for n, p in parse_named_dirs(models, "models").items()}
-        with _Progress() as bar:
-            res = analysis.compute_conflicts(base_dir, model_dirs, cfg, progress=bar)
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            files = analysis.write_conflicts(tmp, res.data)
-            write_manifest(tmp, config=cfg, inputs={"base": base_dir, **model_dirs},
-                           extra={"mode": "models", "stats": res.stats, "files": files})
-        typer.echo(f"wrote {', '.join(files)} to {out}")
+    flags: dict[str, Any] = {}
+    if metrics is not None:
+        flags["metrics"] = [m.strip() for m in metrics.split(",") if m.strip()]
+    if threshold is not None:
+        flags["metric.fraction_updated.threshold"] = threshold
+    cfg = load_config(ConflictsConfig, file=config, sets=set_, flags=flags)
+    prepare_output_dir(out, overwrite)
+    base_dir = _resolve(base)
+    if over_steps:
+        if models is not None:
+            raise RlmError("--over-steps reads --runs (name=RUN_DIR,...), not --models")
+        if runs is None:
+            raise RlmError("--over-steps needs --runs name1=RUN1,name2=RUN2")
+        _run_over_steps(base_dir, parse_named_dirs(runs, "runs"), cfg, out, overwrite)
+        return
+    if runs is not None:
+        raise RlmError("--runs is only used with --over-steps; pass experts with --models")
+    if models is None:
+        raise RlmError("--models name1=DIR1,name2=DIR2 is required (or --over-steps --runs ...)")
+    model_dirs = {n: _resolve(p) for n, p in parse_named_dirs(models, "models").items()}
+    _run_models(base_dir, model_dirs, cfg, out, overwrite)
+
+
+def _run_models(base_dir: str, model_dirs: dict[str, str], cfg: ConflictsConfig, out: Path,
+               overwrite: bool) -> None:
+    """Statistics of ``model_dirs`` against ``base_dir``, written into ``out``."""
+    from rlm.core.conflicts.engine import build_metrics, compute_conflicts
+    from rlm.core.conflicts.report import write_conflicts
+    from rlm.core.io.atomic import atomic_dir
+    from rlm.core.io.manifest import write_manifest
+
+    metric_plugins = build_metrics(cfg)
+    with ConflictsProgress() as bar:
+        res = compute_conflicts(base_dir, model_dirs, cfg, metrics=metric_plugins, progress=bar)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        files = write_conflicts(tmp, res.data, metric_plugins)
+        write_manifest(tmp, config=cfg, inputs={"base": base_dir, **model_dirs},
+                       extra={"mode": "models", "stats": res.stats, "files": files})
+    typer.echo(f"wrote {', '.join(files)} to {out}")
+
+
+def _run_over_steps(base_dir: str, run_dirs: dict[str, str], cfg: ConflictsConfig, out: Path,
+                    overwrite: bool) -> None:
+    """Statistics at every checkpoint step the runs share, written into ``out``."""
+    from rlm.core.conflicts.over_steps import compute_over_steps
+    from rlm.core.conflicts.report import write_over_steps
+    from rlm.core.io.atomic import atomic_dir
+    from rlm.core.io.manifest import write_manifest
+
+    with ConflictsProgress() as bar:
+        data = compute_over_steps(base_dir, run_dirs, cfg, progress=bar)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_over_steps(tmp, data)
+        write_manifest(tmp, config=cfg, inputs={"base": base_dir, **run_dirs},
+                       extra={"mode": "over_steps", "steps": data["steps"]})
+    typer.echo(f"wrote statistics over {len(data['steps'])} steps to {out}")
 
 
 @hookimpl
 def register_commands(app: typer.Typer) -> None:
-    add_commands(app)
+    app.command("conflicts")(conflicts)

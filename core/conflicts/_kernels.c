@@ -279,6 +279,8 @@ PyDoc_STRVAR(stats_block_doc,
 "interleaved copies for coarse bins, summed by the caller); ss: float64[M]; pair: float64[P, 2]; above:\n"
 "int64[M, K]; lohi: int64[M, 2] smallest and largest non-zero bin. OSError / EOFError when a read fails.");
 
+/* long: a Python entry point: parses, checks and releases nine buffers around one read loop whose two
+   branches (bf16, float32) call the HOT helpers above; split, every buffer would travel through the pieces */
 static PyObject *stats_block(PyObject *self, PyObject *args) {
     Py_buffer offsets, pairs, above_bits, hist, ss, pair, above, lohi, above_values = {0};
     PyObject *fds;
@@ -597,6 +599,8 @@ PyDoc_STRVAR(topk_block_doc,
 "span^2 * 2] counts of (entry_a * span + entry_b) * 2 + opposite_signs in 4 interleaved copies (the caller\n"
 "sums them).");
 
+/* long: a Python entry point: parses, checks and releases its buffers around one read loop; split, every
+   buffer would travel through the pieces */
 static PyObject *topk_block(PyObject *self, PyObject *args) {
     Py_buffer offsets, lo_buf, tables, pairs, joint;
     PyObject *fds;

@@ -1,6 +1,7 @@
 """The fused path of the task-conflict engine: bf16 or float32 safetensors inputs, sums from compiled kernels.
 
-:func:`rlm.core.conflicts.engine.compute_conflicts` hands over here when :func:`unavailable_reason` is ``None``
+:func:`rlm.core.conflicts.engine.compute_conflicts` hands over here (:class:`FusedPass`) when
+:func:`unavailable_reason` is ``None``
 (every input a safetensors model whose tensors are bf16 or float32 alike in every model, every metric fed by
 the engine's sums, the C extension
 :mod:`rlm.core.conflicts._kernels` built). The statistics are the eager path's, with the same definitions (τ in float32, thresholds from ``threshold_bits``
@@ -32,13 +33,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from rlm.core.conflicts.config import ConflictsConfig
+from rlm.core.conflicts.stats import float32_floor_bits, histogram_thresholds, n_bins, n_keep
 from rlm.core.errors import ModelError, RlmError
 
 _PAD = 80  # entries between the 4 interleaved histogram copies (rows 2^k apart would share cache sets)
 DTYPES = ("BF16", "F32")  # stored dtypes (safetensors codes) the kernels read
 
 
-def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mapping[str, Any],
+def unavailable_reason(config: ConflictsConfig, metrics: Sequence[Any], base_reader: Any, readers: Mapping[str, Any],
                        tensors: Sequence[Any], hist_bits: int) -> str | None:
     """Why the fused path cannot run these inputs (``None`` when it can)."""
     from rlm.core.models.reader import ModelReader, st_code
@@ -48,7 +51,7 @@ def unavailable_reason(config: Any, metrics: Sequence[Any], base_reader: Any, re
     if config.delta_dtype != "auto":
         return f"delta_dtype is {config.delta_dtype!r} (the fused kernels form τ as 'auto' does)"
     for m in metrics:
-        if getattr(m, "reads_deltas", True):
+        if m.reads_deltas:
             return f"metric {m.name!r} reads task-vector blocks (reads_deltas = True)"
         if (m.histogram_bits or 0) > hist_bits:
             return f"metric {m.name!r} wants {m.histogram_bits}-bit magnitude bins, more than threshold_bits"
@@ -127,11 +130,9 @@ class TensorSums:
 
 def range_thresholds(seg: np.ndarray, lo: int, hi: int, total: int, kept_rates: Sequence[float]
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Threshold bins and kept counts (as :func:`rlm.core.conflicts.engine.threshold_bins` and
+    """Threshold bins and kept counts (as :func:`rlm.core.conflicts.stats.threshold_bins` and
     ``kept_from_histogram``) of one histogram from its non-zero part ``seg`` (the counts of bins ``lo..hi``);
     ``total`` positions include the zeros."""
-    from rlm.core.conflicts.engine import n_keep
-
     need = np.array([n_keep(k, total) for k in kept_rates], dtype=np.int64)
     if hi < lo:
         return np.zeros(len(need), np.int64), np.zeros(len(need), np.int64)
@@ -143,184 +144,245 @@ def range_thresholds(seg: np.ndarray, lo: int, hi: int, total: int, kept_rates: 
     return thr.astype(np.int64), kept.astype(np.int64)
 
 
-def run(*, config: Any, metrics: Sequence[Any], base_reader: Any, readers: Mapping[str, Any],
-        tensors: Sequence[Any], modes: Sequence[str], hist_bits: int, total: int,
-        progress: Callable[[str, int, int], None] | None = None) -> tuple[dict[str, dict[str, Any]], int]:
-    """Feed ``metrics`` from the fused kernels; returns ``(kept_actual, passes)`` as the eager path does."""
-    import torch
+class _WorkerState:
+    """One worker thread's accumulators: per-tensor histograms (``copies`` interleaved rows per model), the
+    global histograms and the joint top-k counts."""
 
-    from rlm.core.conflicts import _kernels as K
-    from rlm.core.conflicts.engine import float32_floor_bits, histogram_thresholds, n_bins
-    from rlm.core.models.reader import check_finite, element_size, row_blocks
+    def __init__(self, n_models: int, copies: int, stride: int, nb: int, n_pairs: int, joint_size: int) -> None:
+        self.hist = np.zeros((n_models, copies, stride), np.int32)
+        self.glob = np.zeros((n_models, nb), np.int64)
+        self.joint = np.zeros((max(n_pairs, 1), 4, joint_size), np.int64)
 
-    names = list(readers)
-    n_models = len(names)
-    pairs = list(itertools.combinations(range(n_models), 2))
-    pair_index = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    g = len(config.kept_rates)
-    big = g + 1
-    topk_metrics = [m for m in metrics if getattr(m, "needs_topk", False)]
-    plain_metrics = [m for m in metrics if not getattr(m, "needs_topk", False)]
-    hist_metrics = [m for m in plain_metrics if m.histogram_bits is not None]
-    need_hist = bool(modes) or bool(hist_metrics)
-    nb = n_bins(hist_bits) if need_hist else 0
-    shift = 32 - hist_bits
-    stride = nb + _PAD if nb else 0
-    copies = 4 if hist_bits <= 14 else 1  # coarse bins repeat often: spread them over interleaved copies
-    thresholds = sorted({float(t) for m in metrics for t in getattr(m, "count_thresholds", ())})
-    above_bits = np.array([float32_floor_bits(t) for t in thresholds], dtype=np.uint32)  # bf16: float32 τ
-    above_values = np.array(thresholds, dtype=np.float64)  # float32 inputs: float64 τ
-    workers = config.workers or default_workers()
-    block_elements = config.fused_block_elements
-    span = big ** len(modes)
-    table_dtype = np.uint8 if span <= 256 else np.uint16 if span <= 65536 else None
-    if modes and table_dtype is None:
-        raise RlmError(f"{g} kept rates over {len(modes)} top-k scopes are too many for the fused engine "
-                       f"((g+1)^scopes = {span} > 65536); use engine: eager")
-    sources = {"base": base_reader, **readers}  # read in this order: the base, then the models
-    local = threading.local()
-    states: list[Any] = []
-    states_lock = threading.Lock()
 
-    def state() -> Any:
-        st = getattr(local, "state", None)
+class FusedPass:
+    """One run of the fused engine: :meth:`run` feeds ``metrics`` from the kernels and returns
+    ``(kept_actual, passes)`` as :class:`rlm.core.conflicts.eager.EagerPass` does."""
+
+    def __init__(self, config: ConflictsConfig, metrics: Sequence[Any], base_reader: Any,
+                 readers: Mapping[str, Any], tensors: Sequence[Any], *, modes: Sequence[str], hist_bits: int,
+                 total: int) -> None:
+        self.config = config
+        self.base_reader = base_reader
+        self.readers = dict(readers)
+        self.tensors = list(tensors)
+        self.modes = list(modes)
+        self.hist_bits = hist_bits
+        self.total = total
+        self.names = list(readers)
+        self.n_models = len(self.names)
+        self.pairs = list(itertools.combinations(range(self.n_models), 2))
+        self.pair_index = np.array(self.pairs, dtype=np.int64).reshape(-1, 2)
+        self.g = len(config.kept_rates)
+        self.topk_metrics = [m for m in metrics if m.needs_topk]
+        self.plain_metrics = [m for m in metrics if not m.needs_topk]
+        self.hist_metrics = [m for m in self.plain_metrics if m.histogram_bits is not None]
+        need_hist = bool(self.modes) or bool(self.hist_metrics)
+        self.nb = n_bins(hist_bits) if need_hist else 0
+        self.shift = 32 - hist_bits
+        self.stride = self.nb + _PAD if self.nb else 0
+        self.copies = 4 if hist_bits <= 14 else 1  # coarse bins repeat often: spread them over interleaved copies
+        self.thresholds = sorted({float(t) for m in metrics for t in m.count_thresholds})
+        self.above_bits = np.array([float32_floor_bits(t) for t in self.thresholds], dtype=np.uint32)  # bf16
+        self.above_values = np.array(self.thresholds, dtype=np.float64)  # float32 inputs: float64 τ
+        self.span = (self.g + 1) ** len(self.modes)
+        self.table_dtype = np.uint8 if self.span <= 256 else np.uint16 if self.span <= 65536 else None
+        if self.modes and self.table_dtype is None:
+            raise RlmError(f"{self.g} kept rates over {len(self.modes)} top-k scopes are too many for the fused "
+                           f"engine ((g+1)^scopes = {self.span} > 65536); use engine: eager")
+        self.sources = {"base": base_reader, **self.readers}  # read in this order: the base, then the models
+        self._local = threading.local()
+        self._states: list[_WorkerState] = []
+        self._states_lock = threading.Lock()
+
+    # -- per-thread state and reading ---------------------------------------------------------------------
+    def state(self) -> _WorkerState:
+        st = getattr(self._local, "state", None)
         if st is None:
-            st = type("WorkerState", (), {})()
-            st.hist = np.zeros((n_models, copies, stride), np.int32)
-            st.glob = np.zeros((n_models, nb), np.int64)
-            st.joint = np.zeros((max(len(pairs), 1), 4, span * span * 2 if modes else 0), np.int64)
-            local.state = st
-            with states_lock:
-                states.append(st)
+            st = _WorkerState(self.n_models, self.copies, self.stride, self.nb, len(self.pairs),
+                              self.span * self.span * 2 if self.modes else 0)
+            self._local.state = st
+            with self._states_lock:
+                self._states.append(st)
         return st
 
-    def blocks(t: Any) -> list[tuple[int, int]]:
-        return row_blocks(t.shape, t.numel, block_elements)
+    def blocks(self, t: Any) -> list[tuple[int, int]]:
+        from rlm.core.models.reader import row_blocks
 
-    def inputs(t: Any, start: int, stop: int) -> tuple[tuple[int, ...], np.ndarray, int]:
+        return row_blocks(t.shape, t.numel, self.config.fused_block_elements)
+
+    def inputs(self, t: Any, start: int, stop: int) -> tuple[tuple[int, ...], np.ndarray, int]:
         """File descriptors and byte offsets of rows ``start:stop`` of ``t`` in every input (the readers
         checked every tensor's byte range against its file when they opened it), and the element count."""
+        from rlm.core.models.reader import element_size
+
         row = t.numel // t.shape[0] if t.shape else 1
-        located = [r.location(t.name) for r in sources.values()]
+        located = [r.location(t.name) for r in self.sources.values()]
         offsets = np.array([off + start * row * element_size(t.dtype) for _, off, _ in located], dtype=np.int64)
         return tuple(fd for fd, _, _ in located), offsets, (stop - start) * row
 
-    def kernel(fn: Any, t: Any, *args: Any) -> None:
+    def kernel(self, fn: Any, t: Any, *args: Any) -> None:
         try:
             fn(*args)
         except (OSError, EOFError) as exc:
             raise ModelError(f"tensor {t.name}: reading the inputs failed ({exc}); inputs in order: "
-                             + ", ".join(f"{n}={r.path}" for n, r in sources.items())) from None
+                             + ", ".join(f"{n}={r.path}" for n, r in self.sources.items())) from None
 
-    def fail_nonfinite(t: Any, ss: np.ndarray) -> None:
+    def fail_nonfinite(self, t: Any, ss: np.ndarray) -> None:
         """Name the input holding NaN/Inf (or, if every input is finite, the model whose τ overflows)."""
-        check_finite(base_reader.get(t.name), base_reader.path, t.name)
-        for n, r in readers.items():
+        from rlm.core.models.reader import check_finite
+
+        check_finite(self.base_reader.get(t.name), self.base_reader.path, t.name)
+        for n, r in self.readers.items():
             check_finite(r.get(t.name), r.path, t.name)
         j = int(np.flatnonzero(~np.isfinite(ss))[0]) if not np.isfinite(ss).all() else 0
-        raise ModelError(f"model {readers[names[j]].path}: tensor {t.name}: the task vector overflows float32")
+        raise ModelError(f"model {self.readers[self.names[j]].path}: tensor {t.name}: the task vector overflows "
+                         f"float32")
 
-    def topk_pass(t: Any, lohi: np.ndarray, thr: np.ndarray, st: Any) -> None:
+    # -- the kernels' passes over one tensor ----------------------------------------------------------------
+    def topk_pass(self, t: Any, lohi: np.ndarray, thr: np.ndarray, st: _WorkerState) -> None:
         """Joint counts of one tensor; thr: int64[S, M, g] threshold bins of this tensor's scopes."""
+        from rlm.core.conflicts import _kernels as K
+        from rlm.core.models.reader import element_size
+
         lo = np.maximum(lohi[:, 0], 1)
         hi = lohi[:, 1]
         length = int(max(0, int((hi - lo).max())) + 3)
-        tables = np.empty((n_models, length), table_dtype)
-        for j in range(n_models):
+        tables = np.empty((self.n_models, length), self.table_dtype)
+        for j in range(self.n_models):
             eff = np.ascontiguousarray(np.maximum(thr[:, j, :], 1), dtype=np.int32)
-            K.first_kept_table(eff, len(modes), int(lo[j]), int(hi[j]), tables[j], tables.itemsize)
+            K.first_kept_table(eff, len(self.modes), int(lo[j]), int(hi[j]), tables[j], tables.itemsize)
         lo64 = np.ascontiguousarray(lo, dtype=np.int64)
-        for start, stop in blocks(t):
-            fds, offsets, n = inputs(t, start, stop)
-            kernel(K.topk_block, t, fds, offsets, n, shift, lo64, tables, tables.itemsize, pair_index, span,
-                   st.joint, element_size(t.dtype))
+        for start, stop in self.blocks(t):
+            fds, offsets, n = self.inputs(t, start, stop)
+            self.kernel(K.topk_block, t, fds, offsets, n, self.shift, lo64, tables, tables.itemsize,
+                        self.pair_index, self.span, st.joint, element_size(t.dtype))
 
-    def first_pass(t: Any) -> dict[str, Any]:
-        st = state()
-        ss = np.zeros(n_models)
-        pair = np.zeros((len(pairs), 2))
-        above = np.zeros((n_models, len(thresholds)), np.int64)
-        lohi = np.array([[0xFFFFFFFF, 0]] * n_models, dtype=np.int64)
-        for start, stop in blocks(t):
-            fds, offsets, n = inputs(t, start, stop)
-            kernel(K.stats_block, t, fds, offsets, n, pair_index, above_bits, shift, st.hist, stride, copies, ss,
-                   pair, above, lohi, element_size(t.dtype), above_values)
-        if config.check_finite and not (np.isfinite(ss).all() and np.isfinite(pair).all()):
-            fail_nonfinite(t, ss)
+    def first_pass(self, t: Any) -> dict[str, Any]:
+        """Sums, counts and histograms of one tensor (a worker thread's job): ``{"ss", "pair", "above",
+        "lohi"}`` plus, with histograms, this tensor's thresholds and kept counts (``"thr"``, ``"kept"``)."""
+        from rlm.core.conflicts import _kernels as K
+        from rlm.core.models.reader import element_size
+
+        st = self.state()
+        ss = np.zeros(self.n_models)
+        pair = np.zeros((len(self.pairs), 2))
+        above = np.zeros((self.n_models, len(self.thresholds)), np.int64)
+        lohi = np.array([[0xFFFFFFFF, 0]] * self.n_models, dtype=np.int64)
+        for start, stop in self.blocks(t):
+            fds, offsets, n = self.inputs(t, start, stop)
+            self.kernel(K.stats_block, t, fds, offsets, n, self.pair_index, self.above_bits, self.shift, st.hist,
+                        self.stride, self.copies, ss, pair, above, lohi, element_size(t.dtype), self.above_values)
+        if self.config.check_finite and not (np.isfinite(ss).all() and np.isfinite(pair).all()):
+            self.fail_nonfinite(t, ss)
         lohi[:, 0] = np.where(lohi[:, 1] > 0, lohi[:, 0], 1)  # no non-zero bin: an empty range [1, 0]
         out: dict[str, Any] = {"ss": ss, "pair": pair, "above": above, "lohi": lohi}
-        if nb:
-            tensor_thr = np.zeros((n_models, g), np.int64)
-            kept = np.zeros((n_models, g), np.int64)
-            for j in range(n_models):
-                lo, hi = int(lohi[j, 0]), int(lohi[j, 1])
-                seg = np.empty(max(0, hi - lo + 1), np.int64)
-                K.fold_histogram(st.hist[j], stride, lo, hi, seg, st.glob[j])
-                if "per_tensor" in modes:
-                    tensor_thr[j], kept[j] = range_thresholds(seg, lo, hi, t.numel, config.kept_rates)
-            out["thr"], out["kept"] = tensor_thr, kept
-            if modes == ["per_tensor"]:
-                topk_pass(t, lohi, tensor_thr[None], st)
+        if self.nb:
+            out["thr"], out["kept"] = self._fold_histograms(t, lohi, st)
+            if self.modes == ["per_tensor"]:
+                self.topk_pass(t, lohi, out["thr"][None], st)
         return out
 
-    def second_pass(item: tuple[Any, np.ndarray, np.ndarray]) -> None:
-        t, lohi, thr = item
-        topk_pass(t, lohi, thr, state())
+    def _fold_histograms(self, t: Any, lohi: np.ndarray, st: _WorkerState) -> tuple[np.ndarray, np.ndarray]:
+        """Fold the tensor's histograms into the global ones (and clear them); per-tensor thresholds and kept
+        counts when ``per_tensor`` top-k is asked for (zeros otherwise)."""
+        from rlm.core.conflicts import _kernels as K
 
-    kept_actual = {m: {n: torch.zeros(g, dtype=torch.int64) for n in names} for m in modes}
-    pending: list[tuple[Any, np.ndarray, np.ndarray]] = []  # waiting for global thresholds: (tensor, lohi, thr)
-    phase1 = "histogram" if "global" in modes else "statistics"
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # thousands of small arrays, no cycles: collections would only cost time
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlm-conflicts")
-    try:
-        for i, (t, res) in enumerate(zip(tensors, pool.map(first_pass, tensors))):
-            ctx = TensorSums(t.name, names, t.numel, kept_rates=config.kept_rates, bits=hist_bits,
-                             modes=modes, ss=res["ss"], pair=res["pair"], above=res["above"],
-                             above_thresholds=thresholds)
-            for m in plain_metrics:
+        tensor_thr = np.zeros((self.n_models, self.g), np.int64)
+        kept = np.zeros((self.n_models, self.g), np.int64)
+        for j in range(self.n_models):
+            lo, hi = int(lohi[j, 0]), int(lohi[j, 1])
+            seg = np.empty(max(0, hi - lo + 1), np.int64)
+            K.fold_histogram(st.hist[j], self.stride, lo, hi, seg, st.glob[j])
+            if "per_tensor" in self.modes:
+                tensor_thr[j], kept[j] = range_thresholds(seg, lo, hi, t.numel, self.config.kept_rates)
+        return tensor_thr, kept
+
+    def second_pass(self, item: tuple[Any, np.ndarray, np.ndarray]) -> None:
+        t, lohi, thr = item
+        self.topk_pass(t, lohi, thr, self.state())
+
+    # -- the run ---------------------------------------------------------------------------------------------
+    def run(self, progress: Callable[[str, int, int], None] | None = None) -> tuple[dict[str, dict[str, Any]], int]:
+        import torch
+
+        kept_actual = {m: {n: torch.zeros(self.g, dtype=torch.int64) for n in self.names} for m in self.modes}
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # thousands of small arrays, no cycles: collections would only cost time
+        pool = ThreadPoolExecutor(max_workers=self.config.workers or default_workers(),
+                                  thread_name_prefix="rlm-conflicts")
+        try:
+            pending = self._run_first_pass(pool, kept_actual, progress)
+            glob = (sum(st.glob for st in self._states) if self._states
+                    else np.zeros((self.n_models, self.nb), np.int64))
+            for m in self.hist_metrics:
+                m.update_histogram("*", {n: torch.from_numpy(glob[j]) for j, n in enumerate(self.names)},
+                                   self.hist_bits)
+            if "global" in self.modes:
+                self._run_global_pass(pool, glob, pending, kept_actual, progress)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error: stop, do not finish the pass
+            if gc_was_enabled:
+                gc.enable()
+        if self.modes:
+            self._feed_topk_metrics()
+        return kept_actual, 1 + bool("global" in self.modes)
+
+    def _run_first_pass(self, pool: ThreadPoolExecutor, kept_actual: dict[str, dict[str, Any]],
+                        progress: Callable[[str, int, int], None] | None) -> list[tuple[Any, np.ndarray, Any]]:
+        """Pass 1 over every tensor on the pool, folded into the metrics in tensor order; returns the tensors
+        waiting for global thresholds as ``(tensor, lohi, per-tensor thresholds)``."""
+        import torch
+
+        pending: list[tuple[Any, np.ndarray, Any]] = []
+        phase = "histogram" if "global" in self.modes else "statistics"
+        for i, (t, res) in enumerate(zip(self.tensors, pool.map(self.first_pass, self.tensors))):
+            ctx = TensorSums(t.name, self.names, t.numel, kept_rates=self.config.kept_rates, bits=self.hist_bits,
+                             modes=self.modes, ss=res["ss"], pair=res["pair"], above=res["above"],
+                             above_thresholds=self.thresholds)
+            for m in self.plain_metrics:
                 m.update(t.name, {}, context=ctx)
-            if "per_tensor" in modes:
-                for j, n in enumerate(names):
+            if "per_tensor" in self.modes:
+                for j, n in enumerate(self.names):
                     kept_actual["per_tensor"][n] += torch.from_numpy(res["kept"][j])
-            if "global" in modes:
+            if "global" in self.modes:
                 pending.append((t, res["lohi"], res.get("thr")))
             if progress:
-                progress(phase1, i + 1, len(tensors))
-        glob = sum(st.glob for st in states) if states else np.zeros((n_models, nb), np.int64)
-        for m in hist_metrics:
-            m.update_histogram("*", {n: torch.from_numpy(glob[j]) for j, n in enumerate(names)}, hist_bits)
-        if "global" in modes:
-            global_thr = np.zeros((n_models, g), np.int64)
-            for j, n in enumerate(names):
-                thr, kept = histogram_thresholds(torch.from_numpy(glob[j]), total, config.kept_rates)
-                global_thr[j] = thr.numpy()
-                kept_actual["global"][n] += kept
-            items = []
-            for t, lohi, tthr in pending:
-                scopes = [global_thr if mode == "global" else tthr for mode in modes]
-                items.append((t, lohi, np.stack(scopes)))
-            for i, _ in enumerate(pool.map(second_pass, items)):
-                if progress:
-                    progress("statistics", i + 1, len(items))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # after an error: stop, do not finish the pass
-        if gc_was_enabled:
-            gc.enable()
-    if modes:
-        joint = sum(st.joint.sum(axis=1) for st in states)  # (P, span² · 2)
-        shape = (big,) * (2 * len(modes)) + (2,)
+                progress(phase, i + 1, len(self.tensors))
+        return pending
+
+    def _run_global_pass(self, pool: ThreadPoolExecutor, glob: np.ndarray, pending: list[tuple[Any, np.ndarray, Any]],
+                         kept_actual: dict[str, dict[str, Any]],
+                         progress: Callable[[str, int, int], None] | None) -> None:
+        """Global thresholds from the summed histograms, then pass 2 (top-k counts) over ``pending``."""
+        import torch
+
+        global_thr = np.zeros((self.n_models, self.g), np.int64)
+        for j, n in enumerate(self.names):
+            thr, kept = histogram_thresholds(torch.from_numpy(glob[j]), self.total, self.config.kept_rates)
+            global_thr[j] = thr.numpy()
+            kept_actual["global"][n] += kept
+        items = []
+        for t, lohi, tthr in pending:
+            scopes = [global_thr if mode == "global" else tthr for mode in self.modes]
+            items.append((t, lohi, np.stack(scopes)))
+        for i, _ in enumerate(pool.map(self.second_pass, items)):
+            if progress:
+                progress("statistics", i + 1, len(items))
+
+    def _feed_topk_metrics(self) -> None:
+        """Split the joint counts of all scopes by scope and pair and hand them to the top-k metrics at once."""
+        joint = sum(st.joint.sum(axis=1) for st in self._states)  # (P, span² · 2)
+        shape = (self.g + 1,) * (2 * len(self.modes)) + (2,)
         per_pair: dict[tuple[str, str, str], np.ndarray] = {}
-        for q, (a, b) in enumerate(pairs):
+        for q, (a, b) in enumerate(self.pairs):
             c = joint[q].reshape(shape)
-            for s, mode in enumerate(modes):
-                if len(modes) == 1:
+            for s, mode in enumerate(self.modes):
+                if len(self.modes) == 1:
                     m2 = c
                 else:  # axes (first_a scope 0, first_a scope 1, first_b scope 0, first_b scope 1, sign)
                     m2 = c.sum(axis=(1, 3)) if s == 0 else c.sum(axis=(0, 2))
-                per_pair[(names[a], names[b], mode)] = np.ascontiguousarray(m2, dtype=np.int64)
-        ctx = TensorSums("*", names, total, kept_rates=config.kept_rates, bits=hist_bits, modes=modes,
-                         joint=per_pair)
-        for m in topk_metrics:
+                per_pair[(self.names[a], self.names[b], mode)] = np.ascontiguousarray(m2, dtype=np.int64)
+        ctx = TensorSums("*", self.names, self.total, kept_rates=self.config.kept_rates, bits=self.hist_bits,
+                         modes=self.modes, joint=per_pair)
+        for m in self.topk_metrics:
             m.update("*", {}, context=ctx)
-    return kept_actual, 1 + bool("global" in modes)

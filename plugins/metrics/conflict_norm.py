@@ -1,10 +1,11 @@
-"""``conflict_norm``: ‖(τ_a ⊙ τ_b) · 1[τ_a ⊙ τ_b < 0]‖₂ for every pair (the paper's Eq. 10)."""
+"""``conflict_norm``: ‖(τ_a ⊙ τ_b) · 1[τ_a ⊙ τ_b < 0]‖₂ for every pair (the paper's Eq. 10); its report cell
+is headed "conflict norm"."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, Mapping
 
 from rlm.core.contracts import Metric, PluginConfig
 from rlm.core.hookspecs import hookimpl
@@ -26,7 +27,8 @@ class ConflictNorm(Metric):
         self._acc: dict[str, float] = defaultdict(float)
 
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
-        from rlm.core.conflicts.engine import Chunk, pair_key
+        from rlm.core.conflicts.chunk import Chunk
+        from rlm.core.conflicts.stats import pair_key
 
         ctx = context if context is not None else Chunk(tensor_name, deltas, numel=0)
         for a, b in ctx.pairs:
@@ -34,6 +36,9 @@ class ConflictNorm(Metric):
 
     def result(self) -> dict[str, Any]:
         return {"pairs": {p: {"conflict_norm": math.sqrt(v)} for p, v in self._acc.items()}}
+
+    def columns(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {"conflict norm": entry["conflict_norm"]} if "conflict_norm" in entry else {}
 
 
 @hookimpl

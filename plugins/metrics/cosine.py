@@ -27,7 +27,7 @@ class Cosine(Metric):
         self._ss: dict[str, float] = defaultdict(float)
 
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
-        from rlm.core.conflicts.engine import Chunk
+        from rlm.core.conflicts.chunk import Chunk
 
         ctx = context if context is not None else Chunk(tensor_name, deltas, numel=0)
         for n in ctx.names:
@@ -36,7 +36,7 @@ class Cosine(Metric):
             self._dot[(a, b)] += ctx.dot(a, b)
 
     def result(self) -> dict[str, Any]:
-        from rlm.core.conflicts.engine import pair_key
+        from rlm.core.conflicts.stats import pair_key
 
         out = {}
         for (a, b), d in self._dot.items():

@@ -1,10 +1,11 @@
 """``fraction_updated``: share of parameters with |τ| above a threshold (exact, float64), and a histogram of
 log10|τ| with ``2**sub_bits`` bins per power of two (exact float32 intervals, see
-``rlm.core.conflicts.engine.octave_histogram``)."""
+``rlm.core.conflicts.stats.octave_histogram``). Its report cell is the share in percent, as a string
+("12.34 %")."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from pydantic import Field
 
@@ -30,10 +31,10 @@ class FractionUpdated(Metric):
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
         import torch
 
-        from rlm.core.conflicts.engine import count_above, octave_bins, octave_histogram
+        from rlm.core.conflicts.stats import count_above, octave_bins, octave_histogram
 
         sub = self.config.sub_bits
-        engine_hist = getattr(context, "engine_histograms", False) and context.bits >= 9 + sub
+        engine_hist = context is not None and context.engine_histograms and context.bits >= 9 + sub
         for name in (context.names if context is not None else deltas):
             a = self._acc.setdefault(name, {"n": 0, "above": 0, "hist": 0})
             if context is not None:
@@ -61,12 +62,12 @@ class FractionUpdated(Metric):
         return 9 + self.config.sub_bits
 
     def update_histogram(self, tensor_name: str, hists: dict[str, Any], bits: int) -> None:
-        """Fold one tensor's histograms of ``bits``-bit magnitude bins (``rlm.core.conflicts.engine.magnitude_bins``)
+        """Fold one tensor's histograms of ``bits``-bit magnitude bins (``rlm.core.conflicts.stats.magnitude_bins``)
         into the log10 histogram: its bins are the top ``9 + sub_bits`` bits of the same bit pattern. The engine
         may hand the histograms of several tensors at once (the fused engine: all of them, as ``"*"``)."""
         import torch
 
-        from rlm.core.conflicts.engine import octave_bins
+        from rlm.core.conflicts.stats import octave_bins
 
         sub = self.config.sub_bits
         if bits < 9 + sub:
@@ -77,7 +78,7 @@ class FractionUpdated(Metric):
             a["hist"] = folded + a["hist"]
 
     def result(self) -> dict[str, Any]:
-        from rlm.core.conflicts.engine import octave_edges_log10
+        from rlm.core.conflicts.stats import octave_edges_log10
 
         lo = octave_edges_log10(self.config.sub_bits).tolist()
         models = {}
@@ -93,6 +94,13 @@ class FractionUpdated(Metric):
                                         "zeros": hist[0]},
             }
         return {"models": models}
+
+    def columns(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """``{"fraction updated (|τ| > t)": "12.34 %"}`` (``None`` when the model has no parameters)."""
+        if "fraction_updated" not in entry:
+            return {}
+        fu = entry["fraction_updated"]
+        return {f"fraction updated (|τ| > {self.config.threshold:g})": None if fu is None else f"{100 * fu:.2f} %"}
 
 
 @hookimpl

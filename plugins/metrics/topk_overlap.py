@@ -1,11 +1,14 @@
-"""``topk_overlap``: overlap (Jaccard index) of two models' top-k masks over a grid of kept rates k."""
+"""``topk_overlap``: overlap (Jaccard index) of two models' top-k masks over a grid of kept rates k; its
+report section is the Jaccard table over kept rates."""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
-from rlm.core.conflicts.engine import PairTopkMetric, safe_ratio
-from rlm.core.contracts import PluginConfig
+from rlm.core.conflicts.pair_topk import PairTopkMetric
+from rlm.core.conflicts.stats import safe_ratio
+from rlm.core.contracts import PluginConfig, ReportSection
 from rlm.core.hookspecs import hookimpl
 
 
@@ -21,6 +24,14 @@ class TopkOverlap(PairTopkMetric):
     def entry(self, both_kept: list[int], union: list[int], conflicts: list[int]) -> dict[str, Any]:
         return {"jaccard": [safe_ratio(i, u) for i, u in zip(both_kept, union)], "intersection": both_kept,
                 "union": union}
+
+    def section(self, data: Mapping[str, Any], out_dir: Path) -> ReportSection | None:
+        entries = self.entries(data)
+        if not entries:
+            return None
+        topk = next(iter(entries.values())).get("topk", "")
+        return ReportSection(title=f"Top-k mask overlap (Jaccard, top-k: {topk})",
+                             markdown=self.kept_rate_table(entries, "jaccard"))
 
 
 @hookimpl

@@ -1,13 +1,18 @@
-"""``update_norm``: ‖τ‖₂ of every model, with per-layer and per-module-type breakdowns."""
+"""``update_norm``: ‖τ‖₂ of every model, with per-layer and per-module-type breakdowns; its report cell is
+the norm and its report section the per-layer norm figure ``layer_norms.png``."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
-from rlm.core.contracts import Metric, PluginConfig
+from rlm.core.contracts import Metric, PluginConfig, ReportSection
 from rlm.core.hookspecs import hookimpl
+
+COLUMN = "update norm ‖τ‖₂"
+FIGURE = "layer_norms.png"
 
 
 class UpdateNorm(Metric):
@@ -25,7 +30,7 @@ class UpdateNorm(Metric):
         self._ss: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # model -> tensor -> Σ τ²
 
     def update(self, tensor_name: str, deltas: dict[str, Any], context: Any = None) -> None:
-        from rlm.core.conflicts.engine import sum_squares
+        from rlm.core.conflicts.stats import sum_squares
 
         if context is None:
             for name, d in deltas.items():
@@ -35,7 +40,7 @@ class UpdateNorm(Metric):
             self._ss[name][tensor_name] += context.sum_squares(name)
 
     def result(self) -> dict[str, Any]:
-        from rlm.core.conflicts.engine import layer_of, module_type_of
+        from rlm.core.conflicts.stats import layer_of, module_type_of
 
         models: dict[str, Any] = {}
         for name, per_tensor in self._ss.items():
@@ -48,6 +53,30 @@ class UpdateNorm(Metric):
                     entry[key] = {k: math.sqrt(v) for k, v in groups.items()}
             models[name] = entry
         return {"models": models}
+
+    def columns(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {COLUMN: entry["update_norm"]} if "update_norm" in entry else {}
+
+    def section(self, data: Mapping[str, Any], out_dir: Path) -> ReportSection | None:
+        if not any("update_norm_per_layer" in v for v in data.get("models", {}).values()):
+            return None
+        plot_layer_norms(data, Path(out_dir) / FIGURE)
+        return ReportSection(title="Per-layer update norms",
+                             markdown="Update norm ‖τ‖₂ of each transformer layer (other tensors left out).",
+                             figures=[FIGURE])
+
+
+def plot_layer_norms(data: Mapping[str, Any], path: str | Path) -> Path:
+    """Update norm of each transformer layer for every model (non-layer tensors are left out)."""
+    from rlm.core.io.plots import line_plot
+
+    series = {}
+    for name, v in data.get("models", {}).items():
+        per_layer = v.get("update_norm_per_layer") or {}
+        keys = sorted((k for k in per_layer if k.isdigit()), key=int)
+        series[name] = ([int(k) for k in keys], [per_layer[k] for k in keys])
+    return line_plot(series, path, xlabel="layer", ylabel="update norm ‖τ‖₂ of the layer",
+                     title="Per-layer update norms")
 
 
 @hookimpl
