@@ -12,7 +12,7 @@ from conftest import shared_file
 
 from rlm.core.cli import main
 from rlm.plugins.tasks.code import CodeTask
-from rlm.plugins.tasks.code.judge import build_solution, extract_code
+from rlm.plugins.tasks.code.program import build_solution, extract_code
 
 # Canonical MBPP+ solutions that may fail on a loaded machine, and why (all 378 passed in the last full run):
 # - Mbpp/599 (sum_average): its plus inputs hold 16 calls with n around 1e8 (about 2 s each with `sum(range)` on

@@ -11,7 +11,9 @@ from conftest import shared_file
 from rlm.core.contracts import Example
 from rlm.core.errors import RlmError
 from rlm.core.eval import nltk_data
-from rlm.plugins.tasks.instruction_following import InstructionFollowing, ifeval
+from rlm.plugins.tasks.instruction_following import InstructionFollowing
+from rlm.plugins.tasks.instruction_following.checks import registry
+from rlm.plugins.tasks.instruction_following.generator import describe
 
 
 def _task(**kw) -> InstructionFollowing:
@@ -124,7 +126,7 @@ def test_generator_seeded_consistent_and_verified():
     assert [e.prompt for e in a] == [e.prompt for e in b]
     assert [e.prompt for e in a] != [e.prompt for e in c]
     assert [e.prompt for e in a] != [e.prompt for e in test]
-    reg = ifeval.registry()
+    reg = registry()
     counts = set()
     for e in a:
         ids = e.answer["instruction_id_list"]
@@ -138,7 +140,7 @@ def test_generator_seeded_consistent_and_verified():
         assert e.reference and t.reward(e, e.reference) == 1.0
         # the stated constraints are in the prompt, in the registry's own words
         for i, kw in zip(ids, e.answer["kwargs"]):
-            assert ifeval.describe(i, kw) in e.prompt
+            assert describe(i, kw) in e.prompt
     assert counts == {1, 2, 3}
     with pytest.raises(Exception):
         InstructionFollowing(min_constraints=3, max_constraints=1).examples(limit=1)

@@ -12,7 +12,7 @@ from rlm.core.errors import RlmError
 from rlm.plugins.tasks.puzzle import Puzzle
 
 
-# An evaluator written separately from rlm.plugins.tasks.puzzle.knights: statements are the JSON list form kept in
+# An evaluator written separately from rlm.plugins.tasks.puzzle.logic: statements are the JSON list form kept in
 # example.meta["statements"]; roles map person index -> "knight"/"knave".
 def truth(stmt, roles):
     head, args = stmt[0], stmt[1:]
@@ -168,12 +168,12 @@ def test_independent_brute_force_detects_zero_and_many_solutions():
     assert len(independent_solutions([["is", 0, True]])) == 2
     assert independent_solutions([["is", 0, False]]) == []
     # and rlm's own solver agrees on a generated puzzle with one statement made vacuous
-    from rlm.plugins.tasks.puzzle import knights
+    from rlm.plugins.tasks.puzzle.logic import solve, tuple_form
 
     ex = Puzzle().examples(limit=1, seed=4)[0]
     stmts = [list(s) for s in ex.meta["statements"]]
     stmts[0] = ["or", ["is", 0, True], ["is", 0, False]]  # always true: speaker 0 must then be a knight
-    ours = knights.solve([knights.tuple_form(s) for s in stmts])
+    ours = solve([tuple_form(s) for s in stmts])
     theirs = independent_solutions(stmts)
     assert [tuple("knight" if k else "knave" for k in s) for s in ours] == sorted(theirs, key=lambda c: [
         sum((1 << i) for i, r in enumerate(c) if r == "knight")])

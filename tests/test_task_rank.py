@@ -8,7 +8,8 @@ import pytest
 
 from rlm.core.contracts import Example
 from rlm.core.errors import RlmError
-from rlm.plugins.tasks.rank import Rank, nevir
+from rlm.plugins.tasks.rank import Rank
+from rlm.plugins.tasks.rank.verify import paired_accuracy, parse_choice
 
 NEVIR_ROWS = [
     {"id": "1", "version": "1", "q1": "Which city has a subway?", "q2": "Which city does not have a subway?",
@@ -67,7 +68,7 @@ def test_paired_accuracy_hand_made_cases(nevir_file):
     const = [t.score(e, "ANSWER: A") for e in exs]
     assert t.metrics(const)["accuracy"] == 0.5 and t.metrics(const)["paired_accuracy"] == 0.0
     # an incomplete pair (cut by a limit) is left out of the paired accuracy
-    assert nevir.paired_accuracy([("p", True), ("p", True), ("q", True)]) == (1.0, 1)
+    assert paired_accuracy([("p", True), ("p", True), ("q", True)]) == (1.0, 1)
 
 
 def test_generator_negation_pairs():
@@ -99,7 +100,7 @@ def test_generator_negation_pairs():
     ("ANSWER: A\nwait, ANSWER: B", "B"), ("", None), (None, None), ("\udcff\x00", None), (b"\xffA", None),
 ])
 def test_parse_choice(completion, expected):
-    assert nevir.parse_choice(completion) == expected
+    assert parse_choice(completion) == expected
 
 
 @pytest.mark.parametrize("completion", [None, "", "\udcff", "A" * 100000, "ANSWER:", 7, b"\xfe"])

@@ -29,6 +29,11 @@ Always: a new temporary working directory (removed afterwards), a minimal enviro
 ``LANG``, ``TMPDIR``; nothing inherited from the parent, so no secrets), ``python -I`` (ignores ``PYTHON*``
 variables and the user site), stdin from ``/dev/null`` unless given, stdout/stderr written to files whose
 size the file-size limit bounds and read back up to ``max_output_bytes``.
+
+Used by the ``code`` task plugin's judge (:mod:`rlm.plugins.tasks.code.judge`), its only user today. It stays
+in core, not in that task's package, because running model-written code safely is infrastructure that every
+task or tool executing programs must share (a future tool-use task, third-party code tasks), and its
+isolation must be hardened in one place rather than copied into each plugin.
 """
 
 from __future__ import annotations

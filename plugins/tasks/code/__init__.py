@@ -1,5 +1,14 @@
 """The ``code`` task: HumanEval, HumanEval+ / MBPP+ (evalplus format), OpenCodeInstruct and a small function
-generator; every candidate runs in the sandbox, judged as evalplus does (engine: :mod:`rlm.plugins.tasks.code.judge`)."""
+generator; every candidate runs in the sandbox, judged as evalplus does.
+
+The package holds the whole task: :mod:`~rlm.plugins.tasks.code.generator` (the ``gen`` subset),
+:mod:`~rlm.plugins.tasks.code.loaders` (HumanEval, evalplus, OpenCodeInstruct),
+:mod:`~rlm.plugins.tasks.code.program` (answer format, completion -> program),
+:mod:`~rlm.plugins.tasks.code.harness` (the programs run in the sandbox) and
+:mod:`~rlm.plugins.tasks.code.judge` (evalplus-style judging, metric names). The sandbox itself is core
+infrastructure (:mod:`rlm.core.eval.sandbox`). This module, the entry point ``rlm plugins`` imports, holds the
+config and the Task class and imports the others inside its methods.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +17,6 @@ from typing import Any
 from rlm.core.contracts import Example, PluginConfig, Task
 from rlm.core.eval.sandbox import SandboxConfig
 from rlm.core.hookspecs import hookimpl
-from rlm.plugins.tasks.code import judge as code_eval
-from rlm.plugins.tasks.code.judge import build_solution, extract_code  # noqa: F401 - re-exported (public names)
 
 TEST_SEED_OFFSET = 7_777_777  # the generator's split "test" draws with seed + this
 
@@ -44,23 +51,28 @@ class CodeTask(Task):
                "mbpp_plus": "MBPP+ (evalplus base + plus inputs)", "opencodeinstruct": "OpenCodeInstruct (training)"}
 
     def __init__(self, config=None, **overrides) -> None:
+        from rlm.plugins.tasks.code.judge import CodeJudge
+
         super().__init__(config, **overrides)
-        self.judge = code_eval.CodeJudge(self.config)
+        self.judge = CodeJudge(self.config)
 
     def examples(self, subset=None, *, split="train", limit=None, seed=0, path=None) -> list[Example]:
+        from rlm.plugins.tasks.code import loaders
+        from rlm.plugins.tasks.code.generator import generate_functions
+
         subset = self.check_subset(subset) or "gen"
         c = self.config
         if subset == "gen":
             n = c.n_train if split == "train" else c.n_test
-            return code_eval.generate_functions(n if limit is None else limit, split=split,
-                                                seed=seed + (0 if split == "train" else TEST_SEED_OFFSET),
-                                                max_constant=c.max_constant)
+            return generate_functions(n if limit is None else limit, split=split,
+                                      seed=seed + (0 if split == "train" else TEST_SEED_OFFSET),
+                                      max_constant=c.max_constant)
         if subset == "humaneval":
-            out = code_eval.load_humaneval(path or c.humaneval)
-        elif subset in code_eval.EVALPLUS:
-            out = code_eval.load_evalplus(subset, path or getattr(c, subset))
+            out = loaders.load_humaneval(path or c.humaneval)
+        elif subset in loaders.EVALPLUS:
+            out = loaders.load_evalplus(subset, path or getattr(c, subset))
         else:
-            out = code_eval.load_opencodeinstruct(path or c.opencodeinstruct, limit=limit)
+            out = loaders.load_opencodeinstruct(path or c.opencodeinstruct, limit=limit)
         return out[:limit] if limit is not None else out
 
     def reference_outputs(self, example: Example) -> bytes | None:
@@ -76,11 +88,14 @@ class CodeTask(Task):
         return s.get("pass_plus", s.get("pass", 0.0))
 
     def score_batch(self, examples, completions, *, progress=False):
-        return code_eval.score_in_parallel(self.score, examples, completions, workers=self.config.workers,
-                                           progress=progress)
+        from rlm.plugins.tasks.code.judge import score_in_parallel
+
+        return score_in_parallel(self.score, examples, completions, workers=self.config.workers, progress=progress)
 
     def metrics(self, scores):
-        return {code_eval.METRIC_NAMES.get(k, k): v for k, v in super().metrics(scores).items()}
+        from rlm.plugins.tasks.code.judge import METRIC_NAMES
+
+        return {METRIC_NAMES.get(k, k): v for k, v in super().metrics(scores).items()}
 
 
 @hookimpl

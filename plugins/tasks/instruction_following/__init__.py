@@ -1,4 +1,11 @@
-"""Instruction following: IFEval-type verifiable constraints, scored with lm-eval's IFEval registry."""
+"""Instruction following: IFEval-type verifiable constraints, scored with lm-eval's IFEval registry.
+
+The package holds the whole task: :mod:`~rlm.plugins.tasks.instruction_following.generator` (the ``generated``
+subset), :mod:`~rlm.plugins.tasks.instruction_following.loaders` (IFEval / IFBench, RLVR-IF, Tulu-3) and
+:mod:`~rlm.plugins.tasks.instruction_following.checks` (lm-eval's checkers, reward, IFEval metrics); the offline
+NLTK data the checkers need is shared core code (:mod:`rlm.core.eval.nltk_data`). This module, the entry point
+``rlm plugins`` imports, holds the config and the Task class and imports the others inside its methods.
+"""
 
 from __future__ import annotations
 
@@ -45,50 +52,51 @@ class InstructionFollowing(Task):
     def examples(self, subset: str | None = None, *, split: str = "train", limit: int | None = None,
                  seed: int = 0, path: str | None = None) -> list[Example]:
         from rlm.core.io.records import shared_data_file
-        from rlm.plugins.tasks.instruction_following import ifeval
+        from rlm.plugins.tasks.instruction_following.generator import generate
+        from rlm.plugins.tasks.instruction_following.loaders import load
 
         subset = self.check_subset(subset) or "generated"
         c = self.config
         if subset == "generated" and path is None:
-            rows = ifeval.generate(limit or c.num_examples, seed + (c.test_seed_offset if split == "test" else 0),
-                                   c.min_constraints, c.max_constraints, c.min_sentences, c.max_sentences)
+            rows = generate(limit or c.num_examples, seed + (c.test_seed_offset if split == "test" else 0),
+                            c.min_constraints, c.max_constraints, c.min_sentences, c.max_sentences)
         else:
             fmt, filename, hub = SOURCES.get(subset, ("rlvr", None, None))
             if path is None:
                 path = shared_data_file(filename) if filename else None
                 if path is None:  # these hub datasets publish one split, "train", whatever the use
                     path, split = hub, "train"
-            rows = ifeval.load(path, fmt, split=split)[:limit]
+            rows = load(path, fmt, split=split)[:limit]
         return [Example(id=r["key"], prompt=r["prompt"], reference=r.get("reference"),
                         answer={"instruction_id_list": r["instruction_id_list"], "kwargs": r["kwargs"]},
                         meta={"key": r["key"], "subset": subset}) for r in rows]
 
     def _flags(self, example: Example, completion: Any, loose: bool = False) -> list[bool | None]:
-        from rlm.plugins.tasks.instruction_following import ifeval
+        from rlm.plugins.tasks.instruction_following.checks import check
 
         ans = example.answer if isinstance(example.answer, dict) else {}
-        return ifeval.check(example.prompt, ans.get("instruction_id_list", []), ans.get("kwargs", []),
-                            completion, loose=loose)
+        return check(example.prompt, ans.get("instruction_id_list", []), ans.get("kwargs", []), completion,
+                     loose=loose)
 
     def reward(self, example: Example, completion: str) -> float:
-        from rlm.plugins.tasks.instruction_following import ifeval
+        from rlm.plugins.tasks.instruction_following.checks import fraction_followed
 
         try:
-            return ifeval.fraction_followed(self._flags(example, completion), self.config.unsupported)
+            return fraction_followed(self._flags(example, completion), self.config.unsupported)
         except Exception:
             return 0.0
 
     def score(self, example: Example, completion: str) -> dict[str, Any]:
-        from rlm.plugins.tasks.instruction_following import ifeval
+        from rlm.plugins.tasks.instruction_following.checks import fraction_followed
 
         strict, loose = self._flags(example, completion), self._flags(example, completion, loose=True)
-        return {"reward": ifeval.fraction_followed(strict, self.config.unsupported), "strict": strict, "loose": loose}
+        return {"reward": fraction_followed(strict, self.config.unsupported), "strict": strict, "loose": loose}
 
     def metrics(self, scores: list[dict[str, Any]]) -> dict[str, float]:
-        from rlm.plugins.tasks.instruction_following import ifeval
+        from rlm.plugins.tasks.instruction_following.checks import aggregate
 
-        out = ifeval.aggregate([s.get("strict", []) for s in scores], [s.get("loose", []) for s in scores],
-                               self.config.unsupported)
+        out = aggregate([s.get("strict", []) for s in scores], [s.get("loose", []) for s in scores],
+                        self.config.unsupported)
         out.pop("n", None)
         out["reward"] = sum(float(s.get("reward", 0.0)) for s in scores) / len(scores) if scores else 0.0
         return out

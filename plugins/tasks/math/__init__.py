@@ -1,5 +1,11 @@
 """The ``math`` task: arithmetic generator, GSM8K, MATH-500 and OpenMathInstruct-2; math-verify reward and
-GSM8K strict / flexible extraction as lm-evaluation-harness scores it (engine: :mod:`rlm.plugins.tasks.math.verify`)."""
+GSM8K strict / flexible extraction as lm-evaluation-harness scores it.
+
+The package holds the whole task: :mod:`~rlm.plugins.tasks.math.generator` (the ``gen`` subset),
+:mod:`~rlm.plugins.tasks.math.loaders` (GSM8K, MATH-500, OpenMathInstruct-2) and
+:mod:`~rlm.plugins.tasks.math.verify` (answer formats, reward, lm-eval scores). This module, the entry point
+``rlm plugins`` imports, holds the config and the Task class and imports the others inside its methods.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,6 @@ from typing import Any
 
 from rlm.core.contracts import Example, PluginConfig, Task
 from rlm.core.hookspecs import hookimpl
-from rlm.plugins.tasks.math import verify as math_eval
-from rlm.plugins.tasks.math.verify import FALLBACK, exact_match, extract_flexible, extract_strict  # noqa: F401 - re-exported (public names)
 
 TEST_SEED_OFFSET = 10_000_019  # the generator's split "test" draws with seed + this
 
@@ -40,31 +44,38 @@ class MathTask(Task):
                "openmath": "OpenMathInstruct-2 (training data)"}
 
     def examples(self, subset=None, *, split="train", limit=None, seed=0, path=None) -> list[Example]:
+        from rlm.plugins.tasks.math import loaders
+        from rlm.plugins.tasks.math.generator import generate_arithmetic
+
         subset = self.check_subset(subset) or "gen"
         c = self.config
         if subset == "gen":
             n = c.n_train if split == "train" else c.n_test
-            return math_eval.generate_arithmetic(
+            return generate_arithmetic(
                 n if limit is None else limit, seed=seed + (0 if split == "train" else TEST_SEED_OFFSET), split=split,
                 min_ops=c.min_ops, max_ops=c.max_ops, min_operand=c.min_operand, max_operand=c.max_operand,
                 operators=c.operators)
         if subset == "gsm8k":
-            out = math_eval.load_gsm8k(path or c.gsm8k, split)
+            out = loaders.load_gsm8k(path or c.gsm8k, split)
         elif subset == "math500":
-            out = math_eval.load_math500(path or c.math500)
+            out = loaders.load_math500(path or c.math500)
         else:
-            out = math_eval.load_openmath(path or c.openmath, "train_1M" if path is None else split, limit=limit)
+            out = loaders.load_openmath(path or c.openmath, "train_1M" if path is None else split, limit=limit)
         return out[:limit] if limit is not None else out
 
     def reward(self, example: Example, completion: str) -> float:
+        from rlm.plugins.tasks.math.verify import verify_answer
+
         if not isinstance(completion, str):
             return 0.0
-        return math_eval.verify_answer(str(example.answer), completion, example.meta.get("format", "hash"),
-                                       timeout_seconds=self.config.timeout_seconds, max_chars=self.config.max_chars)
+        return verify_answer(str(example.answer), completion, example.meta.get("format", "hash"),
+                             timeout_seconds=self.config.timeout_seconds, max_chars=self.config.max_chars)
 
     def score(self, example: Example, completion: str) -> dict[str, Any]:
-        return math_eval.score_answer(example, completion, timeout_seconds=self.config.timeout_seconds,
-                                      max_chars=self.config.max_chars)
+        from rlm.plugins.tasks.math.verify import score_answer
+
+        return score_answer(example, completion, timeout_seconds=self.config.timeout_seconds,
+                            max_chars=self.config.max_chars)
 
 
 @hookimpl

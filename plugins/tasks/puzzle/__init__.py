@@ -1,4 +1,11 @@
-"""Knights and Knaves logic puzzles: 2-8 people in-domain, 9-13 out-of-domain; every role must be right."""
+"""Knights and Knaves logic puzzles: 2-8 people in-domain, 9-13 out-of-domain; every role must be right.
+
+The package holds the whole task: :mod:`~rlm.plugins.tasks.puzzle.logic` (statements, truth values, brute-force
+solver), :mod:`~rlm.plugins.tasks.puzzle.generator` (unique-solution puzzles), :mod:`~rlm.plugins.tasks.puzzle.render`
+(prompt and reference text) and :mod:`~rlm.plugins.tasks.puzzle.verify` (answer parsing, reward). The task has
+no data files. This module, the entry point ``rlm plugins`` imports, holds the config and the Task class and
+imports the others inside its methods.
+"""
 
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ class Puzzle(Task):
         import random
 
         from rlm.core.errors import RlmError
-        from rlm.plugins.tasks.puzzle import knights
+        from rlm.plugins.tasks.puzzle.generator import make
 
         subset = self.check_subset(subset) or "id"
         if path is not None:
@@ -51,7 +58,7 @@ class Puzzle(Task):
         for i in range(limit or c.num_examples):
             lo, hi = ranges[subset][i % len(ranges[subset])]
             n = rng.randint(lo, hi)
-            p = knights.make(n, rng, c.depth, c.width)
+            p = make(n, rng, c.depth, c.width)
             domain = "id" if c.id_min_people <= n <= c.id_max_people else "ood"
             out.append(Example(id=f"kk-{split}-{seed}-{i}", prompt=p["prompt"], answer=p["solution"],
                                reference=p["reference"],
@@ -60,10 +67,10 @@ class Puzzle(Task):
         return out
 
     def reward(self, example: Example, completion: str) -> float:
-        from rlm.plugins.tasks.puzzle import knights
+        from rlm.plugins.tasks.puzzle.verify import is_correct
 
         sol = example.answer if isinstance(example.answer, dict) else {}
-        return 1.0 if knights.is_correct(completion, sol) else 0.0
+        return 1.0 if is_correct(completion, sol) else 0.0
 
     def score(self, example: Example, completion: str) -> dict[str, Any]:
         return {"reward": self.reward(example, completion), "people": example.meta.get("people"),

@@ -1,4 +1,11 @@
-"""Negation-sensitive ranking (NevIR, Rank1 data): pick the relevant passage; NevIR paired accuracy."""
+"""Negation-sensitive ranking (NevIR, Rank1 data): pick the relevant passage; NevIR paired accuracy.
+
+The package holds the whole task: :mod:`~rlm.plugins.tasks.rank.prompts` (pairwise and pointwise prompts),
+:mod:`~rlm.plugins.tasks.rank.generator` (the ``generated`` subset), :mod:`~rlm.plugins.tasks.rank.loaders`
+(NevIR, Rank1) and :mod:`~rlm.plugins.tasks.rank.verify` (answer parsing, paired accuracy). This module, the
+entry point ``rlm plugins`` imports, holds the config and the Task class and imports the others inside its
+methods.
+"""
 
 from __future__ import annotations
 
@@ -28,40 +35,41 @@ class Rank(Task):
 
     def examples(self, subset: str | None = None, *, split: str = "train", limit: int | None = None,
                  seed: int = 0, path: str | None = None) -> list[Example]:
-        from rlm.plugins.tasks.rank import nevir
+        from rlm.plugins.tasks.rank.generator import generate_pairs
+        from rlm.plugins.tasks.rank.loaders import load_nevir, load_rank1
 
         subset = self.check_subset(subset) or "generated"
         c = self.config
         if subset == "generated" and path is None:
             n_pairs = -(-limit // 2) if limit else c.num_pairs
-            rows = nevir.generate_pairs(n_pairs, seed + (c.test_seed_offset if split == "test" else 0))
+            rows = generate_pairs(n_pairs, seed + (c.test_seed_offset if split == "test" else 0))
         elif subset == "rank1":
-            rows = nevir.load_rank1(path or c.rank1_dataset, split=split)
+            rows = load_rank1(path or c.rank1_dataset, split=split)
         else:
-            rows = nevir.load_nevir(path or c.nevir_dataset, split=split, seed=seed)
+            rows = load_nevir(path or c.nevir_dataset, split=split, seed=seed)
         rows = rows[:limit] if limit else rows
         return [Example(id=r["id"], prompt=r["prompt"], answer=r["answer"], reference=r["reference"],
                         meta={"pair": r["pair"], "query": r["query"]}) for r in rows]
 
     def reward(self, example: Example, completion: str) -> float:
-        from rlm.plugins.tasks.rank import nevir
+        from rlm.plugins.tasks.rank.verify import parse_bool, parse_choice
 
         if isinstance(example.answer, bool):
-            return 1.0 if nevir.parse_bool(completion) is example.answer else 0.0
+            return 1.0 if parse_bool(completion) is example.answer else 0.0
         if example.answer not in ("A", "B"):
             return 0.0
-        return 1.0 if nevir.parse_choice(completion) == example.answer else 0.0
+        return 1.0 if parse_choice(completion) == example.answer else 0.0
 
     def score(self, example: Example, completion: str) -> dict[str, Any]:
         return {"reward": self.reward(example, completion), "pair": example.meta.get("pair")}
 
     def metrics(self, scores: list[dict[str, Any]]) -> dict[str, float]:
-        from rlm.plugins.tasks.rank import nevir
+        from rlm.plugins.tasks.rank.verify import paired_accuracy
 
         out = {"accuracy": sum(float(s.get("reward", 0.0)) for s in scores) / len(scores) if scores else 0.0}
         paired = [(s["pair"], float(s.get("reward", 0.0)) == 1.0) for s in scores if s.get("pair") is not None]
         if paired:
-            out["paired_accuracy"], out["n_pairs"] = nevir.paired_accuracy(paired)
+            out["paired_accuracy"], out["n_pairs"] = paired_accuracy(paired)
         return out
 
 

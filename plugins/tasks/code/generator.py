@@ -1,0 +1,43 @@
+"""Offline generator of the ``code`` task's ``gen`` subset: one-line Python functions from templates, each
+with generated test inputs (judged like evalplus, base inputs only: outputs compared with the canonical
+solution's)."""
+
+from __future__ import annotations
+
+import random
+
+from rlm.core.contracts import Example
+from rlm.plugins.tasks.code.program import FORMAT
+
+# (name template, description, body, input kind) for the generator; ``k`` is a random constant
+FUNCTION_TEMPLATES = [
+    ("add_{k}", "returns x plus {k}", "return x + {k}", "int"),
+    ("times_{k}", "returns x multiplied by {k}", "return x * {k}", "int"),
+    ("sub_{k}", "returns x minus {k}", "return x - {k}", "int"),
+    ("is_multiple_of_{k}", "returns True if x is divisible by {k}, else False", "return x % {k} == 0", "int"),
+    ("sum_list", "returns the sum of the list x", "return sum(x)", "list"),
+    ("max_list", "returns the largest number in the non-empty list x", "return max(x)", "list"),
+    ("count_{k}", "returns how many times the number {k} occurs in the list x", "return x.count({k})", "list"),
+    ("reverse_list", "returns the list x reversed", "return x[::-1]", "list"),
+]
+
+
+def generate_functions(n: int, *, seed: int = 0, split: str = "train", max_constant: int = 9) -> list[Example]:
+    """``n`` one-line function tasks with generated test inputs (checked like evalplus, base inputs only)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name_t, desc_t, body_t, kind = rng.choice(FUNCTION_TEMPLATES)
+        k = rng.randint(2, max_constant)
+        name, desc, body = name_t.format(k=k), desc_t.format(k=k), body_t.format(k=k)
+        if kind == "int":
+            inputs = [[rng.randint(-20, 50)] for _ in range(5)]
+        else:
+            inputs = [[[rng.randint(0, 9) for _ in range(rng.randint(1, 6))]] for _ in range(5)]
+        canon = f"def {name}(x):\n    {body}\n"
+        out.append(Example(
+            id=f"gen/{split}/{seed}/{i}", prompt=f"Write a Python function `{name}(x)` that {desc}.\n\n{FORMAT}",
+            answer={"kind": "io", "dataset": "gen", "canonical": canon, "entry_point": name, "atol": 0,
+                    "base_input": inputs, "plus_input": [], "prompt_code": ""},
+            reference=f"```python\n{canon}```", meta={"dataset": "gen"}))
+    return out

@@ -1,0 +1,32 @@
+"""Offline generator of the ``math`` task's ``gen`` subset: seeded arithmetic problems with step-by-step
+reference solutions, answered in the ``#### ANSWER`` format."""
+
+from __future__ import annotations
+
+import random
+
+from rlm.core.contracts import Example
+from rlm.plugins.tasks.math.verify import HASH_FORMAT
+
+
+def generate_arithmetic(n: int, *, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 1,
+                        min_operand: int = 0, max_operand: int = 9, operators: str = "+") -> list[Example]:
+    """``n`` arithmetic problems; each applies ``min_ops..max_ops`` operators (drawn from ``operators``, any of
+    ``+-*``) left to right on operands in ``min_operand..max_operand``."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = rng.randint(min_ops, max_ops)
+        value = rng.randint(min_operand, max_operand)
+        expr, steps = str(value), []
+        for _ in range(k):
+            op = rng.choice(operators)
+            b = rng.randint(min_operand, max_operand)
+            new = {"+": value + b, "-": value - b, "*": value * b}[op]
+            steps.append(f"{value} {op} {b} = {new}")
+            expr = f"({expr} {op} {b})" if len(steps) < k else f"{expr} {op} {b}"
+            value = new
+        out.append(Example(id=f"gen/{split}/{seed}/{i}", prompt=f"What is {expr}?\n\n{HASH_FORMAT}",
+                           answer=str(value), reference="\n".join(steps) + f"\n#### {value}",
+                           meta={"format": "hash", "ops": k}))
+    return out

@@ -1,0 +1,56 @@
+"""Offline generator of the ``rank`` task's ``generated`` subset: negation pairs about invented places and
+things ("the Marrow lake freezes over every winter" / "does not freeze over"), each as two pairwise examples
+with reference responses."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from rlm.plugins.tasks.rank.prompts import pair_examples
+
+# (kind, names, positive predicate, negative predicate, filler about the subject)
+FACTS = (
+    ("lake", ("Marrow", "Silverpine", "Kettle", "Aldwin", "Brightwater"), "freezes over every winter",
+     "does not freeze over in winter", "It lies in a wide valley and is popular with walkers."),
+    ("bridge", ("Harlow", "Eastgate", "Corran", "Millbrook", "Tessel"), "allows cars to cross",
+     "does not allow cars to cross", "It was built of stone more than a century ago."),
+    ("museum", ("Orchard", "Vale", "Northfield", "Copperleaf", "Linden"), "charges an entry fee",
+     "does not charge an entry fee", "Its collection covers local history and old tools."),
+    ("bakery", ("Rosehill", "Fenwick", "Calder", "Moss Lane", "Greystone"), "opens on Sundays",
+     "does not open on Sundays", "It is known for rye bread and small pastries."),
+    ("train line", ("Westmoor", "Ashby", "Kingsford", "Redcliff", "Elm Valley"), "runs at night",
+     "does not run at night", "It links several market towns along the coast."),
+    ("plant", ("sun lily", "marsh fern", "rock clover", "dusk vine", "pale sedge"), "needs direct sunlight",
+     "does not need direct sunlight", "Gardeners grow it in pots and borders."),
+    ("school", ("Hollin", "Brackenridge", "Oakhurst", "Sutter", "Lowmere"), "requires uniforms",
+     "does not require uniforms", "It teaches around four hundred pupils."),
+    ("island", ("Skerra", "Illan", "Corvo Minor", "Tarrow", "Buna"), "has a ferry service",
+     "does not have a ferry service", "Seabirds nest along its rocky shore."),
+    ("library", ("Fairhaven", "Dunmore", "Pellworth", "Stanton", "Ivybridge"), "lends books to visitors",
+     "does not lend books to visitors", "Its reading room has tall windows."),
+    ("medicine", ("Cortalin", "Vexaprin", "Lumidol", "Serafen", "Oxtrel"), "is safe to take with food",
+     "is not safe to take with food", "Doctors prescribe it for mild pain."),
+    ("park", ("Birchwood", "Heron", "Kestrel", "Meadowbank", "Saltmarsh"), "allows dogs off the lead",
+     "does not allow dogs off the lead", "It has a pond, a playground and a café."),
+    ("mountain pass", ("Grisdale", "Torran", "Hallam", "Ravensgill", "Culver"), "stays open all year",
+     "does not stay open all year", "Hikers use it to cross between two valleys."),
+)
+QUERY_FORMS = ("Which {kind} {pred}?", "a {kind} that {pred}", "find the {kind} which {pred}")
+
+
+def generate_pairs(n_pairs: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n_pairs`` negation pairs as pairwise examples (two per pair), each with a reference response."""
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for i in range(n_pairs):
+        kind, names, pos, neg, filler = rng.choice(FACTS)
+        name = rng.choice(names)
+        subject = f"The {name} {kind}" if kind not in ("plant", "medicine") else f"The {kind} {name}"
+        form = rng.choice(QUERY_FORMS)
+        q1, q2 = form.format(kind=kind, pred=pos), form.format(kind=kind, pred=neg)
+        p1, p2 = f"{subject} {pos}. {filler}", f"{subject} {neg}. {filler}"
+        subj = "t" + subject[1:]
+        explain = (f"a {kind} that {pos}", f"a {kind} that {neg}", f"{subj} {pos}", f"{subj} {neg}")
+        out += pair_examples(f"gen-{seed}-{i}", q1, q2, p1, p2, rng, explain)
+    return out
