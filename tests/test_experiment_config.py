@@ -11,16 +11,10 @@ from rlm.core.contracts import MergeMethod, PluginConfig, Task, Trainer
 from rlm.core.errors import ConfigError
 from rlm.core.hookspecs import hookimpl
 from rlm.core.plugins import PluginSystem
-from rlm.core.study.config import (
-    STEP_KINDS,
-    ExperimentConfig,
-    build_graph,
-    check_plugins,
-    list_presets,
-    load_experiment,
-    plan_steps,
-    preset_data,
-)
+from rlm.core.study.check import check_plugins, method_settings
+from rlm.core.study.config import ExperimentConfig
+from rlm.core.study.plan import STEP_KINDS, build_graph, plan_steps
+from rlm.core.study.presets import list_presets, load_experiment, preset_data
 
 SMALL = {
     "name": "small",
@@ -65,7 +59,12 @@ def test_preset_contents():
     assert [t.name for t in paper.trainers] == ["sft", "rft", "grpo", "ppo", "reinforce_pp", "rl_pos"]
     ta = paper.method("task_arithmetic")
     ties = paper.method("ties")
-    assert ta.params == {"lambda": 0.7} and ties.model_params == {"weight": 0.5, "density": 0.8}
+    assert ta.preset == "paper" and ta.params == {} and ties.preset == "paper" and ties.model_params == {}
+    from rlm.plugins.mergers.task_arithmetic import TaskArithmetic
+    from rlm.plugins.mergers.ties import Ties
+
+    assert method_settings(TaskArithmetic, ta)[0] == {"lambda": 0.7}
+    assert method_settings(Ties, ties)[1] == {"weight": 0.5, "density": 0.8}
     assert paper.trainer("grpo").config["lr"] == 1e-6 and paper.trainer("sft").config["lr"] == 5e-6
     assert paper.table3_groups() == ("grpo", "rl_pos")
 
@@ -331,7 +330,7 @@ def test_presets_match_installed_plugins(name):
 
 
 def test_collect_scores_feeds_table1_and_curve():
-    from rlm.core.study.config import collect_scores
+    from rlm.core.study.scores import collect_scores
     from rlm.core.study.tables import table1
 
     cfg = load_experiment({**SMALL, "seeds": [0, 1], "eval": {"include_start": True},
@@ -369,8 +368,6 @@ def test_collect_scores_feeds_table1_and_curve():
 
 
 def test_merged_models_are_ephemeral_only_when_not_kept():
-    from rlm.core.study.config import load_experiment, plan_steps
-
     paper = plan_steps(load_experiment("paper"))
     merges = [s for s in paper if s.kind == "merge"]
     assert merges and all(s.ephemeral for s in merges)

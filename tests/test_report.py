@@ -10,13 +10,12 @@ import math
 import numpy as np
 import pytest
 
+from rlm.core.study.figures import plot_landscape, plot_num_models_curve
 from rlm.core.study.tables import (
     ReportError,
     as_score,
     bootstrap_relative_change,
     parse_pair,
-    plot_landscape,
-    plot_num_models_curve,
     relative_change,
     table1,
     table2,
@@ -150,26 +149,32 @@ def test_scores_from_mappings_keep_sources():
 
 
 def test_table2_and_table3(tmp_path):
-    t2 = table2({"sft/math": {"update_norm": 6.5, "fraction_updated": 0.77, "threshold": 1e-5},
-                 "grpo/math": {"update_norm": 0.78, "fraction_updated": 0.22}})
+    # Table 2: whatever cells the rows have, columns in order of first appearance, "|" escaped in Markdown
+    t2 = table2({"sft/math": {"norm": 6.5, "updated (|τ| > 1e-05)": "77.00 %", "source": "steps/c"},
+                 "grpo/math": {"norm": 0.78, "extra": 3}},
+                formatter=lambda v: f"<{v}>", notes=["a note"])
+    assert t2.columns == ["model", "norm", "updated (|τ| > 1e-05)", "source", "extra"]
     md = t2.to_markdown()
-    assert "| sft/math | 6.5 | 77.00 |" in md and "| grpo/math | 0.78 | 22.00 |" in md and "1e-05" in md
+    assert "| model | norm | updated (\\|τ\\| > 1e-05) | source | extra |" in md
+    assert "| <sft/math> | <6.5> | <77.00 %> | <steps/c> | – |" in md and "| <grpo/math> | <0.78> | – | – | <3> |" in md
+    assert "- a note" in md
     paths = t2.write(tmp_path, "table2")
-    assert json.loads(paths["json"].read_text())["rows"][1]["fraction updated (%)"] == pytest.approx(22.0)
-    with pytest.raises(ReportError, match="update_norm"):
-        table2({"x": {"fraction_updated": 0.1}})
+    assert json.loads(paths["json"].read_text())["rows"][1]["norm"] == pytest.approx(0.78)
+    assert "updated (|τ| > 1e-05)" in paths["csv"].read_text().splitlines()[0]
+    with pytest.raises(ReportError, match="no models"):
+        table2({})
 
     unmerged = {"grpo": {"a": 0.5, "b": 0.4}, "rl_pos": {"a": 0.5, "b": 0.5}, "sft": {"a": 0.9, "b": 0.9}}
     merged = {g: {"ties": {"a|b": {"a": 0.45, "b": 0.4}}} for g in unmerged}
     t1 = table1(unmerged, merged, n_boot=0)
-    t3 = table3(t1)
+    t3 = table3(t1, "grpo", "rl_pos")
     md3 = t3.to_markdown()
     assert "| grpo | ties | 45.0 (-10.0%) | 40.0 (+0.0%) | 42.5 (-5.6%) |" in md3
     assert "| rl_pos | ties | 45.0 (-10.0%) | 40.0 (-20.0%) | 42.5 (-15.0%) |" in md3
     assert "sft" not in md3
-    assert table3(t1.to_json()["groups"]).rows == t3.rows  # from the plain JSON mapping as well
+    assert table3(t1.to_json()["groups"], "grpo", "rl_pos").rows == t3.rows  # from the plain JSON mapping as well
     with pytest.raises(ReportError, match="no group 'ppo'"):
-        table3(t1, rl="ppo")
+        table3(t1, "ppo", "rl_pos")
 
 
 def test_pngs_written_and_nonempty(tmp_path):
@@ -190,7 +195,7 @@ def test_pngs_written_and_nonempty(tmp_path):
 
 
 def test_training_curves(tmp_path):
-    from rlm.core.study.tables import plot_training_curves, read_metrics_jsonl
+    from rlm.core.study.figures import plot_training_curves, read_metrics_jsonl
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps({"step": s, "reward_mean": s / 10, "adv_abs_mean": 1 / (s + 1),

@@ -12,8 +12,9 @@ import pytest
 
 from rlm.core.cli import main
 from rlm.core.errors import RlmError
-from rlm.core.study.config import load_experiment, plan_steps
 from rlm.core.study.graph import StepFailed
+from rlm.core.study.plan import plan_steps
+from rlm.core.study.presets import load_experiment
 
 
 def _results(run: Path) -> dict[str, dict]:
@@ -57,7 +58,7 @@ def _check_table1(run: Path, groups: list[str], tasks: list[str], methods: list[
 # -- the micro preset end to end --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    from rlm.core.cli.experiment import run_study
+    from rlm.core.study.run import run_study
 
     cfg = load_experiment("micro")
     run = tmp_path_factory.mktemp("micro") / "run"
@@ -79,17 +80,27 @@ def test_micro_end_to_end(micro_run):
     for needle in ("Table 1", "Table 2", "Table 3", "Training curves", "Landscape", "Provenance",
                    "evaluation examples per cell", "bootstrap: 200 resamples", "training seeds: 0"):
         assert needle in md, needle
-    # Table 2 comes from the conflicts steps, which agree with the weights on disk
+    # Table 2 comes from the conflicts steps (every model-scope column of the metrics that ran), which agree
+    # with the weights on disk
     res = _results(run)
     t2 = json.loads((rep / "table2.json").read_text())
     row = next(r for r in t2["rows"] if r["model"] == "sft/math")
+    conflicts = res["conflicts.sft.s0"]["result"]
+    assert row == {"model": "sft/math", **conflicts["models"]["math"], "source": row["source"]}
+    assert (run / row["source"] / "conflicts.json").is_file()
     from safetensors.numpy import load_file
 
     base = load_file(str(next((run / "steps").glob("warmup-*")) / "run" / "final" / "model.safetensors"))
     expert = load_file(str(next((run / "steps").glob("train.sft.math.s0-*")) / "run" / "final" / "model.safetensors"))
     norm = math.sqrt(sum(float(((expert[k].astype(np.float64) - base[k].astype(np.float64)) ** 2).sum())
                          for k in base))
-    assert row["update norm"] == pytest.approx(norm, rel=1e-6)
+    data = json.loads((run / row["source"] / "conflicts.json").read_text())
+    assert data["models"]["math"]["update_norm"] == pytest.approx(norm, rel=1e-6)
+    assert any(isinstance(v, float) and v == pytest.approx(norm, rel=1e-6) for v in row.values())
+    # the pair table holds every pair-scope column; the conflicts steps' figures are embedded
+    pair_columns = [c for cells in conflicts["pairs"].values() for c in cells]
+    assert pair_columns and all(c in md for c in pair_columns)
+    assert all(f"figures/conflicts-sft-s0-{f.replace('/', '-')}" in md for f in conflicts["figures"])
     # the landscape's (0, 0) is the expert and (1, 0) the merged model, on the same first examples
     land = json.loads((next((run / "steps").glob("landscape.sft.s0-*")) / "landscape.json").read_text())
     n = land["n"]
@@ -97,7 +108,7 @@ def test_micro_end_to_end(micro_run):
     merged_pe = res["eval_merged.sft.math+puzzle.averaging.s0.math"]["result"]["per_example"][:n]
     assert land["per_example"][0][0] == expert_pe and land["per_example"][1][0] == merged_pe
     # Table 1 printed by the CLI path is the same file; a rerun finds every step finished
-    from rlm.core.cli.experiment import run_study
+    from rlm.core.study.run import run_study
 
     again = run_study(cfg, run, progress=False)
     assert again.executed == [] and again.ok
@@ -105,7 +116,7 @@ def test_micro_end_to_end(micro_run):
 
 def test_resume_after_failed_step(micro_run):
     """A failing merge blocks only what depends on it; the rerun (real step functions) redoes exactly those."""
-    from rlm.core.cli.experiment import run_study
+    from rlm.core.study.run import run_study
     from rlm.core.study.steps import StudySteps
 
     _, run, _ = micro_run
@@ -154,7 +165,7 @@ def test_landscape_directions(tiny_model_dir, tmp_path):
     from safetensors.numpy import load_file
 
     from rlm.core.models.hf import load_model
-    from rlm.core.study.steps import Landscape
+    from rlm.core.study.landscape import Landscape
 
     merged = _perturbed(tiny_model_dir, tmp_path / "merged", 7)
     a = {k: v.astype(np.float64) for k, v in load_file(str(tiny_model_dir / "model.safetensors")).items()}
@@ -185,7 +196,7 @@ def test_landscape_directions(tiny_model_dir, tmp_path):
 
 # -- merge-eval ------------------------------------------------------------------------------------------
 def test_parse_experts_errors():
-    from rlm.core.cli.experiment import parse_experts
+    from rlm.core.study.run import parse_experts
 
     assert parse_experts("sft:math=a, sft:puzzle=b,grpo:math=c,grpo:puzzle=d") == {
         "sft": {"math": "a", "puzzle": "b"}, "grpo": {"math": "c", "puzzle": "d"}}

@@ -27,7 +27,7 @@ def shared_data_dir() -> Path | None:
     env = os.environ.get("RLM_SHARED_DATA")
     if env:
         return Path(env) if Path(env).is_dir() else None
-    here = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    here = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # core/io/records.py -> repository
     return here if here.is_dir() else None
 
 

@@ -131,6 +131,14 @@ class StepContext:
         work.mkdir(parents=True, exist_ok=True)
         return work
 
+    def run_relative(self, path: str | Path) -> str:
+        """``path`` relative to the run directory (both resolved), or as given when it lies elsewhere (how
+        reports and results name step directories)."""
+        try:
+            return str(Path(path).resolve().relative_to(Path(self.run_dir).resolve()))
+        except ValueError:
+            return str(path)
+
     def input(self, name: str) -> StepOutput:
         try:
             return self.inputs[name]
@@ -251,6 +259,19 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+@dataclass
+class _RunPlan:
+    """One :meth:`Graph.run`'s view of the graph (see :meth:`Graph._plan_run`)."""
+
+    run_dir: Path
+    order: list[str]
+    keys: dict[str, str]
+    wanted: set[str]
+    force: set[str]
+    dependents: dict[str, list[str]]
+    revive: set[str]
+
+
 class Graph:
     """An ordered set of steps; :meth:`run` executes them in dependency order with caching."""
 
@@ -346,38 +367,17 @@ class Graph:
         ``KeyboardInterrupt`` inside a step removes its partial output, records ``interrupted`` in
         ``graph.json`` and is re-raised.
         """
-        run_dir = Path(run_dir).resolve()
-        order = self.order()
-        keys = self.keys()
-        wanted = self.ancestors(targets) if targets is not None else set(order)
-        force = set(force)
-        unknown = force - set(self.steps)
-        if unknown:
-            raise GraphError(f"--force names unknown step(s): {', '.join(sorted(unknown))}")
-        summary = RunSummary(run_dir=run_dir)
-        for n in order:
-            summary.steps[n] = StepStatus(name=n, key=keys[n], status=PENDING if n in wanted else SKIPPED)
-
-        # A pruned ephemeral step is recomputed only if a wanted dependent has to run.
-        dependents: dict[str, list[str]] = {n: [] for n in order}
-        for n in order:
-            for d in self.steps[n].deps:
-                if n in wanted:
-                    dependents[d].append(n)
-        finished = {n: read_step_json(self.step_dir(run_dir, n, keys[n])) for n in order}
-        must_run = {n for n in wanted if finished[n] is None or n in force}
-        revive = {n for n in wanted if self.steps[n].ephemeral and (finished[n] or {}).get("pruned")
-                  and any(c in must_run for c in dependents[n])}
-
+        plan, summary = self._plan_run(Path(run_dir).resolve(), targets, set(force))
+        run_dir, keys, dependents = plan.run_dir, plan.keys, plan.dependents
         from rich.console import Console
 
         console = console or Console(stderr=True)
         log = (lambda msg: console.print(msg, highlight=False)) if progress else (lambda msg: None)
-        with _run_lock(run_dir), _progress(console, progress, len(wanted)) as bar:
+        with _run_lock(run_dir), _progress(console, progress, len(plan.wanted)) as bar:
             (run_dir / STEPS_DIR).mkdir(parents=True, exist_ok=True)
             self._write_graph_json(run_dir, summary)
             stop = False
-            for n in order:
+            for n in plan.order:
                 st = summary.steps[n]
                 if st.status == SKIPPED:
                     continue
@@ -395,7 +395,7 @@ class Graph:
                     bar.advance()
                     continue
                 cached = read_step_json(final)
-                if cached is not None and n not in force and n not in revive:
+                if cached is not None and n not in plan.force and n not in plan.revive:
                     st.status, st.result, st.seconds = CACHED, cached.get("result"), cached.get("seconds")
                     bar.advance()
                     self._prune_finished(step.deps, dependents, summary)
@@ -424,6 +424,29 @@ class Graph:
         log(f"steps: {counts[DONE]} run, {counts[CACHED]} cached, {counts[FAILED]} failed, {counts[BLOCKED]} blocked"
             f" [dim]({run_dir})[/dim]")
         return summary
+
+    def _plan_run(self, run_dir: Path, targets: Iterable[str] | None, force: set[str]) -> tuple[_RunPlan, RunSummary]:
+        """What :meth:`run` will look at: the steps in order with their keys, the wanted ones, their
+        dependents, and the pruned ephemeral steps to recompute (only if a wanted dependent has to run)."""
+        order = self.order()
+        keys = self.keys()
+        wanted = self.ancestors(targets) if targets is not None else set(order)
+        unknown = force - set(self.steps)
+        if unknown:
+            raise GraphError(f"--force names unknown step(s): {', '.join(sorted(unknown))}")
+        summary = RunSummary(run_dir=run_dir)
+        for n in order:
+            summary.steps[n] = StepStatus(name=n, key=keys[n], status=PENDING if n in wanted else SKIPPED)
+        dependents: dict[str, list[str]] = {n: [] for n in order}
+        for n in order:
+            for d in self.steps[n].deps:
+                if n in wanted:
+                    dependents[d].append(n)
+        finished = {n: read_step_json(self.step_dir(run_dir, n, keys[n])) for n in order}
+        must_run = {n for n in wanted if finished[n] is None or n in force}
+        revive = {n for n in wanted if self.steps[n].ephemeral and (finished[n] or {}).get("pruned")
+                  and any(c in must_run for c in dependents[n])}
+        return _RunPlan(run_dir, order, keys, wanted, force, dependents, revive), summary
 
     def _execute(self, step: Step, key: str, final: Path, run_dir: Path, inputs: dict[str, StepOutput],
                  log: Callable[[str], None]) -> tuple[Any, float]:

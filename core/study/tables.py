@@ -31,32 +31,28 @@ Table 1 (:func:`table1`)
     seeded by ``(seed, crc32("group|method|task"))``, so intervals do not depend on which other cells exist.
     Cells without per-example scores get no interval.
 
-Table 2 (:func:`table2`): update norm and fraction of parameters updated per model, from
-``{model: {"update_norm": x, "fraction_updated": y}}`` (the layout of ``conflicts.json``'s ``models``).
+Table 2 (:func:`table2`): one row per model with whatever cells the caller gives (the study report: the
+model-scope columns of the conflict metrics that ran, see :meth:`rlm.core.contracts.Metric.columns`).
 Table 3 (:func:`table3`): RL against RL-Pos, the Table 1 layout restricted to two groups, built from a
 :class:`Table1` or from its JSON ``groups`` mapping.
 
-Figures: :func:`plot_num_models_curve` (score against the number of merged experts, the paper's appendix
-D.2) and :func:`plot_landscape` (f(alpha, beta) heat-map, the paper's Fig. 4). matplotlib (Agg) is imported
-inside the functions.
+Everything here is numbers and Markdown/CSV/JSON; the report's figures are :mod:`rlm.core.study.figures`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from rlm.core.errors import RlmError
 from rlm.core.io.atomic import atomic_write_json, atomic_write_text
-from rlm.core.io.plots import _pyplot, save_figure
 
 AVERAGE = "Average"
 UNMERGED = "unmerged"
@@ -172,19 +168,28 @@ class SimpleTable:
     notes: list[str] = field(default_factory=list)
     formats: dict[str, str] = field(default_factory=dict)  # column -> format spec for Markdown
     data: dict[str, Any] = field(default_factory=dict)  # extra JSON payload
+    formatter: Callable[[Any], str] | None = None  # Markdown text of other cells (default: str)
 
     def _fmt(self, col: str, v: Any) -> str:
         if v is None or (isinstance(v, float) and not math.isfinite(v)):
             return "–"
         if isinstance(v, (int, float)) and not isinstance(v, bool) and col in self.formats:
             return format(v, self.formats[col])
-        return str(v)
+        return self.formatter(v) if self.formatter is not None else str(v)
 
-    def to_markdown(self) -> str:
-        lines = [f"## {self.title}", "", "| " + " | ".join(self.columns) + " |",
+    def table_lines(self) -> list[str]:
+        """The Markdown table alone (header, rule, rows; a "|" inside a header or cell is escaped)."""
+        def esc(text: str) -> str:
+            return text.replace("|", "\\|")
+
+        lines = ["| " + " | ".join(esc(c) for c in self.columns) + " |",
                  "|" + "|".join("---" for _ in self.columns) + "|"]
         for r in self.rows:
-            lines.append("| " + " | ".join(self._fmt(c, r.get(c)) for c in self.columns) + " |")
+            lines.append("| " + " | ".join(esc(self._fmt(c, r.get(c))) for c in self.columns) + " |")
+        return lines
+
+    def to_markdown(self) -> str:
+        lines = [f"## {self.title}", "", *self.table_lines()]
         if self.notes:
             lines.append("")
             lines.extend(f"- {n}" for n in self.notes)
@@ -402,6 +407,75 @@ def _ordered(explicit: Sequence[str] | None, found: Iterable[str]) -> list[str]:
     return list(explicit) if explicit is not None else list(dict.fromkeys(found))
 
 
+_Boot = tuple[np.ndarray, np.ndarray]  # bootstrap means of a cell and of its unmerged score
+
+
+def _merged_scores(groups: Sequence[str], merged: Mapping[str, Mapping[str, Mapping[Any, Mapping[str, Any]]]]
+                   ) -> tuple[dict[str, dict[str, dict[tuple[str, str], dict[str, Score]]]], list[str], list[str]]:
+    """Merged scores normalised to group -> method -> pair -> task -> Score, with the methods and tasks found
+    (in order of appearance)."""
+    mm: dict[str, dict[str, dict[tuple[str, str], dict[str, Score]]]] = {}
+    found_methods: list[str] = []
+    found_tasks: list[str] = []
+    for g in groups:
+        for m, pairs in (merged.get(g) or {}).items():
+            found_methods.append(m)
+            for pair, scores in pairs.items():
+                a, b = parse_pair(pair)
+                found_tasks += [a, b]
+                for t, v in scores.items():
+                    if t not in (a, b):
+                        raise ReportError(f"merged {g}/{m}/{a}|{b}: a score for {t!r}, which is not a task of the pair")
+                    mm.setdefault(g, {}).setdefault(m, {}).setdefault((a, b), {})[t] = as_score(v, f"merged {g}/{m}/{a}|{b}/{t}")
+    return mm, found_methods, found_tasks
+
+
+def _task_cell(g: str, m: str, t: str, pairs: Mapping[tuple[str, str], Mapping[str, Score]], u: Score | None,
+               expected: int, n_boot: int, ci: float, seed: int) -> tuple[Cell, _Boot | None]:
+    """One task cell of Table 1 and its bootstrap means (None without per-example scores)."""
+    got = [(p, s[t]) for p, s in pairs.items() if t in s]
+    cell = Cell(g, m, t, None, u.value if u else None, None, n_partners_expected=expected)
+    if not got:
+        return cell, None
+    cell.score = float(np.mean([s.value for _, s in got]))
+    cell.partners = [p[1] if p[0] == t else p[0] for p, _ in got]
+    cell.sources = [s.source for _, s in got if s.source]
+    ns = {s.n for _, s in got if s.n}
+    cell.n_examples = ns.pop() if len(ns) == 1 else None
+    if u is not None:
+        cell.rel_change = relative_change(cell.score, u.value)
+    if u is None or u.per_example is None or any(s.per_example is None for _, s in got) or n_boot <= 0:
+        return cell, None
+    rng = _cell_rng(seed, g, m, t)
+    means = _resampled_means(rng, [s.per_example for _, s in got] + [u.per_example], n_boot)
+    cell_b, u_b = np.mean(means[:-1], axis=0), means[-1]
+    if cell.rel_change is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ch = (cell_b - u_b) / u_b * 100.0
+        cell.ci_low, cell.ci_high, cell.n_undefined = _percentile_interval(ch, ci)
+    return cell, (cell_b, u_b)
+
+
+def _average_cell(g: str, m: str, task_cells: Sequence[Cell], unmerged_avg: float | None,
+                  boots: Sequence[_Boot | None], ci: float) -> Cell:
+    """The Average cell of a row from its task cells and their bootstrap means."""
+    avg = Cell(g, m, AVERAGE, None, unmerged_avg, None,
+               n_partners_expected=sum(c.n_partners_expected for c in task_cells))
+    avg.partners = [f"{c.task}:{p}" for c in task_cells for p in c.partners]
+    if not all(c.score is not None for c in task_cells):
+        return avg
+    avg.score = float(np.mean([c.score for c in task_cells]))
+    if unmerged_avg is not None:
+        avg.rel_change = relative_change(avg.score, unmerged_avg)
+        if all(b is not None for b in boots):
+            cb = np.mean([b[0] for b in boots], axis=0)
+            ub = np.mean([b[1] for b in boots], axis=0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ch = (cb - ub) / ub * 100.0
+            avg.ci_low, avg.ci_high, avg.n_undefined = _percentile_interval(ch, ci)
+    return avg
+
+
 def table1(unmerged: Mapping[str, Mapping[str, Any]],
            merged: Mapping[str, Mapping[str, Mapping[Any, Mapping[str, Any]]]], *,
            groups: Sequence[str] | None = None, methods: Sequence[str] | None = None,
@@ -415,22 +489,9 @@ def table1(unmerged: Mapping[str, Mapping[str, Any]],
     groups = _ordered(groups, [*unmerged, *merged])
     um: dict[str, dict[str, Score]] = {
         g: {t: as_score(v, f"unmerged {g}/{t}") for t, v in (unmerged.get(g) or {}).items()} for g in groups}
-    # normalise merged scores: group -> method -> pair -> task -> Score
-    mm: dict[str, dict[str, dict[tuple[str, str], dict[str, Score]]]] = {}
-    found_methods: list[str] = []
-    found_tasks: list[str] = [t for g in groups for t in um[g]]
-    for g in groups:
-        for m, pairs in (merged.get(g) or {}).items():
-            found_methods.append(m)
-            for pair, scores in pairs.items():
-                a, b = parse_pair(pair)
-                found_tasks += [a, b]
-                for t, v in scores.items():
-                    if t not in (a, b):
-                        raise ReportError(f"merged {g}/{m}/{a}|{b}: a score for {t!r}, which is not a task of the pair")
-                    mm.setdefault(g, {}).setdefault(m, {}).setdefault((a, b), {})[t] = as_score(v, f"merged {g}/{m}/{a}|{b}/{t}")
+    mm, found_methods, found_tasks = _merged_scores(groups, merged)
     methods = _ordered(methods, found_methods)
-    tasks = _ordered(tasks, found_tasks)
+    tasks = _ordered(tasks, [t for g in groups for t in um[g]] + found_tasks)
 
     cells: dict[tuple[str, str, str], Cell] = {}
     unmerged_avg: dict[str, float | None] = {}
@@ -443,81 +504,36 @@ def table1(unmerged: Mapping[str, Mapping[str, Any]],
             pairs = mm.get(g, {}).get(m, {})
             if not pairs:
                 continue
-            per_task_boot: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+            boots: list[_Boot | None] = []
             for t in tasks:
                 expected = len(g_tasks) - 1 if t in g_tasks else 0
-                got = [(p, s[t]) for p, s in pairs.items() if t in s]
-                u = um[g].get(t)
-                cell = Cell(g, m, t, None, u.value if u else None, None, n_partners_expected=expected)
-                if got:
-                    cell.score = float(np.mean([s.value for _, s in got]))
-                    cell.partners = [p[1] if p[0] == t else p[0] for p, _ in got]
-                    cell.sources = [s.source for _, s in got if s.source]
-                    ns = {s.n for _, s in got if s.n}
-                    cell.n_examples = ns.pop() if len(ns) == 1 else None
-                    if u is not None:
-                        cell.rel_change = relative_change(cell.score, u.value)
-                    per_task_boot[t] = None
-                    if u is not None and u.per_example is not None and all(s.per_example is not None for _, s in got) \
-                            and n_boot > 0:
-                        rng = _cell_rng(seed, g, m, t)
-                        means = _resampled_means(rng, [s.per_example for _, s in got] + [u.per_example], n_boot)
-                        cell_b, u_b = np.mean(means[:-1], axis=0), means[-1]
-                        per_task_boot[t] = (cell_b, u_b)
-                        if cell.rel_change is not None:
-                            with np.errstate(divide="ignore", invalid="ignore"):
-                                ch = (cell_b - u_b) / u_b * 100.0
-                            cell.ci_low, cell.ci_high, cell.n_undefined = _percentile_interval(ch, ci)
-                cells[(g, m, t)] = cell
-            # Average column
-            task_cells = [cells[(g, m, t)] for t in tasks]
-            avg = Cell(g, m, AVERAGE, None, unmerged_avg[g], None,
-                       n_partners_expected=sum(c.n_partners_expected for c in task_cells))
-            avg.partners = [f"{c.task}:{p}" for c in task_cells for p in c.partners]
-            if all(c.score is not None for c in task_cells):
-                avg.score = float(np.mean([c.score for c in task_cells]))
-                if unmerged_avg[g] is not None:
-                    avg.rel_change = relative_change(avg.score, unmerged_avg[g])
-                    boots = [per_task_boot.get(t) for t in tasks]
-                    if all(b is not None for b in boots):
-                        cb = np.mean([b[0] for b in boots], axis=0)
-                        ub = np.mean([b[1] for b in boots], axis=0)
-                        with np.errstate(divide="ignore", invalid="ignore"):
-                            ch = (cb - ub) / ub * 100.0
-                        avg.ci_low, avg.ci_high, avg.n_undefined = _percentile_interval(ch, ci)
-            cells[(g, m, AVERAGE)] = avg
+                cells[(g, m, t)], boot = _task_cell(g, m, t, pairs, um[g].get(t), expected, n_boot, ci, seed)
+                boots.append(boot)
+            cells[(g, m, AVERAGE)] = _average_cell(g, m, [cells[(g, m, t)] for t in tasks], unmerged_avg[g],
+                                                   boots, ci)
     return Table1(groups=groups, methods=methods, tasks=tasks, unmerged=um, cells=cells,
                   unmerged_average=unmerged_avg, n_boot=n_boot, ci=ci, seed=seed, scale=scale, digits=digits,
                   seeds=list(seeds) if seeds is not None else None, **({"title": title} if title else {}))
 
 
 # -- Table 2 and Table 3 ---------------------------------------------------------------------------------
-def table2(models: Mapping[str, Mapping[str, Any]], *, title: str = "Table 2: size of the updates",
-           extra_columns: Sequence[str] = ()) -> SimpleTable:
-    """Rows: models in the given order; columns: update norm ‖τ‖₂ and the fraction of parameters updated
-    (in percent; input as a fraction in [0, 1]), plus ``extra_columns`` copied from each model's dict."""
-    rows = []
-    for name, stats in models.items():
-        if "update_norm" not in stats or "fraction_updated" not in stats:
-            raise ReportError(f"table 2: model {name!r} needs 'update_norm' and 'fraction_updated'")
-        frac = stats["fraction_updated"]
-        row = {"model": name, "update norm": stats["update_norm"],
-               "fraction updated (%)": None if frac is None else float(frac) * 100.0}
-        for c in extra_columns:
-            row[c] = stats.get(c)
-        rows.append(row)
-    threshold = next((m.get("threshold") for m in models.values() if m.get("threshold") is not None), None)
-    notes = ["update norm: ‖θ_expert − θ_start‖₂ over all parameters; fraction updated: share of parameters "
-             f"with |τ| > {threshold if threshold is not None else 'the threshold'}."]
-    return SimpleTable(title, ["model", "update norm", "fraction updated (%)", *extra_columns], rows, notes,
-                       formats={"update norm": ".4g", "fraction updated (%)": ".2f",
-                                **{c: ".4g" for c in extra_columns}})
+def table2(models: Mapping[str, Mapping[str, Any]], *, title: str = "Table 2: task vectors of the experts",
+           first_column: str = "model", notes: Sequence[str] = (),
+           formatter: Callable[[Any], str] | None = None) -> SimpleTable:
+    """Rows: ``{model: {column: value}}`` in the given order; columns: every column of any row, in order of
+    first appearance (a row without a column shows "–"). ``formatter`` renders the Markdown cells."""
+    if not models:
+        raise ReportError("table 2: no models")
+    columns = list(dict.fromkeys(c for cells in models.values() for c in cells))
+    rows = [{first_column: name, **cells} for name, cells in models.items()]
+    return SimpleTable(title, [first_column, *columns], rows, list(notes), formatter=formatter)
 
 
-def table3(source: Table1 | Mapping[str, Any], rl: str = "grpo", rl_pos: str = "rl_pos", *,
+def table3(source: Table1 | Mapping[str, Any], rl: str, rl_pos: str, *,
            title: str = "Table 3: RL against RL-Pos (positive-advantage-only RL)") -> SimpleTable:
-    """The Table 1 layout for the ``rl`` and ``rl_pos`` groups only. ``source`` is a :class:`Table1` or its
-    JSON (``Table1.to_json()``, or just its ``groups`` mapping)."""
+    """The Table 1 layout for the groups ``rl`` (an RL trainer's) and ``rl_pos`` (its positive-advantage-only
+    variant's) only. ``source`` is a :class:`Table1` or its JSON (``Table1.to_json()``, or just its ``groups``
+    mapping)."""
     data = source.to_json() if isinstance(source, Table1) else dict(source)
     groups = data.get("groups", data)
     scale = float(data.get("scale", 100.0))
@@ -548,123 +564,3 @@ def _fmt_cell(score: Any, change: Any, lo: Any, hi: Any, scale: float) -> str:
         if lo is not None and hi is not None:
             text += f" [{float(lo):+.1f}, {float(hi):+.1f}]"
     return text
-
-
-# -- figures ---------------------------------------------------------------------------------------------
-def plot_num_models_curve(series: Mapping[str, Mapping[int, Any]], out: str | Path, *,
-                          ylabel: str = "mean score over the merged experts' tasks",
-                          title: str = "Merging more experts", dpi: int = 120) -> Path:
-    """Score against the number of merged experts N, one line per series (e.g. ``"sft/ties"``). A value is a
-    number or a list of numbers (several N-subsets): the line goes through their mean, a bar spans min..max."""
-    if not series:
-        raise ReportError("number-of-models curve: no series to plot")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    try:
-        for label, points in series.items():
-            if not points:
-                raise ReportError(f"number-of-models curve: series {label!r} has no points")
-            ns = sorted(int(n) for n in points)
-            vals = [np.atleast_1d(np.asarray(points[n] if n in points else points[str(n)], dtype=np.float64))
-                    for n in ns]
-            mean = np.array([v.mean() for v in vals])
-            lo = mean - np.array([v.min() for v in vals])
-            hi = np.array([v.max() for v in vals]) - mean
-            ax.errorbar(ns, mean, yerr=[lo, hi], marker="o", capsize=3, label=str(label))
-        ax.set_xlabel("number of merged experts N")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        return save_figure(fig, out, dpi)
-    finally:
-        plt.close(fig)
-
-
-def plot_landscape(alphas: Sequence[float], betas: Sequence[float], values: Any, out: str | Path, *,
-                   title: str = "f(α, β) = score(θ_a + α Δθ + β r)", label: str = "score",
-                   points: Mapping[str, tuple[float, float]] | None = None, dpi: int = 120) -> Path:
-    """Heat-map of ``values[i][j] = f(alphas[i], betas[j])`` (α on the x axis, β on the y axis), with marked
-    points (default: the expert at (0, 0) and the merged model at (1, 0))."""
-    a = np.asarray(alphas, dtype=np.float64)
-    b = np.asarray(betas, dtype=np.float64)
-    v = np.asarray(values, dtype=np.float64)
-    if v.shape != (a.size, b.size):
-        raise ReportError(f"landscape: values have shape {v.shape}, expected ({a.size}, {b.size}) = (alphas, betas)")
-    if a.size < 1 or b.size < 1:
-        raise ReportError("landscape: need at least one alpha and one beta")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 4.2))
-    try:
-        def edges(x: np.ndarray) -> np.ndarray:
-            if x.size == 1:
-                return np.array([x[0] - 0.5, x[0] + 0.5])
-            mid = (x[1:] + x[:-1]) / 2
-            return np.concatenate([[x[0] - (mid[0] - x[0])], mid, [x[-1] + (x[-1] - mid[-1])]])
-
-        mesh = ax.pcolormesh(edges(a), edges(b), v.T, shading="flat", cmap="viridis")
-        fig.colorbar(mesh, ax=ax, label=label)
-        for name, (x, y) in (points if points is not None else {"expert": (0.0, 0.0), "merged": (1.0, 0.0)}).items():
-            ax.plot([x], [y], marker="*", markersize=12, color="white", markeredgecolor="black")
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8, color="white")
-        ax.set_xlabel("α (towards the merged model)")
-        ax.set_ylabel("β (random direction)")
-        ax.set_title(title, fontsize=10)
-        return save_figure(fig, out, dpi)
-    finally:
-        plt.close(fig)
-
-
-TRAINING_CURVE_KEYS = ("reward_mean", "adv_abs_mean", "delta_norm")
-_CURVE_LABELS = {"reward_mean": "mean reward", "adv_abs_mean": "mean |advantage|", "delta_norm": "‖θ − θ0‖₂",
-                 "kl": "KL", "accuracy": "accuracy", "entropy": "entropy", "grad_norm": "grad norm"}
-
-
-def read_metrics_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The per-step records of a training run's ``metrics.jsonl`` (blank lines skipped; a bad line is an
-    error naming the file and line)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ReportError(f"{path}:{i}: not a JSON object ({exc})") from None
-            if not isinstance(row, dict):
-                raise ReportError(f"{path}:{i}: not a JSON object")
-            rows.append(row)
-    return rows
-
-
-def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | Path, *,
-                         keys: Sequence[str] = TRAINING_CURVE_KEYS, dpi: int = 120) -> Path:
-    """One panel per metric key (default: mean reward, mean |advantage|, ‖θ − θ0‖₂) against ``step``, one line
-    per run (e.g. ``"grpo/math"``). Records where a key is missing or null are skipped; a panel no run has
-    data for says so."""
-    if not runs:
-        raise ReportError("training curves: no runs to plot")
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-    try:
-        for ax, key in zip(axes[0], keys):
-            drawn = False
-            for label, rows in runs.items():
-                pts = [(r["step"], r[key]) for r in rows
-                       if r.get(key) is not None and r.get("step") is not None
-                       and isinstance(r[key], (int, float)) and math.isfinite(r[key])]
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=str(label), linewidth=1.2)
-                    drawn = True
-            ax.set_title(_CURVE_LABELS.get(key, key), fontsize=10)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            if drawn:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-        return save_figure(fig, out, dpi)
-    finally:
-        plt.close(fig)

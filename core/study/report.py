@@ -1,0 +1,302 @@
+"""The study report (the ``report`` step): :func:`write_report` assembles ``report.md``, Tables 1-3
+(:mod:`rlm.core.study.tables`), the figures (:mod:`rlm.core.study.figures`) and ``provenance.json`` from the
+finished steps the report step depends on, one section function each.
+
+Table 2 and the pair table come from the conflicts steps' results: the summary cells of the metrics that ran
+(:meth:`rlm.core.contracts.Metric.columns`, via :func:`rlm.core.conflicts.report.summary_rows`), printed with
+:func:`rlm.core.conflicts.report.format_value`; the figures the conflicts steps wrote are embedded too. No
+metric is named here, so a third-party metric reaches the report like a built-in one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from rlm.core.study.scores import CollectedScores, collect_scores
+
+EVAL_KINDS = ("eval_start", "eval_expert", "eval_merged")
+
+
+@dataclass
+class _Report:
+    """What the sections share: the study config, the report step's context (its config, directory and
+    inputs), and the Markdown lines and files written so far."""
+
+    cfg: Any
+    ctx: Any  # the report step's rlm.core.study.graph.StepContext
+    md: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=lambda: ["report.md"])
+
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return self.ctx.config
+
+    @property
+    def out(self) -> Path:
+        return self.ctx.out
+
+    @property
+    def inputs(self) -> Mapping[str, Any]:
+        return self.ctx.inputs
+
+    @property
+    def figures(self) -> Path:
+        return self.ctx.out / "figures"
+
+    @property
+    def scale(self) -> float:
+        return self.config["scale"]
+
+    def of_kind(self, *kinds: str) -> dict[str, Any]:
+        """The inputs whose step names start with one of ``kinds`` (``eval_start``, ``conflicts``, ...)."""
+        return {n: o for n, o in self.inputs.items() if n.split(".", 1)[0] in kinds}
+
+    def source(self, output: Any) -> str:
+        """A finished input step's directory, relative to the run directory."""
+        return self.ctx.run_relative(output.dir)
+
+    def copy_figure(self, src: Path, name: str) -> str | None:
+        """Copy a step's figure to ``figures/NAME``; returns its path in the report (None if it is missing)."""
+        if not src.is_file():
+            return None
+        self.figures.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, self.figures / name)
+        self.files.append(f"figures/{name}")
+        return f"figures/{name}"
+
+
+def _number(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+            return f"{x:.{digits - 1}e}"
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+# -- sections ----------------------------------------------------------------------------------------------
+def _setup(rep: _Report, scores: Mapping[str, Any], col: CollectedScores) -> None:
+    c, cfg = rep.config, rep.cfg
+    rep.md += [f"# {c['name']}: merging report", ""]
+    if getattr(cfg, "description", ""):
+        rep.md += [cfg.description, ""]
+    rep.md += ["Every number below comes from a step directory of this run (paths relative to the run directory; "
+               "see `provenance.json` and `table1.json` → `sources`). Rerunning `rlm experiment run` with the same "
+               "config reuses every finished step.", ""]
+    rep.md += ["## Setup", "", f"- base model: `{cfg.base.model}`" + (" (warm-up SFT on the task mixture → θ0)"
+                                                                       if cfg.warmup_enabled else " (θ0 = base)"),
+               f"- training seeds: {', '.join(str(s) for s in c['seeds'])} (Table 1 averages per example over seeds)",
+               f"- trainers (groups): {', '.join(c['groups'])}; merge methods: {', '.join(c['methods'])}"]
+    ns: dict[str, set[int]] = {}
+    for n, r in scores.items():
+        if r and r.get("n"):
+            ns.setdefault(r.get("task") or n.rsplit(".", 1)[-1], set()).add(int(r["n"]))
+    rep.md.append("- evaluation examples per cell (greedy decoding, the same examples for every model): "
+                  + ", ".join(f"{t}: {'/'.join(str(x) for x in sorted(v))}" for t, v in ns.items()))
+    rep.md.append(f"- bootstrap: {c['bootstrap_resamples']} resamples of the evaluation examples, "
+                  f"{c['ci'] * 100:g}% percentile interval, seed {c['bootstrap_seed']}")
+    rep.md.append("- score: the mean per-example verifier score (math: math-verify accuracy; puzzle: every role "
+                  "right; rank: the query's passage right; code: pass@1 plus; instruction following: fraction of "
+                  "constraints followed), shown ×{:g}".format(rep.scale))
+    if col.missing:
+        rep.md.append(f"- missing evaluations: {', '.join(col.missing)}")
+    rep.md.append("")
+
+
+def _start_model(rep: _Report, col: CollectedScores) -> None:
+    if not col.start:
+        return
+    rep.md += ["## Start model θ0", "", "| task | score | n | source |", "|---|---|---|---|"]
+    for t in rep.config["tasks"]:
+        s = col.start.get(t)
+        if s is not None:
+            rep.md.append(f"| {t} | {s.value * rep.scale:.1f} | {s.n} | `{s.source}` |")
+    rep.md.append("")
+
+
+def _tables_1_and_3(rep: _Report, col: CollectedScores) -> None:
+    from rlm.core.study import tables
+
+    c = rep.config
+    t1 = tables.table1(col.unmerged, col.merged,
+                       groups=[g for g in c["groups"] if g in col.unmerged or g in col.merged],
+                       methods=c["methods"], tasks=list(c["tasks"]), n_boot=c["bootstrap_resamples"], ci=c["ci"],
+                       seed=c["bootstrap_seed"], scale=c["scale"], seeds=c["seeds"])
+    t1.write(rep.out, "table1")
+    rep.md.append(t1.to_markdown(title="Table 1: merged experts per training paradigm "
+                                       "(score, relative change, bootstrap interval)"))
+    rep.files += ["table1.md", "table1.csv", "table1.json"]
+    t3 = c.get("table3")
+    if t3 and all(g in t1.groups for g in t3):
+        tab3 = tables.table3(t1, t3[0], t3[1])
+        tab3.write(rep.out, "table3")
+        rep.files += ["table3.md", "table3.csv", "table3.json"]
+        rep.md.append(tab3.to_markdown())
+
+
+def _num_models_curve(rep: _Report, col: CollectedScores) -> None:
+    if not col.curve:
+        return
+    from rlm.core.study.figures import plot_num_models_curve
+
+    plot_num_models_curve(col.curve, rep.figures / "num_models_curve.png")
+    rep.files.append("figures/num_models_curve.png")
+    allns = sorted({n for p in col.curve.values() for n in p})
+    rep.md += ["## Merging more experts", "", "Mean score over the merged experts' tasks against the number of "
+               "merged experts N (prefix subsets of the task order).", "",
+               "![number of merged models](figures/num_models_curve.png)", "",
+               "| series | " + " | ".join(f"N={n}" for n in allns) + " |", "|---|" + "---|" * len(allns)]
+    for label, pts in col.curve.items():
+        rep.md.append(f"| {label} | " + " | ".join(
+            "–" if n not in pts else f"{sum(pts[n]) / len(pts[n]) * rep.scale:.1f}" for n in allns) + " |")
+    rep.md.append("")
+
+
+def _conflicts(rep: _Report) -> None:
+    """Table 2 (every model-scope column of the metrics that ran, per expert), the pair table (every
+    pair-scope column, per pair of experts) and the figures of the conflicts steps."""
+    from rlm.core.conflicts.report import format_value, pair_label
+    from rlm.core.study import tables
+
+    conf = rep.of_kind("conflicts")
+    if not conf:
+        return
+    many = len(rep.config["seeds"]) > 1
+    rows: dict[str, dict[str, Any]] = {}
+    pairs: dict[str, dict[str, Any]] = {}
+    figures: list[str] = []
+    for n, o in conf.items():
+        _, g, s = n.split(".")
+        res, src, suffix = o.result or {}, rep.source(o), (f"/{s}" if many else "")
+        for t, cells in (res.get("models") or {}).items():
+            if cells:
+                rows[f"{g}/{t}{suffix}"] = {**cells, "source": src}
+        for p, cells in (res.get("pairs") or {}).items():
+            if cells:
+                pairs[f"{g}{suffix}\0{p}"] = {"group": f"{g}{suffix}", "pair": pair_label(p), **cells,
+                                               "source": f"`{src}`"}
+        for f in res.get("figures") or []:
+            rel = rep.copy_figure(o.dir / f, f"conflicts-{g}-{s}-{f.replace('/', '-')}")
+            if rel:
+                figures.append(rel)
+
+    def cell(v: Any) -> str:
+        return v if isinstance(v, str) else format_value(v)
+
+    if rows:
+        tab2 = tables.table2(rows, formatter=cell, notes=[
+            "τ = θ_expert − θ0; the columns are those of the conflict metrics that ran (each source's `report.md` "
+            "has their sections)."])
+        tab2.write(rep.out, "table2")
+        rep.files += ["table2.md", "table2.csv", "table2.json"]
+        rep.md.append(tab2.to_markdown())
+    if pairs:
+        columns = list(dict.fromkeys(k for r in pairs.values() for k in r if k != "source"))
+        table = tables.SimpleTable("", [*columns, "source"], list(pairs.values()), formatter=cell)
+        rep.md += ["## Task conflicts between experts", "",
+                   "Statistics of the task vectors τ = θ_expert − θ0 of each pair within a group, from the conflict "
+                   "metrics that ran (see each source's `report.md` for their sections).", "",
+                   *table.table_lines(), ""]
+    for f in figures:
+        rep.md += [f"![{Path(f).stem}]({f})", ""]
+
+
+def _training_curves(rep: _Report) -> None:
+    from rlm.core.study.figures import plot_training_curves, read_metrics_jsonl
+
+    one_seed = len(rep.config["seeds"]) == 1
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for n, o in rep.of_kind("train", "warmup").items():
+        if (o.result or {}).get("run"):
+            path = o.dir / o.result["run"] / "metrics.jsonl"
+            if path.is_file():
+                label = "warmup" if n == "warmup" else "/".join(n.split(".")[1:3 if one_seed else 4])
+                runs[label] = read_metrics_jsonl(path)
+    if not runs:
+        return
+    rl = {k: v for k, v in runs.items() if any(r.get("reward_mean") is not None for r in v)}
+    experts = {k: v for k, v in runs.items() if k != "warmup"}
+    rep.md += ["## Training curves", "", "Mean reward, mean |advantage| (RL only) and ‖θ − θ_start‖₂ per step "
+               "(each run's `metrics.jsonl`; θ_start is θ0 for the experts, the base model for the warm-up).", ""]
+    if experts:
+        plot_training_curves(experts, rep.figures / "training_curves.png")
+        rep.files.append("figures/training_curves.png")
+        rep.md += ["![training curves](figures/training_curves.png)", ""]
+    if "warmup" in runs:
+        plot_training_curves({"warmup": runs["warmup"]}, rep.figures / "warmup_curve.png", keys=("loss", "delta_norm"))
+        rep.files.append("figures/warmup_curve.png")
+        rep.md += ["![warm-up](figures/warmup_curve.png)", ""]
+    if rl:
+        rep.md += ["| run | steps | first reward | last reward | last ‖θ − θ0‖ |", "|---|---|---|---|---|"]
+        for k, v in rl.items():
+            rw = [r.get("reward_mean") for r in v if r.get("reward_mean") is not None]
+            rep.md.append(f"| {k} | {len(v)} | {_number(rw[0] if rw else None)} | {_number(rw[-1] if rw else None)} | "
+                          f"{_number(v[-1].get('delta_norm'))} |")
+        rep.md.append("")
+
+
+def _landscapes(rep: _Report) -> None:
+    lands = rep.of_kind("landscape")
+    if not lands:
+        return
+    rep.md += ["## Landscape around an expert", "",
+               "f(α, β) = score(θ_a + α Δθ + β r), Δθ = θ_merge − θ_a, r random with ‖r‖ = ‖Δθ‖; (0, 0) is the "
+               "expert, (1, 0) the merged model.", ""]
+    for n, o in lands.items():
+        _, g, s = n.split(".")
+        rel = rep.copy_figure(o.dir / "landscape.png", f"landscape-{g}-{s}.png")
+        if rel:
+            rep.md += [f"![landscape {g}]({rel})", ""]
+        res = o.result or {}
+        if res.get("values"):
+            rep.md += [f"{g} (source `{rep.source(o)}`, {res.get('n')} examples per point, "
+                       f"‖Δθ‖ = {_number(res.get('delta_norm'))}):", "",
+                       "| α \\ β | " + " | ".join(f"{b:g}" for b in res["betas"]) + " |",
+                       "|---|" + "---|" * len(res["betas"])]
+            for a, row in zip(res["alphas"], res["values"]):
+                rep.md.append(f"| {a:g} | " + " | ".join(f"{v * rep.scale:.1f}" for v in row) + " |")
+            rep.md.append("")
+
+
+def _provenance(rep: _Report) -> None:
+    from rlm.core.io.atomic import atomic_write_json
+
+    prov = {}
+    for n, o in rep.inputs.items():
+        entry = {"dir": rep.source(o), "key": o.key}
+        if n.startswith("eval") and o.result:
+            entry.update(score=o.result.get("score"), n=o.result.get("n"))
+        prov[n] = entry
+    atomic_write_json(rep.out / "provenance.json", prov)
+    rep.files.append("provenance.json")
+    rep.md += ["## Provenance", "", "Each evaluation: step → directory (summary.json and records.jsonl inside).", "",
+               "| step | score | n | directory |", "|---|---|---|---|"]
+    for n, p in prov.items():
+        if "score" in p:
+            rep.md.append(f"| {n} | {_number(p['score'] * rep.scale if p['score'] is not None else None)} | "
+                          f"{p['n']} | `{p['dir']}` |")
+    rep.md.append("")
+
+
+def write_report(cfg: Any, ctx: Any) -> dict[str, Any]:
+    """Assemble ``report.md`` and the tables and figures from the finished steps the report depends on
+    (``ctx`` is the report step's :class:`rlm.core.study.graph.StepContext`, ``cfg`` the study's config)."""
+    from rlm.core.io.atomic import atomic_write_text
+
+    rep = _Report(cfg, ctx)
+    scores = {n: o.result for n, o in rep.of_kind(*EVAL_KINDS).items()}
+    col = collect_scores(cfg, scores)
+    _setup(rep, scores, col)
+    _start_model(rep, col)
+    _tables_1_and_3(rep, col)
+    _num_models_curve(rep, col)
+    _conflicts(rep)
+    _training_curves(rep)
+    _landscapes(rep)
+    _provenance(rep)
+    atomic_write_text(rep.out / "report.md", "\n".join(rep.md))
+    return {"files": rep.files, "table1": "table1.md", "missing": col.missing}
