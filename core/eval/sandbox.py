@@ -49,7 +49,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from rlm.core.contracts import PluginConfig
 
@@ -227,6 +227,97 @@ def _read(path: Path, limit: int) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _write_program(wd: Path, code: str, files: dict[str, str | bytes] | None, *, strict: bool,
+                   nofork: bool) -> None:
+    """``main.py``, the given ``files`` and the guard that starts the program, in the working directory."""
+    (wd / "main.py").write_text(code, encoding="utf-8", errors="surrogatepass")
+    for name, content in (files or {}).items():
+        if isinstance(content, bytes):
+            (wd / name).write_bytes(content)
+        else:
+            (wd / name).write_text(content, encoding="utf-8")
+    (wd / "_rlm_guard.py").write_text(GUARD.format(strict=strict, nofork=nofork), encoding="utf-8")
+
+
+def _namespaced(wd: Path, py: list[str]) -> list[str]:
+    """``py`` inside new network, PID and mount namespaces: ``/`` read-only but the working directory, no
+    ``/sys``, every capability dropped and no-new-privs set."""
+    inner = ("mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro / && umount -l /sys && "
+             "cd \"$1\" && shift && exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all -- \"$@\"")
+    return ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
+            "--mount-proc", "/bin/sh", "-c", inner, "sh", str(wd), *py]
+
+
+def _in_cgroup(cg: Path, max_processes: int, cmd: list[str]) -> list[str]:
+    """Create the pids cgroup ``cg`` and return ``cmd`` started inside it."""
+    cg.mkdir()
+    (cg / "pids.max").write_text(str(max_processes))
+    # the shell joins the cgroup before it execs the program, so every descendant is counted
+    return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg / "cgroup.procs"), *cmd]
+
+
+def _rlimits(cfg: SandboxConfig, nproc: int | None) -> Callable[[], None]:
+    """The function the child runs between fork and exec to set its resource limits."""
+    mem = cfg.memory_mb * 1024 * 1024
+    fsize = cfg.file_size_mb * 1024 * 1024
+
+    def limit() -> None:  # runs in the child between fork and exec: only async-signal-safe-ish calls
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CPU, (cfg.cpu_seconds, cfg.cpu_seconds + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (cfg.max_open_files, cfg.max_open_files))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if nproc is not None:
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+    return limit
+
+
+def _wait_and_kill(proc: subprocess.Popen, stdin: str | None, wall_seconds: float,
+                   cg: Path | None) -> bool:
+    """Feed ``stdin``, wait up to ``wall_seconds``, then kill the process group (and the cgroup's processes);
+    returns whether the program timed out."""
+    timed_out = False
+    try:
+        if stdin is not None:
+            try:
+                proc.stdin.write(stdin.encode("utf-8", errors="replace"))  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
+            except (BrokenPipeError, OSError):
+                pass
+        proc.wait(timeout=wall_seconds)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if cg is not None:
+            _kill_cgroup(cg)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    return timed_out
+
+
+def _collect(wd: Path, names: tuple[str, ...], limit: int) -> dict[str, bytes]:
+    """Up to ``limit`` bytes of each named plain file the program left in its working directory."""
+    got: dict[str, bytes] = {}
+    for name in names:
+        p = wd / name
+        try:
+            if p.is_file() and not p.is_symlink():
+                with open(p, "rb") as f:
+                    got[name] = f.read(limit)
+        except OSError:
+            pass
+    return got
+
+
 def run_python(code: str, *, stdin: str | None = None, config: SandboxConfig | None = None,
                files: dict[str, str | bytes] | None = None, collect: tuple[str, ...] = ()) -> SandboxResult:
     """Run ``code`` as ``main.py`` in a fresh sandbox; never raises for anything the program does.
@@ -245,90 +336,31 @@ def run_python(code: str, *, stdin: str | None = None, config: SandboxConfig | N
     cg: Path | None = None
     start = time.monotonic()
     try:
-        (wd / "main.py").write_text(code, encoding="utf-8", errors="surrogatepass")
-        for name, content in (files or {}).items():
-            if isinstance(content, bytes):
-                (wd / name).write_bytes(content)
-            else:
-                (wd / name).write_text(content, encoding="utf-8")
-        nofork = cg_root is None and is_root
-        (wd / "_rlm_guard.py").write_text(GUARD.format(strict=not use_ns, nofork=nofork), encoding="utf-8")
-        py = [sys.executable, "-I", "-B", "_rlm_guard.py"]
+        _write_program(wd, code, files, strict=not use_ns, nofork=cg_root is None and is_root)
+        cmd = [sys.executable, "-I", "-B", "_rlm_guard.py"]
         if use_ns:
             layers.insert(0, "namespaces")
-            inner = ("mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro / && umount -l /sys && "
-                     "cd \"$1\" && shift && exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all -- \"$@\"")
-            cmd = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
-                   "--mount-proc", "/bin/sh", "-c", inner, "sh", str(wd), *py]
-        else:
-            cmd = py
+            cmd = _namespaced(wd, cmd)
         if cg_root is not None:
             cg = Path(cg_root) / f"rlm-sbx-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-            cg.mkdir()
-            (cg / "pids.max").write_text(str(cfg.max_processes))
+            cmd = _in_cgroup(cg, cfg.max_processes, cmd)
             layers.insert(1 if use_ns else 0, "pids_cgroup")
-            # the shell joins the cgroup before it execs the program, so every descendant is counted
-            cmd = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg / "cgroup.procs"), *cmd]
         nproc = None if is_root else _count_user_processes(os.getuid()) + cfg.max_processes
-        mem = cfg.memory_mb * 1024 * 1024
-        fsize = cfg.file_size_mb * 1024 * 1024
-
-        def limit() -> None:  # runs in the child between fork and exec: only async-signal-safe-ish calls
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_CPU, (cfg.cpu_seconds, cfg.cpu_seconds + 1))
-            resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-            resource.setrlimit(resource.RLIMIT_NOFILE, (cfg.max_open_files, cfg.max_open_files))
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            if nproc is not None:
-                resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-
         env = {"PATH": "/usr/bin:/bin", "HOME": str(wd), "TMPDIR": str(wd), "LANG": "C.UTF-8",
                "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         out_path, err_path = work / "stdout", work / "stderr"
-        timed_out = False
         with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
-            stdin_arg = subprocess.PIPE if stdin is not None else subprocess.DEVNULL
             try:
-                proc = subprocess.Popen(cmd, cwd=wd, env=env, stdin=stdin_arg, stdout=out_f, stderr=err_f,
-                                        preexec_fn=limit, start_new_session=True, close_fds=True)
+                proc = subprocess.Popen(cmd, cwd=wd, env=env, stdin=subprocess.PIPE if stdin is not None else
+                                        subprocess.DEVNULL, stdout=out_f, stderr=err_f,
+                                        preexec_fn=_rlimits(cfg, nproc), start_new_session=True, close_fds=True)
             except OSError as exc:
                 return SandboxResult(None, "", f"sandbox could not start the program: {exc}", False,
                                      time.monotonic() - start, layers)
-            try:
-                if stdin is not None:
-                    try:
-                        proc.stdin.write(stdin.encode("utf-8", errors="replace"))  # type: ignore[union-attr]
-                        proc.stdin.close()  # type: ignore[union-attr]
-                    except (BrokenPipeError, OSError):
-                        pass
-                proc.wait(timeout=cfg.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                if cg is not None:
-                    _kill_cgroup(cg)
-                    cg = None
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-        rc = proc.returncode
-        got: dict[str, bytes] = {}
-        for name in collect:
-            p = wd / name
-            try:
-                if p.is_file() and not p.is_symlink():
-                    with open(p, "rb") as f:
-                        got[name] = f.read(fsize)
-            except OSError:
-                pass
-        return SandboxResult(None if timed_out else rc, _read(out_path, cfg.max_output_bytes),
+            timed_out = _wait_and_kill(proc, stdin, cfg.wall_seconds, cg)
+            cg = None
+        got = _collect(wd, collect, cfg.file_size_mb * 1024 * 1024)
+        return SandboxResult(None if timed_out else proc.returncode, _read(out_path, cfg.max_output_bytes),
                              _read(err_path, cfg.max_output_bytes), timed_out, time.monotonic() - start, layers,
                              got)
     finally:
