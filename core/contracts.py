@@ -185,10 +185,12 @@ class Trainer(Plugin, abc.ABC):
     def train(self, run: Any) -> Any:
         """Run training described by ``run`` and return the final checkpoint directory.
 
-        ``run`` is a :class:`rlm.core.train.session.TrainRun` (start model, task instance, subset, output directory,
-        resume/overwrite). The built-in trainers hand it to the shared engines ``rlm.core.train.session.run_sft``,
-        ``rlm.core.train.rl.run_rft`` and ``rlm.core.train.rl.run_rl``, which write checkpoints, ``final/``,
-        ``metrics.jsonl`` and the manifest."""
+        ``run`` is a :class:`rlm.core.train.config.TrainRun` (start model, task instance, subset, output
+        directory, resume/overwrite). The built-in trainers hand it to the shared engines
+        ``rlm.core.train.sft.run_sft``, ``rlm.core.train.rft.run_rft`` and ``rlm.core.train.rl.run_rl``, which
+        write checkpoints, ``final/``, ``metrics.jsonl`` and the manifest. RL trainers subclass
+        :class:`rlm.core.train.rl.RLTrainer`, which declares the advantage estimators on offer, whether a critic
+        is trained and the policy loss, and runs ``run_rl``."""
 
 
 @dataclass

@@ -47,14 +47,20 @@ def broadcast(per_seq, mask=MASK):
     return [[a * m for m in row] for a, row in zip(per_seq, mask)]
 
 
-def test_registry_lists_every_estimator_and_unknown_names_suggest():
-    assert set(rl.ADVANTAGES) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"}
-    with pytest.raises(ConfigError, match="did you mean 'grpo'"):
-        rl.get_advantage("grpoo")
+def test_only_gae_needs_a_critics_values():
+    estimators = [rl.grpo_advantage, rl.dr_grpo_advantage, rl.rloo_advantage, rl.reinforce_pp_advantage,
+                  rl.reinforce_pp_baseline_advantage, rl.gae_advantage]
+    assert [rl.reads_values(f) for f in estimators] == [False] * 5 + [True]
+
+    @rl.needs_values
+    def mine(**_):
+        return None
+
+    assert rl.reads_values(mine)
 
 
 def test_grpo_hand_values_identical_group_and_single_sample():
-    adv, ret = rl.compute_advantages("grpo", rewards=t(REWARDS), mask=t(MASK), index=INDEX)
+    adv, ret = rl.grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX)
     g0 = REWARDS[:3]
     m0, s0 = sum(g0) / 3, stdev(g0)
     expected = [(r - m0) / (s0 + 1e-6) for r in g0] + [0.0, 0.0, 0.0]  # identical group and one-sample group: 0
@@ -65,15 +71,15 @@ def test_grpo_hand_values_identical_group_and_single_sample():
 
 
 def test_dr_grpo_and_grpo_without_std():
-    adv, _ = rl.compute_advantages("dr_grpo", rewards=t(REWARDS), mask=t(MASK), index=INDEX)
+    adv, _ = rl.dr_grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX)
     expected = [0.5, -0.5, 0.0, 0.0, 0.0, 0.0]
     assert approx(adv, broadcast(expected))
-    adv2, _ = rl.grpo(rewards=t(REWARDS), mask=t(MASK), index=INDEX, norm_by_std=False)
+    adv2, _ = rl.grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX, norm_by_std=False)
     assert torch.equal(adv, adv2)
 
 
 def test_rloo_hand_values():
-    adv, _ = rl.compute_advantages("rloo", rewards=t(REWARDS), mask=t(MASK), index=INDEX)
+    adv, _ = rl.rloo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX)
     expected = [1.0 - (0.0 + 0.5) / 2, 0.0 - (1.0 + 0.5) / 2, 0.5 - (1.0 + 0.0) / 2, 0.0, 0.0, 0.0]
     assert approx(adv, broadcast(expected))
 
@@ -97,7 +103,7 @@ def test_reinforce_pp_hand_unrolled():
     ret = [[rt[0][0] + rt[0][1] + rt[0][2], rt[0][1] + rt[0][2], rt[0][2], 0.0],
            [rt[1][0] + rt[1][1], rt[1][1], 0.0, 0.0],
            [rt[2][0] + rt[2][2] + rt[2][3], 0.0, rt[2][2] + rt[2][3], rt[2][3]]]
-    adv, returns = rl.compute_advantages("reinforce_pp", rewards=t(rewards), mask=t(mask), kl=t(k1), beta=beta)
+    adv, returns = rl.reinforce_pp_advantage(rewards=t(rewards), mask=t(mask), kl=t(k1), beta=beta)
     assert approx(returns, ret)
     assert approx(adv, whiten_ref(ret, mask), 1e-10)
     # whitened: zero mean over valid tokens
@@ -112,8 +118,8 @@ def test_reinforce_pp_baseline_subtracts_group_mean_first():
     centred = [0.5, -0.5, 0.0]  # group 0 mean 0.5; the one-sample group is centred to 0
     rt = [[-beta * 0.2, -beta * 0.1 + centred[0]], [-beta * 0.3 + centred[1], 0.0], [0.0, beta * 0.4 + centred[2]]]
     ret = [[rt[0][0] + rt[0][1], rt[0][1]], [rt[1][0], 0.0], [rt[2][0] + rt[2][1], rt[2][1]]]
-    adv, returns = rl.compute_advantages("reinforce_pp_baseline", rewards=t(rewards), mask=t(mask), index=index,
-                                         kl=t(k1), beta=beta)
+    adv, returns = rl.reinforce_pp_baseline_advantage(rewards=t(rewards), mask=t(mask), index=index,
+                                                      kl=t(k1), beta=beta)
     assert approx(returns, ret)
     assert approx(adv, whiten_ref(ret, mask), 1e-10)
 
@@ -136,16 +142,16 @@ def test_gae_against_hand_unrolled_recursion():
             a[s] = delta + gamma * lam * a_next
         exp_adv.append(a)
         exp_ret.append([(a[s] + values[b][s]) * mask[b][s] for s in range(T)])
-    adv, ret = rl.gae(rewards=t([0.0] * B), mask=t(mask), values=t(values), token_level_rewards=t(tr),
-                      gamma=gamma, lam=lam, whiten=False)
+    adv, ret = rl.gae_advantage(rewards=t([0.0] * B), mask=t(mask), values=t(values), token_level_rewards=t(tr),
+                                gamma=gamma, lam=lam, whiten=False)
     assert approx(adv, exp_adv)
     assert approx(ret, exp_ret)
     # explicit closed form for one position: A_0 of row 1 (two tokens)
     d1 = tr[1][1] - values[1][1]
     d0 = tr[1][0] + gamma * values[1][1] - values[1][0]
     assert approx(adv[1, 0].item(), d0 + gamma * lam * d1)
-    adv_w, _ = rl.compute_advantages("gae", rewards=t([0.0] * B), mask=t(mask), values=t(values),
-                                     token_level_rewards=t(tr), gamma=gamma, lam=lam)
+    adv_w, _ = rl.gae_advantage(rewards=t([0.0] * B), mask=t(mask), values=t(values), token_level_rewards=t(tr),
+                                gamma=gamma, lam=lam)
     assert approx(adv_w, whiten_ref(exp_adv, mask), 1e-10)
 
 
@@ -157,7 +163,7 @@ def test_gae_outcome_reward_and_kl_in_reward():
     rt = [-beta * 0.1, -beta * 0.2, -beta * 0.3 + r]
     # gamma = lam = 1: A_t = sum_{s>=t} r_s - V_t
     expected = [sum(rt[s:]) - values[0][s] for s in range(3)]
-    adv, ret = rl.gae(rewards=t([r]), mask=t(mask), values=t(values), kl=t(kl), beta=beta, whiten=False)
+    adv, ret = rl.gae_advantage(rewards=t([r]), mask=t(mask), values=t(values), kl=t(kl), beta=beta, whiten=False)
     assert approx(adv, [expected])
     assert approx(ret, [[sum(rt[s:]) for s in range(3)]])
 
@@ -166,13 +172,13 @@ def test_positive_only_never_negative_and_keeps_positive():
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
         rewards = torch.randint(0, 2, (12,), generator=g).to(D)
-        adv, _ = rl.grpo(rewards=rewards, mask=torch.ones(12, 4, dtype=D), index=[i // 4 for i in range(12)])
+        adv, _ = rl.grpo_advantage(rewards=rewards, mask=torch.ones(12, 4, dtype=D), index=[i // 4 for i in range(12)])
         pos = rl.positive_only(adv)
         assert (pos >= 0).all()
         assert torch.equal(pos[adv > 0], adv[adv > 0])
         assert (pos[adv <= 0] == 0).all()
     # an all-correct group: every advantage 0, nothing to learn
-    adv, _ = rl.grpo(rewards=t([1.0, 1.0, 1.0]), mask=torch.ones(3, 2, dtype=D), index=[0, 0, 0])
+    adv, _ = rl.grpo_advantage(rewards=t([1.0, 1.0, 1.0]), mask=torch.ones(3, 2, dtype=D), index=[0, 0, 0])
     assert (rl.positive_only(adv) == 0).all()
 
 

@@ -13,8 +13,12 @@ from test_train_support import make_system
 
 from rlm.core.contracts import Example, Task
 from rlm.core.train import algorithms as rl
-from rlm.core.train import session as training
-from rlm.core.train.rl import select_correct
+from rlm.core.train.config import SFTConfig
+from rlm.core.train.data import TokenBatch, encode_pairs, take
+from rlm.core.train.forward import forward_response
+from rlm.core.train.metrics_log import METRIC_KEYS
+from rlm.core.train.rft import select_correct
+from rlm.core.train.session import lr_factor
 
 FAST = ["--set", "num_threads=1", "--no-progress"]
 RL_SMALL = ["--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "max_new_tokens=6",
@@ -47,12 +51,12 @@ def test_sft_loss_ignores_prompt_tokens(tiny_model_dir):
     from rlm.core.models.hf import load_model
 
     model, tok = load_model(tiny_model_dir)
-    cfg = training.SFTConfig()
+    cfg = SFTConfig()
     pairs = [("What is 2 + 3?", "The answer is 5."), ("Say hi", "hi"), ("A longer question about apples?", "42")]
-    batch = training.encode_pairs(tok, pairs, cfg, 64)
+    batch = encode_pairs(tok, pairs, cfg, 64)
     t = batch.tensors()
     with torch.no_grad():
-        logp, _ = training.forward_response(model, t)
+        logp, _ = forward_response(model, t)
         loss = rl.sft_loss(logp, t["response_mask"]).item()
         # independent reference: each sequence unpadded, prompt positions labelled -100 (ignored)
         total, count, all_tokens = 0.0, 0, 0.0
@@ -71,7 +75,7 @@ def test_sft_loss_ignores_prompt_tokens(tiny_model_dir):
 
 
 def test_token_batch_layout():
-    b = training.TokenBatch([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)
+    b = TokenBatch([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)
     t = b.tensors()
     assert t["P"] == 2 and t["T"] == 3
     assert t["input_ids"].tolist() == [[5, 6, 1, 2, 3], [0, 7, 4, 0, 0]]
@@ -105,7 +109,7 @@ def test_rft_keeps_only_verified_correct_deduplicated_samples():
 
 
 def test_lr_schedule_warmup_and_decay():
-    f = training.lr_factor
+    f = lr_factor
     assert [f(s, 10, "cosine", 2) for s in (0, 1)] == [0.5, 1.0]
     assert f(2, 10, "cosine", 2) == pytest.approx(1.0)
     assert f(6, 10, "cosine", 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
@@ -115,12 +119,12 @@ def test_lr_schedule_warmup_and_decay():
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():
-    first = training.take(5, 3, 0, 5)
-    second = training.take(5, 3, 5, 5)
+    first = take(5, 3, 0, 5)
+    second = take(5, 3, 5, 5)
     assert sorted(first) == sorted(second) == list(range(5))
-    assert training.take(5, 3, 0, 10) == first + second
-    assert training.take(5, 3, 3, 4) == (first + second)[3:7]
-    assert training.take(5, 4, 0, 5) != first or training.take(5, 5, 0, 5) != first
+    assert take(5, 3, 0, 10) == first + second
+    assert take(5, 3, 3, 4) == (first + second)[3:7]
+    assert take(5, 4, 0, 5) != first or take(5, 5, 0, 5) != first
 
 
 # -- every trainer end to end ---------------------------------------------------------------------------------
@@ -145,7 +149,7 @@ def test_every_trainer_writes_checkpoints_final_metrics_and_manifest(cli, tmp_pa
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
-        assert set(training.METRIC_KEYS) <= set(r)
+        assert set(METRIC_KEYS) <= set(r)
         assert r["grad_norm"] > 0 and r["delta_norm"] > 0 and r["tokens_per_s"] > 0 and r["step_time"] > 0
         assert math.isfinite(r["entropy"])
     rl_run = trainer not in ("sft", "rft")
@@ -307,10 +311,10 @@ def test_recomputed_logprobs_match_the_sampling_distribution(tiny_model_dir):
         prompt_ids.append(p)
         resp_ids.append(r)
         ref.append(lp)
-    batch = training.TokenBatch(prompt_ids, resp_ids, tok.pad_token_id)
+    batch = TokenBatch(prompt_ids, resp_ids, tok.pad_token_id)
     t = batch.tensors()
     with torch.no_grad():
-        logp, _ = training.forward_response(model, t, temperature=0.7)
+        logp, _ = forward_response(model, t, temperature=0.7)
     for b, lp in enumerate(ref):
         assert logp[b, :len(lp)].tolist() == pytest.approx(lp, abs=1e-4)
     assert len({len(p) for p in prompt_ids}) == 3

@@ -32,7 +32,7 @@ def train(
     from rlm.core.config import load_config
     from rlm.core.errors import RlmError
     from rlm.core.plugins import get_plugin
-    from rlm.core.train.session import TrainRun
+    from rlm.core.train.config import TrainRun
 
     if resume and overwrite:
         raise RlmError("--resume and --overwrite exclude each other")

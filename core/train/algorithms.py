@@ -1,11 +1,14 @@
 """Pure tensor functions of the RL trainers: advantage estimators, KL estimators, the PPO clipped policy loss,
 the value loss, loss aggregation and log-prob / entropy helpers. Definitions follow ``DESIGN.md`` exactly;
-every function here is tested against hand-computed float64 values in ``tests/test_rl.py``.
+every function here is tested against hand-computed float64 values in ``tests/test_rl.py``. Used by the training
+engines (:mod:`rlm.core.train.forward`, :mod:`rlm.core.train.rl`, :mod:`rlm.core.train.sft`), by the RL trainer
+plugins, which list the estimators they offer (``RLTrainer.advantages``), and by third-party trainers.
 
 Shapes: ``B`` sequences, ``T`` response positions. ``mask`` (B, T) is 1 on response tokens and 0 on padding;
 ``rewards`` (B,) is the outcome reward of each sequence; ``index`` (B,) says which prompt (group) a sequence
-was sampled from. Advantage estimators are registered pure functions ``fn(**inputs) -> (advantages, returns)``,
-both (B, T) and zero on padding; look them up with :func:`get_advantage` or call :func:`compute_advantages`.
+was sampled from. An advantage estimator is a pure function ``fn(*, rewards, mask, index, kl, beta, gamma, lam,
+values, eps, whiten_stats, **_) -> (advantages, returns)``, both (B, T) and zero on padding; it takes the inputs
+it uses and ignores the rest. One that reads the critic's ``values`` is marked with :func:`needs_values`.
 
 Conventions where ``DESIGN.md`` leaves a corner open (documented here and in the tests):
 
@@ -14,49 +17,37 @@ Conventions where ``DESIGN.md`` leaves a corner open (documented here and in the
 - "whiten" is ``(x - mean) / sqrt(var + 1e-8)`` over all valid tokens with the unbiased variance (verl's
   ``masked_whiten``); a batch with a single valid token is only centred;
 - the log-ratio is clamped to ±20 before ``exp`` in the policy loss (overflow guard only).
+
+torch is imported inside the functions: the trainer plugins import this module when ``rlm --help`` loads them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from rlm.core.errors import ConfigError
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
-ADVANTAGES: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
-
-def register_advantage(name: str) -> Callable[[Callable[..., tuple[Tensor, Tensor]]], Callable[..., tuple[Tensor, Tensor]]]:
-    """Decorator adding an advantage estimator to :data:`ADVANTAGES` under ``name``."""
-
-    def deco(fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
-        if name in ADVANTAGES:
-            raise ValueError(f"advantage estimator {name!r} is registered twice")
-        ADVANTAGES[name] = fn
-        return fn
-
-    return deco
+Estimator = TypeVar("Estimator", bound=Callable[..., Any])
+#: ``whiten_stats(x, mask) -> (sum, sum of squares, count)`` reduced over every process (the RL engine's)
+WhitenStats = Callable[["Tensor", "Tensor"], tuple["Tensor", "Tensor", "Tensor"]]
 
 
-def get_advantage(name: str) -> Callable[..., tuple[Tensor, Tensor]]:
-    try:
-        return ADVANTAGES[name]
-    except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(ADVANTAGES), n=2, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ConfigError(f"unknown advantage estimator {name!r}{hint} (known: {', '.join(ADVANTAGES)})") from None
+def needs_values(estimator: Estimator) -> Estimator:
+    """Mark an advantage estimator that reads the critic's ``values``: only an RL trainer with a critic
+    (``RLTrainer.critic = True``) may use it."""
+    estimator.needs_values = True  # type: ignore[attr-defined]
+    return estimator
 
 
-def compute_advantages(name: str, **inputs: Any) -> tuple[Tensor, Tensor]:
-    """Call the estimator ``name`` with the inputs it needs (extra inputs are ignored)."""
-    return get_advantage(name)(**inputs)
+def reads_values(estimator: Callable[..., Any]) -> bool:
+    """Whether ``estimator`` was marked with :func:`needs_values`."""
+    return bool(getattr(estimator, "needs_values", False))
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -76,6 +67,8 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, stats: tuple[Tenso
     """``(x - mean) / sqrt(var + eps)`` over valid entries, unbiased variance; zero on padding.
 
     ``stats`` = (sum, sum of squares, count) lets a caller pass statistics reduced over several processes."""
+    import torch
+
     mask = mask.to(x.dtype)
     if stats is None:
         s, sq, n = (x * mask).sum(), (x * x * mask).sum(), mask.sum()
@@ -89,7 +82,9 @@ def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, stats: tuple[Tenso
 
 
 def _groups(index: Sequence[Any] | Tensor) -> dict[Any, list[int]]:
-    ids = index.tolist() if isinstance(index, Tensor) else list(index)
+    import torch
+
+    ids = index.tolist() if isinstance(index, torch.Tensor) else list(index)
     out: dict[Any, list[int]] = {}
     for i, g in enumerate(ids):
         out.setdefault(g, []).append(i)
@@ -99,6 +94,8 @@ def _groups(index: Sequence[Any] | Tensor) -> dict[Any, list[int]]:
 def group_stats(rewards: Tensor, index: Sequence[Any] | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-sequence group mean, unbiased group std (0 for a one-sample group), leave-one-out mean (0 for a
     one-sample group) and group size."""
+    import torch
+
     mean = torch.zeros_like(rewards)
     std = torch.zeros_like(rewards)
     loo = torch.zeros_like(rewards)
@@ -127,6 +124,8 @@ def zero_std_fraction(rewards: Tensor, index: Sequence[Any] | Tensor) -> float:
 
 def token_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None = None, beta: float = 0.0) -> Tensor:
     """Per-token reward: ``-beta * kl_t`` on every response token plus the outcome reward on the last one."""
+    import torch
+
     mask = mask.to(rewards.dtype)
     out = torch.zeros_like(mask)
     if kl is not None and beta:
@@ -142,6 +141,8 @@ def token_rewards(rewards: Tensor, mask: Tensor, kl: Tensor | None = None, beta:
 
 def returns_to_go(rewards_t: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
     """``G_t = r_t + gamma * G_{t+1}`` over valid tokens (masked tokens are skipped), zero on padding."""
+    import torch
+
     mask = mask.to(rewards_t.dtype)
     out = torch.zeros_like(rewards_t)
     running = torch.zeros_like(rewards_t[:, 0])
@@ -155,9 +156,8 @@ def returns_to_go(rewards_t: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor
 
 # -- advantage estimators --------------------------------------------------------------------------------
 
-@register_advantage("grpo")
-def grpo(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, norm_by_std: bool = True,
-         eps: float = 1e-6, **_: Any) -> tuple[Tensor, Tensor]:
+def grpo_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, norm_by_std: bool = True,
+                   eps: float = 1e-6, **_: Any) -> tuple[Tensor, Tensor]:
     """GRPO: ``A_i = (r_i - mean_g) / (std_g + eps)`` (unbiased std), broadcast over the response tokens.
     ``norm_by_std=False`` is Dr. GRPO (``A_i = r_i - mean_g``)."""
     mean, std, _, _ = group_stats(rewards, index)
@@ -168,24 +168,23 @@ def grpo(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, norm_b
     return adv, adv
 
 
-@register_advantage("dr_grpo")
-def dr_grpo(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, **_: Any) -> tuple[Tensor, Tensor]:
+def dr_grpo_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor,
+                      **_: Any) -> tuple[Tensor, Tensor]:
     """Dr. GRPO: ``A_i = r_i - mean_g`` (no division by the group std)."""
-    return grpo(rewards=rewards, mask=mask, index=index, norm_by_std=False)
+    return grpo_advantage(rewards=rewards, mask=mask, index=index, norm_by_std=False)
 
 
-@register_advantage("rloo")
-def rloo(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, **_: Any) -> tuple[Tensor, Tensor]:
+def rloo_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor,
+                   **_: Any) -> tuple[Tensor, Tensor]:
     """RLOO: ``A_i = r_i - mean of the other G-1 rewards of the group``."""
     _, _, loo, _ = group_stats(rewards, index)
     adv = (rewards - loo).unsqueeze(-1) * mask.to(rewards.dtype)
     return adv, adv
 
 
-@register_advantage("reinforce_pp")
-def reinforce_pp(*, rewards: Tensor, mask: Tensor, kl: Tensor | None = None, beta: float = 0.0,
-                 gamma: float = 1.0, whiten_stats: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
-                 **_: Any) -> tuple[Tensor, Tensor]:
+def reinforce_pp_advantage(*, rewards: Tensor, mask: Tensor, kl: Tensor | None = None, beta: float = 0.0,
+                           gamma: float = 1.0, whiten_stats: WhitenStats | None = None,
+                           **_: Any) -> tuple[Tensor, Tensor]:
     """REINFORCE++: per-token reward ``-beta * k1_t`` plus ``r`` at the last token, return-to-go with
     ``gamma``, whitened over every valid token of the batch. Returns (whitened advantages, returns)."""
     rt = token_rewards(rewards, mask, kl, beta)
@@ -194,23 +193,23 @@ def reinforce_pp(*, rewards: Tensor, mask: Tensor, kl: Tensor | None = None, bet
     return masked_whiten(ret, mask, stats=stats), ret
 
 
-@register_advantage("reinforce_pp_baseline")
-def reinforce_pp_baseline(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, kl: Tensor | None = None,
-                          beta: float = 0.0, gamma: float = 1.0,
-                          whiten_stats: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
-                          **_: Any) -> tuple[Tensor, Tensor]:
-    """REINFORCE++-baseline: subtract the group mean from ``r`` first, then as :func:`reinforce_pp`."""
+def reinforce_pp_baseline_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor,
+                                    kl: Tensor | None = None, beta: float = 0.0, gamma: float = 1.0,
+                                    whiten_stats: WhitenStats | None = None, **_: Any) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline: subtract the group mean from ``r`` first, then as :func:`reinforce_pp_advantage`."""
     mean, _, _, _ = group_stats(rewards, index)
-    return reinforce_pp(rewards=rewards - mean, mask=mask, kl=kl, beta=beta, gamma=gamma, whiten_stats=whiten_stats)
+    return reinforce_pp_advantage(rewards=rewards - mean, mask=mask, kl=kl, beta=beta, gamma=gamma,
+                                  whiten_stats=whiten_stats)
 
 
-@register_advantage("gae")
-def gae(*, rewards: Tensor, mask: Tensor, values: Tensor, kl: Tensor | None = None, beta: float = 0.0,
-        gamma: float = 1.0, lam: float = 1.0, token_level_rewards: Tensor | None = None, whiten: bool = True,
-        whiten_stats: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None,
-        **_: Any) -> tuple[Tensor, Tensor]:
+@needs_values
+def gae_advantage(*, rewards: Tensor, mask: Tensor, values: Tensor, kl: Tensor | None = None, beta: float = 0.0,
+                  gamma: float = 1.0, lam: float = 1.0, token_level_rewards: Tensor | None = None,
+                  whiten: bool = True, whiten_stats: WhitenStats | None = None, **_: Any) -> tuple[Tensor, Tensor]:
     """GAE: ``delta_t = r~_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` (V and A are 0
     after the last token; masked tokens are skipped), ``returns = A + V``, then A is whitened."""
+    import torch
+
     m = mask.to(values.dtype)
     rt = token_level_rewards if token_level_rewards is not None else token_rewards(rewards, mask, kl, beta)
     adv = torch.zeros_like(values)
@@ -240,6 +239,8 @@ def positive_only(advantages: Tensor) -> Tensor:
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     """Per-token KL estimate with ``x = logp - ref_logp``: k1 = x, k2 = x²/2,
     k3 (low-variance) = e^(-x) + x - 1 with x clamped to ±20 and the value to ±10."""
+    import torch
+
     x = logp - ref_logp
     if kind == "k1":
         return x
@@ -263,12 +264,14 @@ def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", *, num_t
     - ``seq-mean-token-sum-norm`` (Dr. GRPO): per-sequence token sum / ``norm_len`` (default T, set it to the
       generation budget), summed / ``num_seqs``.
     """
+    import torch
+
     mask = mask.to(loss_mat.dtype)
     if mode == "token-mean":
         n = mask.sum() if num_tokens is None else num_tokens
-        return (loss_mat * mask).sum() / (n.clamp(min=1) if isinstance(n, Tensor) else max(float(n), 1.0))
+        return (loss_mat * mask).sum() / (n.clamp(min=1) if isinstance(n, torch.Tensor) else max(float(n), 1.0))
     nseq = loss_mat.shape[0] if num_seqs is None else num_seqs
-    nseq = nseq.clamp(min=1) if isinstance(nseq, Tensor) else max(float(nseq), 1.0)
+    nseq = nseq.clamp(min=1) if isinstance(nseq, torch.Tensor) else max(float(nseq), 1.0)
     if mode == "seq-mean-token-mean":
         per_seq = (loss_mat * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return per_seq.sum() / nseq
@@ -284,6 +287,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     """PPO clipped policy loss: ``l = max(-A rho, -A clip(rho, 1-eps_lo, 1+eps_hi))``; for ``A < 0`` the dual
     clip ``l = min(l, -c A)``. Returns (aggregated loss, {"per_token", "clip_frac", "dual_clip_frac",
     "approx_kl"}); ``clip_frac`` counts valid tokens where the clipped term is the larger one."""
+    import torch
+
     log_ratio = (logp - old_logp).clamp(-20, 20)
     ratio = torch.exp(log_ratio)
     l1 = -advantages * ratio
@@ -309,6 +314,8 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip: float = 0.5,
                agg: str = "token-mean", **agg_kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss ``½ max((V - R)², (clip(V, V_old ± clip) - R)²)``, aggregated like the policy loss."""
+    import torch
+
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     a = (values - returns) ** 2
     b = (clipped - returns) ** 2
@@ -325,17 +332,23 @@ def sft_loss(logp: Tensor, mask: Tensor, **agg_kwargs: Any) -> Tensor:
 # -- log-probs and entropy -------------------------------------------------------------------------------
 
 def _upcast(x: Tensor) -> Tensor:
+    import torch
+
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     """log softmax(logits)[label] per position, computed without materialising the full log-softmax twice."""
+    import torch
+
     logits = _upcast(logits)
     return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of softmax(logits) per position."""
+    import torch
+
     logits = _upcast(logits)
     p = torch.softmax(logits, -1)
     return torch.logsumexp(logits, -1) - (p * logits).sum(-1)

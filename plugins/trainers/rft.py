@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.train.rl import RFTConfig, run_rft
+from rlm.core.train.config import RFTConfig
 
 
 class RFT(Trainer):
@@ -15,6 +15,8 @@ class RFT(Trainer):
     Config = RFTConfig
 
     def train(self, run):
+        from rlm.core.train.rft import run_rft  # the engine loads when a run starts, not with the plugin
+
         return run_rft(self, run)
 
 

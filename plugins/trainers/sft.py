@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rlm.core.contracts import Trainer
 from rlm.core.hookspecs import hookimpl
-from rlm.core.train.session import SFTConfig, run_sft
+from rlm.core.train.config import SFTConfig
 
 
 class SFT(Trainer):
@@ -14,6 +14,8 @@ class SFT(Trainer):
     Config = SFTConfig
 
     def train(self, run):
+        from rlm.core.train.sft import run_sft  # the engine loads when a run starts, not with the plugin
+
         return run_sft(self, run)
 
 

@@ -1,0 +1,136 @@
+"""The configs of the training engines and what ``rlm train`` hands a trainer.
+
+:class:`TrainConfig` holds the fields every trainer shares; :class:`SFTConfig`, :class:`RLConfig` and
+:class:`RFTConfig` add those of the SFT loop, the RL loop and rejection-sampling fine-tuning. The built-in trainer
+plugins (``rlm.plugins.trainers``) use them as, or derive, their ``Config``; third-party trainers do the same.
+:class:`TrainRun` is built by ``rlm train`` (:mod:`rlm.core.cli.train`) and by the study's train steps
+(:mod:`rlm.core.study.steps`).
+
+This module does not import torch (``rlm --help`` imports it through the trainer plugins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from rlm.core.contracts import PluginConfig, Task
+
+
+class LoraSettings(PluginConfig):
+    """LoRA through peft (off by default: full fine-tuning)."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainConfig(PluginConfig):
+    """Fields shared by every trainer. Research defaults are scaled for the tiny CPU model; the paper's values
+    are given in the descriptions."""
+
+    seed: int = 0
+    steps: int | None = Field(None, ge=1, description="optimizer steps (SFT: derived from epochs when unset)")
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="share of the steps with a linear warm-up")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr for linear and cosine decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (None: off)")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (gradient accumulation)")
+    save_every: int = Field(50, ge=1, description="write checkpoints/step-N every this many steps")
+    keep_checkpoints: int | None = Field(None, ge=1, description="keep only the newest N checkpoints (None: all)")
+    train_limit: int | None = Field(None, ge=1, description="use at most this many training examples")
+    max_prompt_tokens: int = Field(512, ge=1, description="longer prompts keep their last tokens")
+    system_prompt: str | None = None
+    require_chat_template: bool = Field(False, description="fail on a model without a chat template instead of "
+                                                           "using the plain fallback prompt")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    lora: LoraSettings = LoraSettings()
+    tensorboard: bool = False
+    progress: bool = True
+
+
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on the task's reference responses (paper: lr 5e-6, batch 128, 3 epochs, 3 %
+    warm-up)."""
+
+    lr: float = Field(5e-5, gt=0, description="paper: 5e-6")
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    epochs: float = Field(3.0, gt=0, description="passes over the data when steps is unset")
+    batch_size: int = Field(16, ge=1, description="sequences per optimizer step, all processes (paper: 128)")
+    max_response_tokens: int = Field(512, ge=1)
+
+
+class RLConfig(TrainConfig):
+    """Fields of every RL trainer. Research defaults (verl GRPO / the paper: lr 1e-6, 512 prompts × G = 8,
+    KL 1e-3 with k3 in the loss, temperature 1, top-p 1, ε = 0.2, one epoch per batch) scaled for a tiny CPU
+    model: a larger lr and fewer prompts per step."""
+
+    steps: int | None = Field(100, ge=1)
+    lr: float = Field(1e-5, gt=0, description="paper: 1e-6")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per step, all processes (paper: 512)")
+    group_size: int = Field(8, ge=1, description="completions per prompt (G)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
+    generation_batch_size: int = Field(64, ge=1, description="sequences per generate() call")
+    advantage: str = Field("grpo", description="advantage estimator: one of the names the trainer offers "
+                                               "(its advantages; e.g. grpo, dr_grpo, rloo)")
+    adv_eps: float = Field(1e-6, gt=0, description="GRPO: A = (r - mean) / (std + adv_eps)")
+    positive_only: bool = Field(False, description="RL-Pos: set every negative advantage to 0")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(1.0, ge=0, le=1, description="GAE lambda")
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.2, ge=0)
+    dual_clip: float | None = Field(3.0, gt=1, description="dual-clip constant c for A < 0 (None: off)")
+    kl_coef: float = Field(1e-3, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["loss", "reward", "none"] = Field("loss", description="where the KL penalty goes")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    norm_len: int | None = Field(None, ge=1, description="seq-mean-token-sum-norm divisor (None: max_new_tokens)")
+    ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    mini_batches: int = Field(1, ge=1, description="optimizer updates per pass (1: on-policy, ratio = 1)")
+    correct_threshold: float = Field(1.0, description="a completion counts as correct (accuracy) at this reward")
+    critic_lr: float = Field(1e-4, gt=0, description="PPO critic (verl: 1e-5)")
+    value_clip: float = Field(0.5, gt=0)
+    critic_warmup_steps: int = Field(0, ge=0, description="PPO: steps that train only the critic")
+    disable_dropout: bool = Field(True, description="dropout off in policy and critic (old log-probs stay exact)")
+
+
+class RFTConfig(SFTConfig):
+    """Rejection-sampling fine-tuning: sample k responses per prompt from the start model, keep the verified-
+    correct ones (deduplicated), then SFT on them."""
+
+    samples_per_prompt: int = Field(8, ge=1, description="k")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+    generation_batch_size: int = Field(64, ge=1)
+    min_reward: float = Field(1.0, description="keep samples whose reward is at least this")
+    dedupe: bool = True
+    max_per_prompt: int | None = Field(None, ge=1, description="keep at most this many samples per prompt")
+
+
+@dataclasses.dataclass
+class TrainRun:
+    """What ``rlm train`` hands a trainer: the start model, the task, where to write, and how."""
+
+    model: str
+    task: Task
+    out: Path
+    subset: str | None = None
+    data_path: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    command: list[str] | None = None
