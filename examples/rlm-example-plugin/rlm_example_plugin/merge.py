@@ -1,8 +1,10 @@
-"""Example third-party rlm plugin: ``sign_consensus``, a merge method that averages, at each position, only
-the task-vector entries whose sign agrees with the sign of their sum (entries of a zero sum are dropped)."""
+"""``sign_consensus``: a merge method that averages, at each position, only the task-vector entries whose sign
+agrees with the sign of their weighted sum (positions whose sum is zero keep the base value).
+
+Its ``paper`` preset is what ``rlm merge-eval`` (``--preset paper``, the default) and studies that ask for
+``preset: paper`` use; ``rlm merge --preset paper`` too."""
 
 from rlm.core.contracts import MergeMethod, PluginConfig
-from rlm.core.hookspecs import hookimpl
 
 
 class SignConsensus(MergeMethod):
@@ -12,6 +14,9 @@ class SignConsensus(MergeMethod):
 
     class Config(PluginConfig):
         scale: float = 1.0
+
+    #: named settings: global ``params`` and per-model ``model_params``
+    presets = {"paper": {"params": {"scale": 0.8}, "model_params": {"weight": 1.0}}}
 
     def merge(self, base, deltas, params, *, context=None):
         import torch
@@ -25,8 +30,3 @@ class SignConsensus(MergeMethod):
         merged = torch.where(count != 0, total / torch.where(count != 0, count, torch.ones_like(count)),
                              torch.zeros_like(total))
         return base + self.config.scale * merged
-
-
-@hookimpl
-def register_merge_methods(register):
-    register(SignConsensus)

@@ -1,6 +1,6 @@
 """Test-only tasks for the trainer tests, and a runner that registers them and calls the rlm CLI.
 
-Run as a script (``python tests/test_train_support.py train ...``) it is what the subprocess tests (SIGKILL
+Run as a script (``python tests/train/test_train_support.py train ...``) it is what the subprocess tests (SIGKILL
 and resume, two processes under ``accelerate launch``) execute, so they do not depend on the built-in tasks.
 """
 

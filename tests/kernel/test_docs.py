@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rlm.core import hookspecs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def hook_functions():
@@ -37,6 +37,6 @@ def test_every_hook_is_documented_with_its_exact_signature():
 
 
 def test_every_hook_has_a_test():
-    tests = "".join(p.read_text() for p in (REPO / "tests").glob("test_*.py") if p.name != "test_docs.py")
+    tests = "".join(p.read_text() for p in (REPO / "tests").rglob("test_*.py") if p.name != "test_docs.py")
     for name in hook_functions():
         assert f"def {name}(" in tests, f"no test implements the hook {name}"

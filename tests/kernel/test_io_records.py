@@ -8,7 +8,7 @@ import pytest
 
 from rlm.core.io.records import shared_data_dir, shared_data_file
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shared_data_beside_the_repository_is_found_without_the_variable(monkeypatch):

@@ -1,5 +1,5 @@
 """Exact resume after SIGKILL, and two processes under accelerate (subprocesses; the test tasks are
-registered by tests/test_train_support.py run as a script)."""
+registered by tests/train/test_train_support.py run as a script)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """GRPO learns: on the tiny model and an easy generated task (the share of digits in the completion, see
-tests/test_train_support.py) the mean reward rises well above where it started within 18 steps (seconds on a
+tests/train/test_train_support.py) the mean reward rises well above where it started within 18 steps (seconds on a
 CPU). No warm-up SFT is needed for this task."""
 
 from __future__ import annotations

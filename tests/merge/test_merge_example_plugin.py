@@ -16,14 +16,15 @@ from rlm.core import plugins as plugins_mod
 from rlm.core.cli import main
 from rlm.core.models.reader import ModelReader
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "rlm-example-plugin"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "rlm-example-plugin"
 
 
 @pytest.fixture()
 def example_plugin(monkeypatch):
     """The process-wide plugin system with the built-ins plus the example package (as if pip-installed)."""
     monkeypatch.syspath_prepend(str(EXAMPLE))
-    sys.modules.pop("rlm_example_plugin", None)
+    for name in [m for m in sys.modules if m == "rlm_example_plugin" or m.startswith("rlm_example_plugin.")]:
+        sys.modules.pop(name)
     import rlm_example_plugin
 
     system = plugins_mod.PluginSystem()
@@ -48,7 +49,9 @@ def reference(base, taus, weights, scale):
 
 
 def test_sign_consensus_hand_values(example_plugin):
-    m = example_plugin.SignConsensus(scale=2.0)
+    from rlm_example_plugin.merge import SignConsensus
+
+    m = SignConsensus(scale=2.0)
     base = torch.tensor([1.0, 0.0, 0.0])
     deltas = torch.tensor([[0.5, 1.0, 1.0], [0.3, -2.0, -1.0]])
     params = [m.ModelParams(weight=1.0)] * 2
