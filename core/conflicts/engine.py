@@ -115,7 +115,7 @@ def compute_conflicts(base: str | Path, models: Mapping[str, str | Path], config
 
 
 def _run_engine(base: str | Path, models: Mapping[str, str | Path], config: ConflictsConfig, metrics: list[Any],
-         base_reader: Any, readers: dict[str, Any], progress: Progress | None) -> ConflictsResult:
+                base_reader: Any, readers: dict[str, Any], progress: Progress | None) -> ConflictsResult:
     """Validate the inputs, run the chosen engine and assemble the result (the readers stay open)."""
     from rlm.core.models.validate import validate_models
 
@@ -154,9 +154,13 @@ def _run_engine(base: str | Path, models: Mapping[str, str | Path], config: Conf
 
 
 def _threshold(metrics: Sequence[Any]) -> float | None:
-    """The |τ| threshold of ``fraction_updated`` when it ran (``conflicts.json``'s top-level ``threshold``)."""
-    fu = next((m for m in metrics if m.name == "fraction_updated"), None)
-    return float(fu.config.threshold) if fu is not None else None
+    """``conflicts.json``'s top-level ``threshold``: the |τ| threshold of the first metric that ran with a
+    ``threshold`` config field (among the built-ins, ``fraction_updated``), else ``None``."""
+    for m in metrics:
+        cfg = getattr(m, "config", None)  # None: a metric that skipped Plugin.__init__
+        if cfg is not None and "threshold" in type(cfg).model_fields:
+            return float(cfg.threshold)
+    return None
 
 
 def assemble_data(config: ConflictsConfig, metrics: Sequence[Any], names: Sequence[str], total: int,
