@@ -39,11 +39,9 @@ def parse_named_dirs(spec: str, what: str) -> dict[str, str]:
 
 
 def _resolve(spec: str) -> str:
-    from rlm.core.models.hf import resolve_model
+    from rlm.core.models.hf import resolve_model, tiny_seed
 
-    if spec == "tiny" or spec.startswith("tiny:"):
-        return resolve_model(spec)
-    return spec
+    return resolve_model(spec) if tiny_seed(spec) is not None else spec
 
 
 class ConflictsProgress:

@@ -14,10 +14,10 @@ Only :mod:`rlm.core.conflicts.engine` drives it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable
 
 from rlm.core.conflicts.chunk import Chunk, Workspace
-from rlm.core.conflicts.config import ConflictsConfig
+from rlm.core.conflicts.passes import EnginePass, Progress
 from rlm.core.conflicts.stats import (
     Thresholds,
     histogram_thresholds,
@@ -25,8 +25,6 @@ from rlm.core.conflicts.stats import (
     n_bins,
     threshold_bins,
 )
-
-Progress = Callable[[str, int, int], None]
 
 
 def trim_heap() -> Callable[[], Any]:
@@ -41,36 +39,18 @@ def trim_heap() -> Callable[[], Any]:
         return lambda: None
 
 
-class EagerPass:
-    """One run of the eager engine over ``tensors`` (the float tensor plans of the base): :meth:`run` feeds
-    ``metrics`` and returns ``(kept_actual, passes)``, the kept counts per top-k mode and model and the
-    number of passes over the inputs."""
+class EagerPass(EnginePass):
+    """One run of the eager engine (see :class:`rlm.core.conflicts.passes.EnginePass`)."""
 
-    def __init__(self, config: ConflictsConfig, metrics: Sequence[Any], base_reader: Any,
-                 readers: Mapping[str, Any], tensors: Sequence[Any], *, modes: Sequence[str], hist_bits: int,
-                 total: int) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         import torch
 
-        self.config = config
-        self.base_reader = base_reader
-        self.readers = dict(readers)
-        self.names = list(readers)
-        self.tensors = list(tensors)
-        self.modes = list(modes)
-        self.hist_bits = hist_bits
-        self.total = total
-        self.topk_metrics = [m for m in metrics if m.needs_topk]
-        self.plain_metrics = [m for m in metrics if not m.needs_topk]
-        self.hist_metrics = [m for m in self.plain_metrics if m.histogram_bits is not None]
-        self.need_hist = bool(self.modes) or bool(self.hist_metrics)
-        self.bits = config.threshold_bits
-        self.auto = config.delta_dtype == "auto"
-        self.dtype = torch.float64 if self.auto else getattr(torch, config.delta_dtype)
+        super().__init__(*args, **kwargs)
+        self.bits = self.config.threshold_bits
+        self.auto = self.config.delta_dtype == "auto"
+        self.dtype = torch.float64 if self.auto else getattr(torch, self.config.delta_dtype)
         self.ws = Workspace()
-        g = len(config.kept_rates)
         self.thresholds: dict[str, dict[str, Any]] = {}  # mode -> model -> thresholds of the current tensor
-        self.kept_actual: dict[str, dict[str, Any]] = {
-            mode: {n: torch.zeros(g, dtype=torch.int64) for n in self.names} for mode in self.modes}
         self.per_tensor_thr: dict[str, dict[str, Thresholds]] = {}
         self.global_hist = ({n: torch.zeros(n_bins(self.bits), dtype=torch.int64) for n in self.names}
                             if "global" in self.modes else {})

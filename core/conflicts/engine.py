@@ -19,13 +19,12 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from rlm.core.conflicts.config import ConflictsConfig
+from rlm.core.conflicts.passes import Progress
 from rlm.core.conflicts.stats import pair_key
 from rlm.core.errors import RlmError
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass

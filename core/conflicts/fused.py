@@ -29,11 +29,12 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from rlm.core.conflicts.config import ConflictsConfig
+from rlm.core.conflicts.passes import EnginePass, Progress
 from rlm.core.conflicts.stats import float32_floor_bits, histogram_thresholds, n_bins, n_keep
 from rlm.core.errors import ModelError, RlmError
 
@@ -154,34 +155,22 @@ class _WorkerState:
         self.joint = np.zeros((max(n_pairs, 1), 4, joint_size), np.int64)
 
 
-class FusedPass:
-    """One run of the fused engine: :meth:`run` feeds ``metrics`` from the kernels and returns
-    ``(kept_actual, passes)`` as :class:`rlm.core.conflicts.eager.EagerPass` does."""
+class FusedPass(EnginePass):
+    """One run of the fused engine (see :class:`rlm.core.conflicts.passes.EnginePass`): :meth:`run` feeds the
+    metrics from the kernels."""
 
-    def __init__(self, config: ConflictsConfig, metrics: Sequence[Any], base_reader: Any,
-                 readers: Mapping[str, Any], tensors: Sequence[Any], *, modes: Sequence[str], hist_bits: int,
-                 total: int) -> None:
-        self.config = config
-        self.base_reader = base_reader
-        self.readers = dict(readers)
-        self.tensors = list(tensors)
-        self.modes = list(modes)
-        self.hist_bits = hist_bits
-        self.total = total
-        self.names = list(readers)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.n_models = len(self.names)
         self.pairs = list(itertools.combinations(range(self.n_models), 2))
         self.pair_index = np.array(self.pairs, dtype=np.int64).reshape(-1, 2)
-        self.g = len(config.kept_rates)
-        self.topk_metrics = [m for m in metrics if m.needs_topk]
-        self.plain_metrics = [m for m in metrics if not m.needs_topk]
-        self.hist_metrics = [m for m in self.plain_metrics if m.histogram_bits is not None]
-        need_hist = bool(self.modes) or bool(self.hist_metrics)
-        self.nb = n_bins(hist_bits) if need_hist else 0
-        self.shift = 32 - hist_bits
+        self.g = len(self.config.kept_rates)
+        self.nb = n_bins(self.hist_bits) if self.need_hist else 0
+        self.shift = 32 - self.hist_bits
         self.stride = self.nb + _PAD if self.nb else 0
-        self.copies = 4 if hist_bits <= 14 else 1  # coarse bins repeat often: spread them over interleaved copies
-        self.thresholds = sorted({float(t) for m in metrics for t in m.count_thresholds})
+        # coarse bins repeat often: spread them over interleaved copies
+        self.copies = 4 if self.hist_bits <= 14 else 1
+        self.thresholds = sorted({float(t) for m in self.metrics for t in m.count_thresholds})
         self.above_bits = np.array([float32_floor_bits(t) for t in self.thresholds], dtype=np.uint32)  # bf16
         self.above_values = np.array(self.thresholds, dtype=np.float64)  # float32 inputs: float64 τ
         self.span = (self.g + 1) ** len(self.modes)
@@ -189,7 +178,7 @@ class FusedPass:
         if self.modes and self.table_dtype is None:
             raise RlmError(f"{self.g} kept rates over {len(self.modes)} top-k scopes are too many for the fused "
                            f"engine ((g+1)^scopes = {self.span} > 65536); use engine: eager")
-        self.sources = {"base": base_reader, **self.readers}  # read in this order: the base, then the models
+        self.sources = {"base": self.base_reader, **self.readers}  # read in this order: the base, then the models
         self._local = threading.local()
         self._states: list[_WorkerState] = []
         self._states_lock = threading.Lock()
@@ -302,33 +291,31 @@ class FusedPass:
         self.topk_pass(t, lohi, thr, self.state())
 
     # -- the run ---------------------------------------------------------------------------------------------
-    def run(self, progress: Callable[[str, int, int], None] | None = None) -> tuple[dict[str, dict[str, Any]], int]:
+    def run(self, progress: Progress | None = None) -> tuple[dict[str, dict[str, Any]], int]:
         import torch
 
-        kept_actual = {m: {n: torch.zeros(self.g, dtype=torch.int64) for n in self.names} for m in self.modes}
         gc_was_enabled = gc.isenabled()
         gc.disable()  # thousands of small arrays, no cycles: collections would only cost time
         pool = ThreadPoolExecutor(max_workers=self.config.workers or default_workers(),
                                   thread_name_prefix="rlm-conflicts")
         try:
-            pending = self._run_first_pass(pool, kept_actual, progress)
+            pending = self._run_first_pass(pool, progress)
             glob = (sum(st.glob for st in self._states) if self._states
                     else np.zeros((self.n_models, self.nb), np.int64))
             for m in self.hist_metrics:
                 m.update_histogram("*", {n: torch.from_numpy(glob[j]) for j, n in enumerate(self.names)},
                                    self.hist_bits)
             if "global" in self.modes:
-                self._run_global_pass(pool, glob, pending, kept_actual, progress)
+                self._run_global_pass(pool, glob, pending, progress)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # after an error: stop, do not finish the pass
             if gc_was_enabled:
                 gc.enable()
         if self.modes:
             self._feed_topk_metrics()
-        return kept_actual, 1 + bool("global" in self.modes)
+        return self.kept_actual, 1 + bool("global" in self.modes)
 
-    def _run_first_pass(self, pool: ThreadPoolExecutor, kept_actual: dict[str, dict[str, Any]],
-                        progress: Callable[[str, int, int], None] | None) -> list[tuple[Any, np.ndarray, Any]]:
+    def _run_first_pass(self, pool: ThreadPoolExecutor, progress: Progress | None) -> list[tuple[Any, np.ndarray, Any]]:
         """Pass 1 over every tensor on the pool, folded into the metrics in tensor order; returns the tensors
         waiting for global thresholds as ``(tensor, lohi, per-tensor thresholds)``."""
         import torch
@@ -343,16 +330,15 @@ class FusedPass:
                 m.update(t.name, {}, context=ctx)
             if "per_tensor" in self.modes:
                 for j, n in enumerate(self.names):
-                    kept_actual["per_tensor"][n] += torch.from_numpy(res["kept"][j])
+                    self.kept_actual["per_tensor"][n] += torch.from_numpy(res["kept"][j])
             if "global" in self.modes:
                 pending.append((t, res["lohi"], res.get("thr")))
             if progress:
                 progress(phase, i + 1, len(self.tensors))
         return pending
 
-    def _run_global_pass(self, pool: ThreadPoolExecutor, glob: np.ndarray, pending: list[tuple[Any, np.ndarray, Any]],
-                         kept_actual: dict[str, dict[str, Any]],
-                         progress: Callable[[str, int, int], None] | None) -> None:
+    def _run_global_pass(self, pool: ThreadPoolExecutor, glob: np.ndarray,
+                         pending: list[tuple[Any, np.ndarray, Any]], progress: Progress | None) -> None:
         """Global thresholds from the summed histograms, then pass 2 (top-k counts) over ``pending``."""
         import torch
 
@@ -360,7 +346,7 @@ class FusedPass:
         for j, n in enumerate(self.names):
             thr, kept = histogram_thresholds(torch.from_numpy(glob[j]), self.total, self.config.kept_rates)
             global_thr[j] = thr.numpy()
-            kept_actual["global"][n] += kept
+            self.kept_actual["global"][n] += kept
         items = []
         for t, lohi, tthr in pending:
             scopes = [global_thr if mode == "global" else tthr for mode in self.modes]

@@ -77,25 +77,31 @@ SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "m
 
 def _resolve_path(spec: str) -> str:
     """A model directory as given (it must exist), or ``tiny[:SEED]`` built in the cache."""
-    from rlm.core.models.hf import resolve_model
+    from rlm.core.models.hf import resolve_model, tiny_seed
 
     text = str(spec)
     p = Path(text).expanduser()
-    if text == "tiny" or text.startswith("tiny:"):
+    if tiny_seed(text) is not None:
         return resolve_model(text)
     if not p.exists():
         raise ModelError(f"model path {text} does not exist")
     return str(p)
 
 
-def method_preset(cls: type[MergeMethod], preset: str | None) -> dict[str, Any]:
+def method_preset(cls: type[MergeMethod], preset: str | None, *, suggest: bool = False) -> dict[str, Any]:
     """The method's named settings (``{"params": {...}, "model_params": {...}}``; empty for ``None``); an
-    unknown name is a :class:`ConfigError` listing the method's presets."""
+    unknown name is a :class:`ConfigError` listing the method's presets (``suggest``: and the closest ones)."""
     if preset is None:
         return {}
     presets = getattr(cls, "presets", {}) or {}
     if preset not in presets:
-        raise ConfigError(f"merge method {cls.name!r} has no preset {preset!r} "
+        hint = ""
+        if suggest:
+            import difflib
+
+            close = difflib.get_close_matches(preset, list(presets), n=2, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"merge method {cls.name!r} has no preset {preset!r}{hint} "
                           f"(presets: {', '.join(presets) or 'none'})")
     return presets[preset]
 

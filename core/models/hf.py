@@ -50,12 +50,20 @@ def init_tiny(out: str | Path, seed: int = 0, overwrite: bool = False, preset: A
     return save_model(model, tokenizer, out, overwrite=overwrite)
 
 
+def tiny_seed(spec: str | Path, default: int = 0) -> int | None:
+    """The seed when ``spec`` names the tiny model (``tiny`` → ``default``, ``tiny:SEED`` → SEED), else None."""
+    text = str(spec)
+    if text == "tiny":
+        return default
+    return int(text.split(":", 1)[1]) if text.startswith("tiny:") else None
+
+
 def resolve_model(spec: str | Path, seed: int | None = None) -> str:
     """Turn a model argument into something ``from_pretrained`` loads: ``tiny`` / ``tiny:SEED`` becomes a
     cached tiny model directory; an existing directory is checked; anything else is passed on as a hub id."""
     text = str(spec)
-    if text == "tiny" or text.startswith("tiny:"):
-        s = int(text.split(":", 1)[1]) if ":" in text else (seed if seed is not None else 0)
+    s = tiny_seed(text, seed if seed is not None else 0)
+    if s is not None:
         from rlm.core.models.tiny import TinyPreset
 
         key = hashlib.sha256(json.dumps(TinyPreset().model_dump(), sort_keys=True).encode()).hexdigest()[:10]

@@ -13,18 +13,11 @@ from rlm.core.study.config import ExperimentConfig, MergeMethodConfig
 
 def method_settings(cls: Any, method: MergeMethodConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The global and per-model parameters a study's merge method runs with: the plugin's ``presets[preset]``
-    (when ``method.preset`` is set) under the explicit ``params`` / ``model_params``, exactly as
-    :class:`rlm.core.merge.engine.MergeRunConfig` resolves ``preset`` in the merge steps. An unknown preset is
-    a ConfigError naming the closest presets and all of the method's."""
-    preset: Mapping[str, Any] = {}
-    if method.preset is not None:
-        presets = getattr(cls, "presets", None) or {}
-        if method.preset not in presets:
-            close = difflib.get_close_matches(method.preset, list(presets), n=2, cutoff=0.5)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ConfigError(f"merge method {cls.name!r} has no preset {method.preset!r}{hint} "
-                              f"(presets: {', '.join(presets) or 'none'})")
-        preset = presets[method.preset]
+    (:func:`rlm.core.merge.engine.method_preset`, as the merge steps resolve it) under the explicit ``params``
+    / ``model_params``. An unknown preset is a ConfigError naming the closest presets."""
+    from rlm.core.merge.engine import method_preset
+
+    preset: Mapping[str, Any] = method_preset(cls, method.preset, suggest=True)
     return ({**(preset.get("params") or {}), **method.params},
             {**(preset.get("model_params") or {}), **method.model_params})
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
+from rlm.core.conflicts.config import default_metrics
 from rlm.core.contracts import PluginConfig
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -28,13 +29,6 @@ def _check_label(v: str | None, what: str) -> str | None:
     if v is not None and not _LABEL_RE.match(v):
         raise ValueError(f"{what} {v!r} may hold only letters, digits, '_' and '-' (it is part of step names)")
     return v
-
-
-def default_metric_names() -> list[str]:
-    """The metric plugins a study computes when not told which: those declaring ``default = True``."""
-    from rlm.core.plugins import get_system
-
-    return get_system().registry("metric").defaults()
 
 
 # -- the config ------------------------------------------------------------------------------------------
@@ -138,7 +132,7 @@ class ConflictsConfig(PluginConfig):
     """Task-vector statistics of each group's experts against θ0 (Table 2 and the conflict figures)."""
 
     enabled: bool = True
-    metrics: list[str] = Field(default_factory=default_metric_names,
+    metrics: list[str] = Field(default_factory=default_metrics,
                                description="metric plugins (default: those that declare themselves default)")
     threshold: float = Field(1e-5, gt=0, description="|τ| above this counts as updated: the `threshold` of every "
                                                      "metric whose config has one, unless metric_config sets it")

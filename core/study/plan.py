@@ -221,7 +221,7 @@ class _Planner:
             "name": cfg.name, "tasks": self.order, "groups": rep.table1_groups or [t.id for t in cfg.trainers],
             "methods": [m.id for m in cfg.methods], "seeds": cfg.seeds, "bootstrap_resamples": rep.bootstrap_resamples,
             "ci": rep.ci, "bootstrap_seed": rep.seed, "scale": rep.scale,
-            "table3": list(cfg.table3_groups() or []) or None, "curve": cfg.curve.enabled,
+            "table3": cfg.report.table3, "curve": cfg.curve.enabled,
             "landscape": cfg.landscape.enabled})
 
 

@@ -184,11 +184,8 @@ def _conflicts(rep: _Report) -> None:
             if rel:
                 figures.append(rel)
 
-    def cell(v: Any) -> str:
-        return v if isinstance(v, str) else format_value(v)
-
     if rows:
-        tab2 = tables.table2(rows, formatter=cell, notes=[
+        tab2 = tables.table2(rows, formatter=format_value, notes=[
             "τ = θ_expert − θ0; the columns are those of the conflict metrics that ran (each source's `report.md` "
             "has their sections)."])
         tab2.write(rep.out, "table2")
@@ -196,7 +193,7 @@ def _conflicts(rep: _Report) -> None:
         rep.md.append(tab2.to_markdown())
     if pairs:
         columns = list(dict.fromkeys(k for r in pairs.values() for k in r if k != "source"))
-        table = tables.SimpleTable("", [*columns, "source"], list(pairs.values()), formatter=cell)
+        table = tables.SimpleTable("", [*columns, "source"], list(pairs.values()), formatter=format_value)
         rep.md += ["## Task conflicts between experts", "",
                    "Statistics of the task vectors τ = θ_expert − θ0 of each pair within a group, from the conflict "
                    "metrics that ran (see each source's `report.md` for their sections).", "",

@@ -104,19 +104,14 @@ def evaluate_loaded(model: Any, tokenizer: Any, task: Mapping[str, Any], ev: Map
             "per_example": per, "n": len(per), "records": records}
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _load(model_dir: Path, dtype: str | None = None) -> tuple[Any, Any]:
     import torch
 
+    from rlm.core.eval.engine import default_device
     from rlm.core.models.hf import load_model
 
     dt = getattr(torch, dtype) if dtype else None
-    return load_model(str(model_dir), dtype=dt, device=_device())
+    return load_model(str(model_dir), dtype=dt, device=default_device())
 
 
 def _write_eval(out: Path, ev: dict[str, Any], ctx: Any, model_dir: Path) -> dict[str, Any]:
@@ -153,10 +148,10 @@ class StudySteps:
     def init(self, ctx: Any) -> dict[str, Any]:
         base = ctx.config["base"]
         spec = str(base["model"])
-        if spec == "tiny" or spec.startswith("tiny:"):
-            from rlm.core.models.hf import init_tiny
+        from rlm.core.models.hf import init_tiny, tiny_seed
 
-            seed = int(spec.split(":", 1)[1]) if ":" in spec else int(base.get("seed", 0))
+        seed = tiny_seed(spec, int(base.get("seed", 0)))
+        if seed is not None:
             init_tiny(ctx.out / "model", seed=seed)
             return {"model": "model", "kind": "tiny", "seed": seed}
         p = Path(spec).expanduser()

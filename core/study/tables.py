@@ -1,5 +1,4 @@
-"""The paper's tables and figures: Table 1 arithmetic with bootstrap intervals, Tables 2 and 3, the
-number-of-merged-models curve and the landscape heat-map.
+"""The paper's tables: Table 1 arithmetic with bootstrap intervals, Tables 2 and 3.
 
 Table 1 (:func:`table1`)
     Inputs, per group (a training paradigm such as ``"sft"`` or ``"grpo"``):
@@ -166,15 +165,12 @@ class SimpleTable:
     columns: list[str]
     rows: list[dict[str, Any]]
     notes: list[str] = field(default_factory=list)
-    formats: dict[str, str] = field(default_factory=dict)  # column -> format spec for Markdown
     data: dict[str, Any] = field(default_factory=dict)  # extra JSON payload
-    formatter: Callable[[Any], str] | None = None  # Markdown text of other cells (default: str)
+    formatter: Callable[[Any], str] | None = None  # Markdown text of a set, finite cell (default: str)
 
-    def _fmt(self, col: str, v: Any) -> str:
+    def _fmt(self, v: Any) -> str:
         if v is None or (isinstance(v, float) and not math.isfinite(v)):
             return "–"
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and col in self.formats:
-            return format(v, self.formats[col])
         return self.formatter(v) if self.formatter is not None else str(v)
 
     def table_lines(self) -> list[str]:
@@ -185,7 +181,7 @@ class SimpleTable:
         lines = ["| " + " | ".join(esc(c) for c in self.columns) + " |",
                  "|" + "|".join("---" for _ in self.columns) + "|"]
         for r in self.rows:
-            lines.append("| " + " | ".join(esc(self._fmt(c, r.get(c))) for c in self.columns) + " |")
+            lines.append("| " + " | ".join(esc(self._fmt(r.get(c))) for c in self.columns) + " |")
         return lines
 
     def to_markdown(self) -> str:
@@ -518,15 +514,15 @@ def table1(unmerged: Mapping[str, Mapping[str, Any]],
 
 # -- Table 2 and Table 3 ---------------------------------------------------------------------------------
 def table2(models: Mapping[str, Mapping[str, Any]], *, title: str = "Table 2: task vectors of the experts",
-           first_column: str = "model", notes: Sequence[str] = (),
+           notes: Sequence[str] = (),
            formatter: Callable[[Any], str] | None = None) -> SimpleTable:
     """Rows: ``{model: {column: value}}`` in the given order; columns: every column of any row, in order of
     first appearance (a row without a column shows "–"). ``formatter`` renders the Markdown cells."""
     if not models:
         raise ReportError("table 2: no models")
     columns = list(dict.fromkeys(c for cells in models.values() for c in cells))
-    rows = [{first_column: name, **cells} for name, cells in models.items()]
-    return SimpleTable(title, [first_column, *columns], rows, list(notes), formatter=formatter)
+    rows = [{"model": name, **cells} for name, cells in models.items()]
+    return SimpleTable(title, ["model", *columns], rows, list(notes), formatter=formatter)
 
 
 def table3(source: Table1 | Mapping[str, Any], rl: str, rl_pos: str, *,

@@ -1,8 +1,9 @@
 """Pure tensor functions of the RL trainers: advantage estimators, KL estimators, the PPO clipped policy loss,
 the value loss, loss aggregation and log-prob / entropy helpers. Definitions follow ``DESIGN.md`` exactly;
-every function here is tested against hand-computed float64 values in ``tests/test_rl.py``. Used by the training
-engines (:mod:`rlm.core.train.forward`, :mod:`rlm.core.train.rl`, :mod:`rlm.core.train.sft`), by the RL trainer
-plugins, which list the estimators they offer (``RLTrainer.advantages``), and by third-party trainers.
+every function here is tested against hand-computed float64 values in ``tests/train/test_rl.py``. Used by the
+training engines (:mod:`rlm.core.train.forward`, :mod:`rlm.core.train.sft`, :mod:`rlm.core.train.rl`,
+:mod:`rlm.core.train.rl_engine`, :mod:`rlm.core.train.critic`), by the RL trainer plugins, which list the
+estimators they offer (``RLTrainer.advantages``), and by third-party trainers.
 
 Shapes: ``B`` sequences, ``T`` response positions. ``mask`` (B, T) is 1 on response tokens and 0 on padding;
 ``rewards`` (B,) is the outcome reward of each sequence; ``index`` (B,) says which prompt (group) a sequence

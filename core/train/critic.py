@@ -2,7 +2,7 @@
 ``Linear(hidden, 1)``; values are read at the state before each response token), its optimizer and schedule, and
 its clipped value-loss update over one mini-batch.
 
-The RL loop (:mod:`rlm.core.train.rl`) builds a :class:`Critic` for a trainer with ``critic = True``; the
+The RL loop (:mod:`rlm.core.train.rl_engine`) builds a :class:`Critic` for a trainer with ``critic = True``; the
 checkpoints save it as the extra module ``critic``. This module does not import torch at import time.
 """
 

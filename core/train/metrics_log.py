@@ -62,8 +62,8 @@ def metrics_row(metrics: dict[str, Any]) -> dict[str, Any]:
 
 class MetricsLog:
     """``metrics.jsonl``, TensorBoard (``tensorboard=True``) and the progress line (``progress=True``) of the
-    run directory ``out``; a no-op where ``enabled`` is false (the processes other than the main one). Use it
-    as a context: :meth:`start` on entry shows the progress line, leaving closes every file."""
+    run directory ``out``; a no-op where ``enabled`` is false (the processes other than the main one).
+    :meth:`start` shows the progress line, :meth:`close` stops it and closes every file."""
 
     def __init__(self, out: Path, *, enabled: bool, tensorboard: bool, progress: bool) -> None:
         self.out = out
@@ -96,9 +96,9 @@ class MetricsLog:
 
     def write(self, metrics: dict[str, Any]) -> None:
         """Log one step (``metrics`` holds ``step``)."""
-        row = metrics_row(metrics)
         if not self.enabled:
             return
+        row = metrics_row(metrics)
         if self._file is None:
             self._file = open(self.out / METRICS_FILE, "a", encoding="utf-8")
         self._file.write(json.dumps(row) + "\n")
@@ -117,7 +117,7 @@ class MetricsLog:
 
             self._tb = SummaryWriter(str(self.out / "tensorboard"))
         for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)) and v is not None:
+            if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, row["step"])
 
     def close(self) -> None:

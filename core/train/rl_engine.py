@@ -115,8 +115,8 @@ class RLEngine:
             eps=cfg.adv_eps, whiten_stats=self._whiten_stats if s.world > 1 else None)
         if cfg.positive_only:
             adv = algorithms.positive_only(adv)
-        return Experience(ro.batch, ro.examples, ro.texts, ro.index, ro.rewards, ro.mask, adv.detach(),
-                          ret.detach(), old_logp, ref_logp, values, kl, ro.gen_time)
+        return Experience(**vars(ro), advantages=adv.detach(), returns=ret.detach(), old_logp=old_logp,
+                          ref_logp=ref_logp, values=values, kl=kl)
 
     # -- updates ------------------------------------------------------------------------------------------
     def _mini_batches(self, exp: Experience, step: int) -> Iterator[list[int]]:

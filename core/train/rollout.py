@@ -3,8 +3,8 @@ each sampled with :func:`rlm.core.eval.generation.generate` (seeds are functions
 resumed run samples exactly what an uninterrupted one would), their rewards from the task, and the no-grad
 log-prob passes (old policy, reference) over the sampled batch.
 
-The RL loop (:mod:`rlm.core.train.rl`) calls these and adds the advantages. This module does not import torch at
-import time.
+The RL loop (:mod:`rlm.core.train.rl_engine`) calls these and adds the advantages. This module does not import
+torch at import time.
 """
 
 from __future__ import annotations
@@ -36,22 +36,15 @@ class Rollout:
 
 
 @dataclasses.dataclass
-class Experience:
-    """A batch of sampled completions with everything the update needs; tensors are (B, T) unless noted."""
+class Experience(Rollout):
+    """A rollout with everything the update needs; the added tensors are (B, T)."""
 
-    batch: TokenBatch
-    examples: list[Example]
-    texts: list[str]
-    index: list[int]            # group (prompt) id of each sequence, global across processes
-    rewards: Any                # (B,)
-    mask: Any                   # response mask
     advantages: Any
     returns: Any
     old_logp: Any | None
     ref_logp: Any | None
     values: Any | None
     kl: Any | None              # the KL estimate at sampling time (for kl_in == "reward")
-    gen_time: float = 0.0       # seconds in generate()
 
 
 def score_completions(task: Task, examples: list[Example], texts: list[str]) -> list[float]:

@@ -5,7 +5,7 @@ logs each step, checkpoints, stops on a non-finite loss and writes ``final/``.
 The session composes the pieces of their own modules: the run directory and manifest
 (:mod:`rlm.core.train.run_dir`), checkpoints (:mod:`rlm.core.train.checkpoints`), the metrics log and progress
 line (:mod:`rlm.core.train.metrics_log`) and the policy (:mod:`rlm.core.train.policy`). The SFT, RFT and RL loops
-(:mod:`rlm.core.train.sft`, :mod:`rlm.core.train.rft`, :mod:`rlm.core.train.rl`) build one.
+(:mod:`rlm.core.train.sft`, which :mod:`rlm.core.train.rft` runs, and :mod:`rlm.core.train.rl_engine`) build one.
 
 Every directory is written under a temporary name and renamed when complete, so a run killed at any moment
 (SIGKILL included) resumes from its last complete checkpoint with ``--resume`` and ends with the same weights as

@@ -16,8 +16,8 @@ from rlm.core.contracts import Metric
 
 PACKAGE = "rlm.core.conflicts"
 ROOT = Path(rlm.core.conflicts.__file__).parent
-MODULES = ["config", "stats", "chunk", "pair_topk", "eager", "fused", "engine", "over_steps", "report"]
-ENGINES = ["eager", "fused", "engine"]
+MODULES = ["config", "stats", "chunk", "pair_topk", "passes", "eager", "fused", "engine", "over_steps", "report"]
+ENGINES = ["passes", "eager", "fused", "engine"]
 
 
 def _run(code: str) -> None:

@@ -3,7 +3,6 @@ corrupted and hostile ones fail, completions may be bodies or full solutions."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import time
 
@@ -11,6 +10,7 @@ import pytest
 from conftest import shared_file
 
 from rlm.core.cli import main
+from rlm.core.io.records import read_records
 from rlm.plugins.tasks.code import CodeTask
 from rlm.plugins.tasks.code.program import build_solution, extract_code
 
@@ -24,14 +24,9 @@ from rlm.plugins.tasks.code.program import build_solution, extract_code
 MBPP_PLUS_EXCEPTIONS = {"Mbpp/599", "Mbpp/255"}
 
 
-def _rows(path):
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def test_humaneval_canonical_through_rlm_score(tmp_path):
     path = shared_file("HumanEval.jsonl.gz")
-    rows = _rows(path)
+    rows = read_records(path)
     comp = tmp_path / "canonical.jsonl"
     with open(comp, "w") as f:
         for i, r in enumerate(rows):
@@ -106,7 +101,7 @@ def test_body_full_and_fenced_completions():
     task = CodeTask()
     path = shared_file("HumanEval.jsonl.gz")
     ex = task.examples("humaneval", path=str(path), limit=3)
-    r = _rows(path)[:3]
+    r = read_records(path)[:3]
     for e, row in zip(ex, r):
         assert task.reward(e, row["canonical_solution"]) == 1.0  # body
         assert task.reward(e, row["prompt"] + row["canonical_solution"]) == 1.0  # full, unfenced

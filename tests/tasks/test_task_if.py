@@ -11,6 +11,7 @@ from conftest import shared_file
 from rlm.core.contracts import Example
 from rlm.core.errors import RlmError
 from rlm.core.eval import nltk_data
+from rlm.core.io.records import read_records
 from rlm.plugins.tasks.instruction_following import InstructionFollowing
 from rlm.plugins.tasks.instruction_following.checks import registry
 from rlm.plugins.tasks.instruction_following.generator import describe
@@ -52,10 +53,10 @@ def test_punkt_tab_written_from_package_parameters(tmp_path):
 
 # ---------------------------------------------------------------------------------- IFEval GPT-4 reference
 def test_ifeval_gpt4_reference_reproduced():
-    inputs = {r["prompt"]: r for r in map(json.loads, shared_file("ifeval_input_data.jsonl").open())}
-    responses = [json.loads(line) for line in shared_file("ifeval_gpt4_responses.jsonl").open()]
-    strict_ref = [json.loads(line) for line in shared_file("ifeval_gpt4_eval_strict.jsonl").open()]
-    loose_ref = [json.loads(line) for line in shared_file("ifeval_gpt4_eval_loose.jsonl").open()]
+    inputs = {r["prompt"]: r for r in read_records(shared_file("ifeval_input_data.jsonl"))}
+    responses = read_records(shared_file("ifeval_gpt4_responses.jsonl"))
+    strict_ref = read_records(shared_file("ifeval_gpt4_eval_strict.jsonl"))
+    loose_ref = read_records(shared_file("ifeval_gpt4_eval_loose.jsonl"))
     assert len(responses) == len(strict_ref) == len(loose_ref) == 540
 
     task = _task()
