@@ -69,7 +69,8 @@ class ConflictsProgress:
 
 def conflicts(
     base: str = typer.Option(..., "--base", help="Start model θ0 (HF dir, or 'tiny')."),
-    models: Optional[str] = typer.Option(None, "--models", help="name1=DIR1,name2=DIR2,... expert models."),
+    models: Optional[str] = typer.Option(None, "--models", help="name1=DIR1,name2=DIR2,... expert models (HF "
+                                                                "or PEFT LoRA directories, e.g. a run's final/)."),
     runs: Optional[str] = typer.Option(None, "--runs", help="With --over-steps: name1=RUN1,name2=RUN2,..."),
     over_steps: bool = typer.Option(False, "--over-steps", help="Norms and conflict norms at every common "
                                                                 "checkpoint step (RUN/checkpoints/step-N)."),

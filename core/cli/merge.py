@@ -51,7 +51,8 @@ def merge(
     method: Optional[str] = typer.Option(None, "--method", help="Merge method (see `rlm plugins`)."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model: HF directory or tiny[:SEED]."),
     models: Optional[str] = typer.Option(None, "--models",
-                                         help="Comma-separated expert directories (HF or PEFT LoRA)."),
+                                         help="Comma-separated expert directories (HF, or PEFT LoRA "
+                                              "such as a LoRA run's final/)."),
     out: Path = typer.Option(..., "--out", help="Output HF directory."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Per-model weights, e.g. 0.5,0.5."),
     density: Optional[str] = typer.Option(None, "--density", help="Per-model density (one value: all)."),

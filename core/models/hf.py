@@ -28,18 +28,45 @@ def is_model_dir(path: Path) -> bool:
 
 
 def save_model(model: Any, tokenizer: Any, out: str | Path, overwrite: bool = False,
-               max_shard_size: str | int = "2GB") -> Path:
+               max_shard_size: str | int = "2GB", dtype: Any = None, state_dict: dict[str, Any] | None = None) -> Path:
     """Save ``model`` and ``tokenizer`` as an HF directory (safetensors, config, tokenizer, generation
-    config), written to a temporary directory and renamed into place when complete."""
+    config), written to a temporary directory and renamed into place when complete. ``dtype`` (a torch dtype)
+    saves the floating tensors in that dtype and records it in ``config.json`` without touching the model's own
+    parameters (fp32 master weights saved as bf16); ``state_dict`` saves those tensors instead of the model's
+    (a state dict gathered from sharded processes)."""
     out = Path(out)
+    sd = saved_state_dict(model, dtype, state_dict)
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size, state_dict=sd)
+        if dtype is not None:  # save_pretrained records the parameters' dtype, not the saved one
+            set_config_dtype(tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None and not (tmp / "generation_config.json").exists():
             gen.save_pretrained(tmp)
     return out
+
+
+def set_config_dtype(path: Path, dtype: Any) -> None:
+    """Record ``dtype`` (a torch dtype) as the weights' dtype in ``path/config.json``."""
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        data = json.loads(cfg_file.read_text())
+        data["dtype"] = str(dtype).removeprefix("torch.")
+        data.pop("torch_dtype", None)
+        cfg_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def saved_state_dict(model: Any, dtype: Any = None, state_dict: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The tensors :func:`save_model` writes: ``state_dict`` (or the model's), floating ones cast to ``dtype``;
+    None when neither is given (``save_pretrained`` reads the model itself)."""
+    if dtype is None and state_dict is None:
+        return None
+    sd = state_dict if state_dict is not None else model.state_dict()
+    if dtype is None:
+        return sd
+    return {k: (v.detach().to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
 
 
 def init_tiny(out: str | Path, seed: int = 0, overwrite: bool = False, preset: Any = None) -> Path:
@@ -60,7 +87,9 @@ def tiny_seed(spec: str | Path, default: int = 0) -> int | None:
 
 def resolve_model(spec: str | Path, seed: int | None = None) -> str:
     """Turn a model argument into something ``from_pretrained`` loads: ``tiny`` / ``tiny:SEED`` becomes a
-    cached tiny model directory; an existing directory is checked; anything else is passed on as a hub id."""
+    cached tiny model directory; an existing directory is checked; anything else is passed on as a hub id.
+    A PEFT adapter directory (a LoRA training run's ``final/``) resolves to its merged model ``merged/``, or,
+    without one, stays the adapter directory (:func:`load_model` applies it to its base)."""
     text = str(spec)
     s = tiny_seed(text, seed if seed is not None else 0)
     if s is not None:
@@ -75,18 +104,36 @@ def resolve_model(spec: str | Path, seed: int | None = None) -> str:
     if p.exists():
         if not p.is_dir():
             raise ModelError(f"model path {p} is a file, not a model directory (for GGUF use `rlm model import-gguf`)")
-        if not (p / "config.json").is_file():
-            raise ModelError(f"{p} is not a model directory: config.json is missing")
-        return str(p)
+        from rlm.core.models.lora import is_lora_dir
+        from rlm.core.models.reader import full_model_dir
+
+        full = full_model_dir(p)
+        if (full / "config.json").is_file():
+            return str(full)
+        if is_lora_dir(p):
+            return str(p)
+        raise ModelError(f"{p} is not a model directory: config.json is missing")
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelError(f"model path {text} does not exist")
     return text  # hub id
 
 
+def _is_adapter_only(path: str) -> bool:
+    """Whether the resolved ``path`` is a local PEFT adapter directory without a full model."""
+    from rlm.core.models.lora import is_lora_dir
+
+    p = Path(path)
+    return p.is_dir() and not (p / "config.json").is_file() and is_lora_dir(p)
+
+
 def load_tokenizer(spec: str | Path, seed: int | None = None) -> Any:
+    """The tokenizer of a model (an adapter directory without its own tokenizer: its base model's), with a pad
+    token (the eos token when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
     path = resolve_model(spec, seed)
+    if _is_adapter_only(path) and not (Path(path) / "tokenizer_config.json").is_file():
+        return load_tokenizer(_adapter_base_path(Path(path)))
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
@@ -96,17 +143,65 @@ def load_tokenizer(spec: str | Path, seed: int | None = None) -> Any:
     return tok
 
 
+def _adapter_base_path(adapter: Path) -> str:
+    """The resolved base model of the adapter directory ``adapter`` (a ModelError naming the missing path)."""
+    from rlm.core.models.lora import adapter_base
+    from rlm.core.models.reader import ADAPTER_CONFIG, MERGED_DIR
+
+    base = adapter_base(adapter)
+    try:
+        return resolve_model(base)
+    except ModelError as exc:
+        raise ModelError(f"LoRA adapter {adapter} has no merged model ({MERGED_DIR}/) and its base model {base} "
+                         f"(base_model_name_or_path in {adapter / ADAPTER_CONFIG}) cannot be found: {exc}") from None
+
+
+def _load_adapter_merged(adapter: Path, dtype: Any, depth: int = 0) -> Any:
+    """The base model of the adapter directory ``adapter`` with the adapter merged in (peft's
+    ``merge_and_unload``, in fp32), then cast to ``dtype``. A base that is itself an adapter-only directory is
+    loaded the same way."""
+    import torch
+
+    if depth > 8:
+        raise ModelError(f"LoRA adapter {adapter}: its chain of base adapters is longer than 8 (a cycle?)")
+    base = _adapter_base_path(adapter)
+    try:
+        if _is_adapter_only(base):
+            model = _load_adapter_merged(Path(base), torch.float32, depth + 1)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base; a loaded model is trainable like from_pretrained's
+        model.eval()
+        # the model is the adapter's, not its base's: a LoRA trained on it records the adapter as its base
+        model.name_or_path = model.config._name_or_path = str(adapter)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"cannot load LoRA adapter {adapter} on its base model {base}: {exc}") from exc
+    return model.to(dtype) if dtype is not None else model
+
+
 def load_model(spec: str | Path, seed: int | None = None, dtype: Any = None, device: Any = None,
                with_tokenizer: bool = True) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from a directory, hub id or ``tiny``."""
+    """Load ``(model, tokenizer)`` from a directory, hub id or ``tiny``. A LoRA training run's ``final/`` loads
+    its merged model ``merged/``; an adapter directory without one loads its base
+    (``base_model_name_or_path``) with the adapter merged in."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec, seed)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    except Exception as exc:
-        raise ModelError(f"cannot load model from {path}: {exc}") from exc
+    if _is_adapter_only(path):
+        model = _load_adapter_merged(Path(path), dtype or torch.float32)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        except Exception as exc:
+            raise ModelError(f"cannot load model from {path}: {exc}") from exc
     if device is not None:
         model.to(device)
     tok = load_tokenizer(path) if with_tokenizer else None

@@ -6,10 +6,16 @@ experts)::
 
     src = open_source("dir", base=r)       # ModelReader or LoraReader, whichever the directory holds
     src.delta(name, base_fp32, rows=None)  # fp32 τ = θ − θ_base for either kind (LoRA: zeros off-target)
+
+A LoRA training run's ``final/`` (:func:`save_adapter`, called by ``Checkpoints.save_final``) is such an adapter
+directory with the tokenizer beside it and, unless ``lora.merge_lora`` is false, the merged full model in
+``final/merged/`` (:data:`rlm.core.models.reader.MERGED_DIR`): as an expert it is read as the adapter, as a full model
+(``resolve_model``, ``ModelReader``) as ``merged/``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -180,12 +186,42 @@ class LoraReader:
 
 
 def is_lora_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a PEFT adapter directory (adapter config and weights)."""
     p = Path(path)
     return (p / ADAPTER_CONFIG).is_file() and any((p / w).is_file() for w in ADAPTER_WEIGHTS)
 
 
+def adapter_base(path: str | Path) -> str:
+    """The ``base_model_name_or_path`` of the adapter directory ``path`` (a ModelError naming the file when it
+    is not set)."""
+    cfg_file = Path(path) / ADAPTER_CONFIG
+    base = read_json_object(cfg_file, "adapter config").get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{cfg_file}: base_model_name_or_path is not set, so the adapter's base model is unknown")
+    return str(base)
+
+
+def save_adapter(adapter: Any, tokenizer: Any, out: str | Path) -> None:
+    """Write the adapter of the peft model ``adapter`` (``adapter_config.json`` and
+    ``adapter_model.safetensors``, in its parameters' dtype) and ``tokenizer`` into the directory ``out``. A
+    ``base_model_name_or_path`` that is an existing local path is recorded absolute, so the adapter finds its
+    base from any working directory."""
+    out = Path(out)
+    adapter.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    cfg_file = out / ADAPTER_CONFIG
+    cfg = read_json_object(cfg_file, "adapter config")
+    base = cfg.get("base_model_name_or_path")
+    if base and Path(base).expanduser().exists():
+        cfg["base_model_name_or_path"] = str(Path(base).expanduser().resolve())
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def open_source(path: str | Path, base: ModelReader | None = None) -> ModelReader | LoraReader:
-    """A ModelReader for a model directory, a LoraReader (needs ``base``) for a PEFT adapter directory."""
+    """A ModelReader for a model directory, a LoraReader (needs ``base``) for a PEFT adapter directory (also a
+    LoRA training run's ``final/``, whose ``merged/`` model is not used here: the adapter is the exact task
+    vector)."""
     p = Path(path)
     if not p.exists():
         raise ModelError(f"model path {p} does not exist")

@@ -16,6 +16,7 @@ study's landscape step::
     r.get(name)                            # torch.Tensor in its stored dtype (one positional read)
     r.get(name, rows=(start, stop))        # only rows start:stop of dimension 0
     r.config                               # config.json as a dict;  r.vocab_size
+    ModelReader("run/final")               # a LoRA training run's final/: reads its merged model, final/merged
 
 ``check_finite(tensor, model, name)`` raises a ModelError naming the model and tensor on NaN/Inf;
 ``row_blocks`` cuts a tensor into blocks of whole rows for the streaming engines. LoRA adapters:
@@ -42,6 +43,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+#: a LoRA training run's ``final/`` holds the adapter at its top and the merged full model in this subdirectory
+MERGED_DIR = "merged"
 
 # safetensors dtype codes <-> torch dtype names
 _ST_TO_TORCH = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -145,6 +148,15 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def full_model_dir(path: Path) -> Path:
+    """The directory of the full model ``path`` holds: ``path/merged`` for a LoRA training output (a PEFT adapter
+    directory without ``config.json`` whose merged model is in ``merged/``), else ``path`` itself."""
+    if not (path / "config.json").is_file() and (path / ADAPTER_CONFIG).is_file() \
+            and (path / MERGED_DIR / "config.json").is_file():
+        return path / MERGED_DIR
+    return path
+
+
 def config_vocab_size(config: dict[str, Any]) -> int | None:
     v = config.get("vocab_size")
     if v is None and isinstance(config.get("text_config"), dict):
@@ -167,15 +179,18 @@ class ModelReader:
     kind = "model"
 
     def __init__(self, path: str | Path, *, check_config: bool = True) -> None:
-        self.path = Path(path)
-        p = self.path
+        p = Path(path)
         if not p.exists():
             raise ModelError(f"model path {p} does not exist")
         if not p.is_dir():
             raise ModelError(f"model path {p} is a file, not a model directory")
+        p = self.path = full_model_dir(p)  # a LoRA run's final/ is read through its merged model
         self.config: dict[str, Any] = {}
         if (p / "config.json").is_file():
             self.config = read_json_object(p / "config.json", "model config")
+        elif check_config and (p / ADAPTER_CONFIG).is_file():
+            raise ModelError(f"{p} is a LoRA adapter without a merged model ({MERGED_DIR}/ is missing): a full model "
+                             f"directory is needed here")
         elif check_config:
             raise ModelError(f"{p} is not a model directory: config.json is missing")
         self._entries: dict[str, _Entry] = {}
