@@ -2,7 +2,8 @@
 and pruned to the newest ``keep_checkpoints``; ``final/``.
 
 A checkpoint is an HF directory (LoRA runs: the merged model) plus ``trainer_state/``: ``optimizer.pt``,
-``scheduler.pt``, ``rng-R.pt`` for every process R, ``state.json`` (step, data position, processes),
+``scheduler.pt``, ``rng-R.pt`` for every process R, ``master.safetensors`` (the fp32 master weights when the
+HF directory holds narrower ones), ``scaler.pt`` (fp16-mixed), ``state.json`` (step, data position, processes),
 ``adapter/`` for LoRA and ``NAME.safetensors`` with ``NAME_optimizer.pt`` / ``NAME_scheduler.pt`` for each
 extra module (PPO's critic). ``state.json`` is written last, so a directory without it is incomplete.
 
@@ -12,6 +13,7 @@ The session (:mod:`rlm.core.train.session`) holds one :class:`Checkpoints`; the 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -20,8 +22,20 @@ from typing import Any, Callable
 from rlm.core.errors import RlmError
 
 STATE_DIR = "trainer_state"
+#: the master weights of a checkpoint saved in a narrower dtype (full fine-tuning)
+MASTER_FILE = "master.safetensors"
 #: an extra module saved with the policy: name → (module, its optimizer, its scheduler)
 ExtraModules = dict[str, tuple[Any, Any, Any]]
+
+
+@dataclasses.dataclass
+class Gathered:
+    """Full states of a sharded run (FSDP2), gathered by every process and held by the main one: the policy's
+    state dict and optimizer state, and each extra module's (name → (state dict, optimizer state))."""
+
+    model: dict[str, Any]
+    optimizer: dict[str, Any]
+    extra: dict[str, tuple[dict[str, Any], dict[str, Any]]] = dataclasses.field(default_factory=dict)
 
 
 def remove_tree(path: Path) -> None:
@@ -43,11 +57,14 @@ def checkpoint_steps(out: Path) -> list[int]:
 
 
 def rng_state() -> dict[str, Any]:
-    """The Python, numpy and torch CPU random states of this process."""
+    """The Python, numpy, torch CPU and (where there is one) CUDA random states of this process."""
     import numpy as np
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 class Checkpoints:
@@ -70,12 +87,18 @@ class Checkpoints:
     # -- writing ----------------------------------------------------------------------------------------------
     def save(self, step: int, hf_state: Callable[[], tuple[Any, Any]], tokenizer: Any, optimizer: Any,
              scheduler: Any, data_position: dict[str, Any] | None = None,
-             extra_modules: ExtraModules | None = None) -> Path:
+             extra_modules: ExtraModules | None = None, *, dtype: Any = None, master: Any = None,
+             scaler: Any = None, gathered: Gathered | None = None) -> Path:
         """Write ``checkpoints/step-N`` atomically. ``hf_state()`` (called on the main process only) returns
-        (model to save as a plain HF directory, adapter model or None)."""
+        (model to save as a plain HF directory, adapter model or None); the HF directory holds its weights in
+        ``dtype`` (None: their own), ``trainer_state/master.safetensors`` the trainable parameters of ``master``
+        (the policy, when the saved dtype is narrower than its own) and ``scaler.pt`` the fp16 loss scaler's
+        state. A sharded run passes the full states it ``gathered`` instead of the modules' own."""
         import torch
+        from safetensors.torch import save_file
 
         from rlm.core.io.atomic import atomic_dir, atomic_write_json
+        from rlm.core.models.hf import saved_state_dict, set_config_dtype
 
         target = self.path(step)
         rng_dir = self.out / "checkpoints" / f".rng-step-{step}"
@@ -87,18 +110,28 @@ class Checkpoints:
         if self.is_main:
             model, adapter = hf_state()
             with atomic_dir(target, overwrite=True) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
+                full = gathered.model if gathered is not None else None
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=saved_state_dict(model, dtype, full))
+                if dtype is not None:
+                    set_config_dtype(tmp, dtype)
                 tokenizer.save_pretrained(tmp)
                 state = tmp / STATE_DIR
                 state.mkdir()
                 if adapter is not None:
                     adapter.save_pretrained(state / "adapter")
-                torch.save(optimizer.state_dict(), state / "optimizer.pt")
+                if master is not None:
+                    values = full if full is not None else dict(master.named_parameters())
+                    save_file({k: values[k].detach().contiguous().cpu() for k, p in master.named_parameters()
+                               if p.requires_grad}, str(state / MASTER_FILE))
+                if scaler is not None:
+                    torch.save(scaler.state_dict(), state / "scaler.pt")
+                torch.save(gathered.optimizer if gathered is not None else optimizer.state_dict(),
+                           state / "optimizer.pt")
                 torch.save(scheduler.state_dict(), state / "scheduler.pt")
                 torch.save(rng_state(), state / "rng-0.pt")
                 for r in range(1, self.world):
                     shutil.copy(rng_dir / f"rng-{r}.pt", state / f"rng-{r}.pt")
-                self._save_extra_modules(state, extra_modules or {})
+                self._save_extra_modules(state, extra_modules or {}, gathered.extra if gathered else {})
                 atomic_write_json(state / "state.json", {"step": step, "data_position": data_position or {},
                                                          "processes": self.world})
             remove_tree(rng_dir)
@@ -107,14 +140,15 @@ class Checkpoints:
         self.acc.wait_for_everyone()
         return target
 
-    def _save_extra_modules(self, state: Path, extra_modules: ExtraModules) -> None:
+    def _save_extra_modules(self, state: Path, extra_modules: ExtraModules,
+                            gathered: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:
         import torch
         from safetensors.torch import save_file
 
         for name, (module, opt, sched) in extra_modules.items():
-            weights = {k: v.detach().contiguous().cpu() for k, v in self.acc.unwrap_model(module).state_dict().items()}
-            save_file(weights, str(state / f"{name}.safetensors"))
-            torch.save(opt.state_dict(), state / f"{name}_optimizer.pt")
+            sd, osd = gathered.get(name) or (self.acc.unwrap_model(module).state_dict(), opt.state_dict())
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(state / f"{name}.safetensors"))
+            torch.save(osd, state / f"{name}_optimizer.pt")
             torch.save(sched.state_dict(), state / f"{name}_scheduler.pt")
 
     def _prune(self) -> None:
@@ -123,25 +157,57 @@ class Checkpoints:
         for s in checkpoint_steps(self.out)[:-self.keep]:
             remove_tree(self.path(s))
 
-    def save_final(self, hf_state: Callable[[], tuple[Any, Any]], tokenizer: Any) -> Path:
-        """Write ``final/`` (the model of ``hf_state()``, as :meth:`save`) and return its path."""
+    def save_final(self, hf_state: Callable[[], tuple[Any, Any]], tokenizer: Any, dtype: Any = None,
+                   state_dict: dict[str, Any] | None = None) -> Path:
+        """Write ``final/`` atomically and return its path. ``hf_state()`` (main process only) returns (full model
+        or None, adapter model or None). Full fine-tuning: ``final/`` is a plain HF directory of the model. LoRA:
+        the PEFT adapter as trained (``adapter_config.json``, ``adapter_model.safetensors``) and the tokenizer
+        at the top, the merged model (when there is one) as a plain HF directory in ``final/merged/``. ``dtype``
+        (a torch dtype; None: the parameters' own) is the dtype the full or merged model is saved in;
+        ``state_dict`` the full weights a sharded run gathered (full fine-tuning)."""
+        from rlm.core.io.atomic import atomic_dir
         from rlm.core.models.hf import save_model
+        from rlm.core.models.lora import save_adapter
+        from rlm.core.models.reader import MERGED_DIR
 
         target = self.out / "final"
         if self.is_main:
-            model, _ = hf_state()
-            save_model(model, tokenizer, target, overwrite=True)
+            model, adapter = hf_state()
+            if adapter is None:
+                save_model(model, tokenizer, target, overwrite=True, dtype=dtype, state_dict=state_dict)
+            else:
+                with atomic_dir(target, overwrite=True) as tmp:
+                    save_adapter(adapter, tokenizer, tmp)
+                    if model is not None:
+                        save_model(model, tokenizer, tmp / MERGED_DIR, dtype=dtype)
         self.acc.wait_for_everyone()
         return target
 
     # -- reading (resume) -------------------------------------------------------------------------------------
-    def restore_optimizer(self, opt: Any, sched: Any, prefix: str = "") -> None:
-        """Load ``{prefix}optimizer.pt`` and ``{prefix}scheduler.pt`` of the checkpoint this run resumes from."""
+    def restore_optimizer(self, opt: Any, sched: Any, prefix: str = "", sharded_model: Any = None) -> None:
+        """Load ``{prefix}optimizer.pt`` and ``{prefix}scheduler.pt`` of the checkpoint this run resumes from
+        (into the prepared optimizer of ``sharded_model`` when the run is sharded: the file holds the full
+        state)."""
         import torch
 
         state = self.resume_dir / STATE_DIR
-        opt.load_state_dict(torch.load(state / f"{prefix}optimizer.pt", map_location="cpu", weights_only=False))
+        opt_state = torch.load(state / f"{prefix}optimizer.pt", map_location="cpu", weights_only=False)
+        if sharded_model is not None:
+            from rlm.core.train.distributed import load_full_optimizer_state
+
+            load_full_optimizer_state(sharded_model, opt, opt_state)
+        else:
+            opt.load_state_dict(opt_state)
         sched.load_state_dict(torch.load(state / f"{prefix}scheduler.pt", map_location="cpu", weights_only=False))
+
+    def restore_scaler(self, scaler: Any) -> None:
+        """Load the fp16 loss scaler's state of the checkpoint this run resumes from."""
+        import torch
+
+        path = self.resume_dir / STATE_DIR / "scaler.pt"
+        if not path.is_file():
+            raise RlmError(f"cannot resume: {path} is missing (the run was not checkpointed in fp16-mixed)")
+        scaler.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
     def restore_rng(self) -> None:
         """Restore this process's random states from the checkpoint this run resumes from."""
@@ -156,6 +222,8 @@ class Checkpoints:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.random.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     def load_module(self, module: Any, name: str) -> None:
         """Load the extra module ``name`` (e.g. ``critic``) of the checkpoint this run resumes from, if any."""

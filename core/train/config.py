@@ -12,10 +12,11 @@ This module does not import torch (``rlm --help`` imports it through the trainer
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlm.core.contracts import PluginConfig, Task
 
@@ -28,6 +29,8 @@ class LoraSettings(PluginConfig):
     alpha: float = 16.0
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    merge_lora: bool = Field(True, description="also write the merged full model to final/merged/ (the "
+                                               "adapter is always at the top of final/)")
 
 
 class TrainConfig(PluginConfig):
@@ -53,11 +56,42 @@ class TrainConfig(PluginConfig):
     system_prompt: str | None = None
     require_chat_template: bool = Field(False, description="fail on a model without a chat template instead of "
                                                            "using the plain fallback prompt")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-pure"] = Field(
+        "fp32", description="fp32; bf16-mixed / fp16-mixed: fp32 master weights and optimizer state, compute in "
+                            "bf16 / fp16 (autocast; fp16 with a loss scaler) — the regime of verl and OpenRLHF "
+                            "(paper: bf16-mixed); bf16-pure: the parameters themselves in bf16 (updates smaller than "
+                            "half a bf16 step are lost)")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the weights in checkpoints and final/ (auto: the start model's)")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="deprecated: float32 means precision fp32; bfloat16 / float16 mean bf16-mixed / "
+                          "fp16-mixed saved in that dtype")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    ref_offload: bool = Field(False, description="full fine-tuning: keep the frozen reference model on the CPU "
+                                                 "and move it to the device only for its log-prob passes")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     lora: LoraSettings = LoraSettings()
     tensorboard: bool = False
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_dtype(cls, data: Any) -> Any:
+        """Map the deprecated ``dtype`` onto ``precision`` and ``save_dtype`` (with a warning)."""
+        if not isinstance(data, dict) or data.get("dtype") is None:
+            return data
+        data = dict(data)
+        dtype = data.pop("dtype")
+        precision = {"float32": "fp32", "bfloat16": "bf16-mixed", "float16": "fp16-mixed"}.get(dtype)
+        if precision is None:
+            return {**data, "dtype": dtype}  # the field's own validation names the bad value
+        save = "auto" if dtype == "float32" else dtype
+        warnings.warn(f"the training config field dtype is deprecated: dtype={dtype} now means "
+                      f"precision={precision}, save_dtype={save} (fp32 master weights); set those fields instead "
+                      f"(precision=bf16-pure keeps the parameters themselves in bf16)", FutureWarning, stacklevel=2)
+        data.setdefault("precision", precision)
+        data.setdefault("save_dtype", save)
+        return data
 
 
 class SFTConfig(TrainConfig):
@@ -120,6 +154,8 @@ class RFTConfig(SFTConfig):
     min_reward: float = Field(1.0, description="keep samples whose reward is at least this")
     dedupe: bool = True
     max_per_prompt: int | None = Field(None, ge=1, description="keep at most this many samples per prompt")
+    max_rounds: int = Field(3, ge=1, description="sampling rounds at most when steps is set (each samples more "
+                                                 "prompts until the steps have enough kept samples)")
 
 
 @dataclasses.dataclass

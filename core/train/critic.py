@@ -82,10 +82,11 @@ class Critic:
             T = u["T"]
             m = u["response_mask"]
             with sess.grad_sync(self.model, last=j == len(micro) - 1):
-                v = self.model(u)
+                with sess.autocast():
+                    v = self.model(u)
                 vl, vst = value_loss(v, old_values[rows, :T], returns[rows, :T], m, clip=cfg.value_clip,
                                      agg=cfg.loss_agg, **agg_kwargs)
-                sess.acc.backward(vl * sess.world)
+                sess.backward(vl * sess.world)
             self.loss_sum += float(vl.detach())
             self.clip_sum += float(vst["vf_clip_frac"]) * float(m.sum())
         sess.check_finite(float(sess.reduce_sum(self.loss_sum)), step, "value loss")

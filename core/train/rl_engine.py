@@ -161,8 +161,9 @@ class RLEngine:
             u = exp.batch.tensors(rows, s.device)
             T = u["T"]
             m = u["response_mask"]
-            with s.grad_sync(s.model, last=j == len(micro) - 1):
+            with s.grad_sync(s.model, last=j == len(micro) - 1), s.autocast():
                 logp, ent = forward_response(s.model, u, temperature=cfg.temperature, entropy=True)
+                logp = logp.float()
                 old = exp.old_logp[rows, :T] if exp.old_logp is not None else logp.detach()
                 pl, st = self.trainer.policy_loss(logp, old, exp.advantages[rows, :T], m, **agg_kw)
                 loss = pl
@@ -170,7 +171,7 @@ class RLEngine:
                     penalty = self._kl_penalty(logp, exp.ref_logp[rows, :T], m, agg_kw, stats)
                     if penalty is not None:
                         loss = loss + penalty
-                s.acc.backward(loss * s.world)
+                s.backward(loss * s.world)
             ntok_m = float(m.sum())
             stats.pg_loss += float(pl.detach())
             stats.clip_frac += float(st.get("clip_frac", 0.0)) * ntok_m

@@ -72,9 +72,10 @@ def sample_rollout(sess: Session, cfg: RLConfig, task: Task, examples: list[Exam
     start = sess.rank * local_prompts
     mine = global_idx[start:start + local_prompts]
     t0 = time.perf_counter()
-    gens = generate(sess.policy, sess.tokenizer, [prompts[i] for i in mine], n=cfg.group_size,
-                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                    batch_size=cfg.generation_batch_size, seed=sample_seed(cfg.seed, step, sess.rank))
+    with sess.generation():
+        gens = generate(sess.policy, sess.tokenizer, [prompts[i] for i in mine], n=cfg.group_size,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        batch_size=cfg.generation_batch_size, seed=sample_seed(cfg.seed, step, sess.rank))
     gen_time = time.perf_counter() - t0
     chosen = [examples[mine[g.prompt_index]] for g in gens]
     texts = [g.text for g in gens]
@@ -91,7 +92,7 @@ def no_grad_pass(sess: Session, batch: TokenBatch, micro_batch_size: int, fn: Ca
 
     T = max(1, batch.max_response)
     parts = []
-    with torch.no_grad():
+    with torch.no_grad(), sess.autocast():
         for rows in micro_batches(list(range(len(batch))), micro_batch_size):
             out = fn(batch.tensors(rows, sess.device))
             parts.append(torch.nn.functional.pad(out.float(), (0, T - out.shape[-1])))
@@ -108,5 +109,7 @@ def old_and_reference_logprobs(sess: Session, cfg: RLConfig, batch: TokenBatch) 
         old_logp = no_grad_pass(sess, batch, cfg.micro_batch_size,
                                 lambda u: forward_response(sess.model, u, temperature=cfg.temperature)[0])
     if need_ref:
-        ref_logp = no_grad_pass(sess, batch, cfg.micro_batch_size, lambda u: sess.ref_logprobs(u, cfg.temperature))
+        with sess.reference_on_device():
+            ref_logp = no_grad_pass(sess, batch, cfg.micro_batch_size,
+                                    lambda u: sess.ref_logprobs(u, cfg.temperature))
     return old_logp, ref_logp

@@ -7,7 +7,8 @@ Run directory layout::
     manifest.json                 command, resolved config, seed, inputs, versions, status
     metrics.jsonl                 one JSON object per step (rlm.core.train.metrics_log)
     checkpoints/step-N/           HF directory + trainer_state/ (rlm.core.train.checkpoints)
-    final/                        HF directory of the trained model
+    final/                        HF directory of the trained model (LoRA: the PEFT adapter, the merged
+                                  model in final/merged/)
 
 The session (:mod:`rlm.core.train.session`) calls these on the main process. This module does not import torch.
 """

@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from rlm.core.errors import RlmError
-from rlm.core.train.checkpoints import Checkpoints, ExtraModules
+from rlm.core.train.checkpoints import Checkpoints, ExtraModules, Gathered
+from rlm.core.train.distributed import (
+    build_accelerator,
+    clip_grad_norm,
+    full_model_state,
+    full_optimizer_state,
+    generation_context,
+    is_fsdp,
+)
 from rlm.core.train.config import TrainConfig, TrainRun
 from rlm.core.train.metrics_log import MetricsLog, require_tensorboard, truncate_metrics
-from rlm.core.train.policy import delta_norm, load_policy, model_to_save, reference_logprobs, weight_digest
+from rlm.core.train.policy import load_policy, model_to_save, reference_logprobs, update_stats, weight_digest
 from rlm.core.train.run_dir import RunManifest, check_run_dir, remove_partial_dirs
 
 #: ``step_fn(step) -> metrics`` of one optimizer step (``_tokens``: tokens processed, for ``tokens_per_s``)
@@ -69,7 +76,6 @@ class Session:
     def __init__(self, trainer: Any, run: TrainRun, cfg: TrainConfig, total_steps: int, *,
                  updates_per_step: int = 1, extra_manifest: dict[str, Any] | None = None) -> None:
         import torch
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
         from transformers.utils import logging as hf_logging
 
@@ -80,9 +86,11 @@ class Session:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         hf_logging.disable_progress_bar()  # rlm's own progress line is the one to read
-        # several processes without a GPU: gloo on CPU (accelerate only picks it when told the run is on CPU)
-        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.acc = Accelerator(cpu=multi and not torch.cuda.is_available())
+        self.acc = build_accelerator(cfg.precision)
+        self.sharded = is_fsdp(self.acc)
+        if self.sharded and cfg.lora.enabled:
+            raise RlmError("lora.enabled under FSDP is not supported: a LoRA policy is small enough for plain "
+                           "data parallelism (accelerate launch --multi_gpu)")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.is_main = self.acc.is_main_process
         self.device = self.acc.device
@@ -97,8 +105,10 @@ class Session:
                                       progress=cfg.progress)
         set_seed(cfg.seed)  # LoRA initialisation and anything else random; a resume restores the saved RNG
         self._load_policy()
+        self.scaler = self._build_scaler()
         self._build_optimizer()
         self.updates_this_step = 0
+        self.skipped_updates = 0  # fp16-mixed: updates the loss scaler skipped (non-finite gradients)
 
     # -- run directory and manifest ---------------------------------------------------------------------------
     def _prepare_dir(self, extra: dict[str, Any]) -> int:
@@ -145,9 +155,35 @@ class Session:
         model_path = self._broadcast(resolve_model(self.run.model) if self.is_main else None)
         loaded = load_policy(self.run.model, model_path, self.cfg, self.device, resume_dir=self.resume_dir,
                              is_main=self.is_main)
-        self.model_path, self.dtype = loaded.model_path, loaded.dtype
+        self.model_path, self.precision = loaded.model_path, loaded.precision
+        self.dtype = self.precision.master
         self.tokenizer, self.chat_fallback = loaded.tokenizer, loaded.chat_fallback
-        self.raw_model, self.ref = loaded.model, loaded.ref
+        self.raw_model, self.ref, self.start_weights = loaded.model, loaded.ref, loaded.start
+        self.finish_manifest(**self.precision.describe(), distributed=str(self.acc.distributed_type.value))
+
+    def autocast(self) -> Any:
+        """The context of every forward pass: autocast to the compute dtype in the mixed precisions."""
+        return self.precision.autocast(self.device)
+
+    def generation(self) -> Any:
+        """The context of sampling from the policy: autocast, and an FSDP2 model gathered once for the call."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.autocast())
+        stack.enter_context(generation_context(self.acc, self.model))
+        return stack
+
+    @contextlib.contextmanager
+    def reference_on_device(self) -> Any:
+        """Context of the reference log-prob passes: with ``ref_offload`` the reference model is moved to the
+        device for them and back to the CPU after."""
+        offload = self.ref is not None and self.cfg.ref_offload and self.device.type != "cpu"
+        if offload:
+            self.ref.to(self.device)
+        try:
+            yield
+        finally:
+            if offload:
+                self.ref.to("cpu")
 
     @property
     def policy(self) -> Any:
@@ -158,9 +194,10 @@ class Session:
         """Log-probs of the frozen start model (LoRA: the base with the adapter switched off)."""
         return reference_logprobs(self.ref, self.policy, self.model, t, temperature)
 
-    def delta_norm(self) -> float:
-        """‖θ − θ0‖₂ over the model's weights (LoRA: the merged low-rank updates)."""
-        return delta_norm(self.policy, self.ref)
+    def update_stats(self) -> dict[str, float]:
+        """``delta_norm`` ‖θ − θ0‖₂, ``changed_frac`` and ``saved_changed_frac`` (the share of parameters that
+        differ from θ0 in the master and in the saved dtype; LoRA: the merged low-rank updates)."""
+        return update_stats(self.policy, self.start_weights, self.precision.save)
 
     def weight_digest(self) -> str:
         """sha256 of every parameter of this process's policy (to check that processes agree)."""
@@ -187,11 +224,24 @@ class Session:
                                 weight_decay=cfg.weight_decay)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda())
 
+    def _build_scaler(self) -> Any:
+        """fp16-mixed: a dynamic loss scaler (restored on resume); else None."""
+        if not self.precision.needs_scaler:
+            return None
+        import torch
+
+        scaler = torch.amp.GradScaler(self.device.type)
+        if self.resume_dir is not None:
+            self.checkpoints.restore_scaler(scaler)
+        return scaler
+
     def _build_optimizer(self) -> None:
         opt, sched = self._adamw([p for p in self.raw_model.parameters() if p.requires_grad], self.cfg.lr)
-        if self.resume_dir is not None:
+        if self.resume_dir is not None and not self.sharded:
             self.checkpoints.restore_optimizer(opt, sched)
         self.model, self.optimizer = self.acc.prepare(self.raw_model, opt)
+        if self.resume_dir is not None and self.sharded:  # a sharded optimizer takes its full state after prepare
+            self.checkpoints.restore_optimizer(self.optimizer, sched, sharded_model=self.model)
         self.scheduler = sched
         if self.resume_dir is not None:
             self.checkpoints.restore_rng()
@@ -200,9 +250,12 @@ class Session:
         """An AdamW + schedule for an extra module (PPO's critic), prepared by accelerate; a resumed run
         restores the states saved under ``resume_name``."""
         opt, sched = self._adamw([p for p in module.parameters() if p.requires_grad], lr)
-        if self.resume_dir is not None and resume_name:
+        resume = self.resume_dir is not None and resume_name
+        if resume and not self.sharded:
             self.checkpoints.restore_optimizer(opt, sched, f"{resume_name}_")
         module, opt = self.acc.prepare(module, opt)
+        if resume and self.sharded:
+            self.checkpoints.restore_optimizer(opt, sched, f"{resume_name}_", sharded_model=module)
         return module, opt, sched
 
     def load_extra_module(self, module: Any, name: str) -> None:
@@ -213,6 +266,10 @@ class Session:
     def grad_sync(self, model: Any, last: bool) -> Any:
         """Context for one micro-batch's backward: gradients sync across processes only on the ``last``."""
         return contextlib.nullcontext() if last else self.acc.no_sync(model)
+
+    def backward(self, loss: Any) -> None:
+        """Backward of ``loss`` through accelerate (fp16-mixed: scaled by the loss scaler)."""
+        self.acc.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
 
     def reduce_sum(self, value: float | Any) -> Any:
         """Sum a number or tensor over processes (returns a float64 tensor)."""
@@ -226,22 +283,34 @@ class Session:
     def optimizer_step(self, step: int, model: Any = None, optimizer: Any = None, scheduler: Any = None,
                        what: str = "loss") -> float:
         """Clip, check for non-finite gradients, step. Raises :class:`NonFiniteLoss` instead of applying a
-        non-finite update."""
+        non-finite update; in fp16-mixed the loss scaler skips such an update and lowers its scale instead (the
+        schedule still advances, as in torch's AMP recipe)."""
         import torch
 
         model = model or self.model
         optimizer = optimizer or self.optimizer
         scheduler = scheduler or self.scheduler
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
         if self.cfg.max_grad_norm is not None:
-            norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm)
+            norm = clip_grad_norm(self.acc, model, self.cfg.max_grad_norm)
+        elif self.sharded:
+            norm = clip_grad_norm(self.acc, model, math.inf)  # the norm only
         else:
             grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
         norm = float(norm)
-        if not math.isfinite(norm):
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(optimizer)  # skipped when a gradient is not finite
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                self.skipped_updates += 1
+        elif not math.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLoss(step, what)
-        optimizer.step()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         self.updates_this_step += 1
@@ -258,11 +327,21 @@ class Session:
     def save_checkpoint(self, step: int, data_position: dict[str, Any] | None = None,
                         extra_modules: ExtraModules | None = None) -> Path:
         """Write ``checkpoints/step-N`` atomically (main process writes; every process saves its RNG)."""
+        master = self.policy if self.precision.save_master and not self.cfg.lora.enabled else None
+        gathered = None
+        if self.sharded:  # every process takes part in gathering the full states
+            gathered = Gathered(full_model_state(self.model), full_optimizer_state(self.model, self.optimizer),
+                                {name: (full_model_state(m), full_optimizer_state(m, o))
+                                 for name, (m, o, _s) in (extra_modules or {}).items()})
         return self.checkpoints.save(step, self._model_to_save, self.tokenizer, self.optimizer, self.scheduler,
-                                     data_position, extra_modules)
+                                     data_position, extra_modules, dtype=self.precision.save, master=master,
+                                     scaler=self.scaler, gathered=gathered)
 
     def save_final(self) -> Path:
-        return self.checkpoints.save_final(self._model_to_save, self.tokenizer)
+        lora = self.cfg.lora
+        full = full_model_state(self.model) if self.sharded else None
+        return self.checkpoints.save_final(lambda: model_to_save(self.policy, lora.enabled, merge=lora.merge_lora),
+                                           self.tokenizer, dtype=self.precision.save, state_dict=full)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run_steps(self, step_fn: StepFn, data_position: DataPosition | None = None,
@@ -291,7 +370,10 @@ class Session:
         self.updates_this_step = 0
         metrics = step_fn(step)
         metrics["step"] = step
-        metrics["delta_norm"] = self.delta_norm()
+        metrics.update(self.update_stats())
+        if self.scaler is not None:
+            metrics["loss_scale"] = float(self.scaler.get_scale())
+            metrics["skipped_updates"] = self.skipped_updates
         metrics["step_time"] = time.perf_counter() - t0
         ntok = metrics.pop("_tokens", None)
         if ntok is not None:

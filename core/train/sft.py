@@ -64,9 +64,10 @@ def sft_step(sess: Session, cfg: SFTConfig, data: TokenBatch, step: int) -> dict
     for i, rows in enumerate(micro):
         t = batch.tensors(rows, sess.device)
         with sess.grad_sync(sess.model, last=i == len(micro) - 1):
-            logp, ent = forward_response(sess.model, t, entropy=True)
-            loss = sft_loss(logp, t["response_mask"], num_tokens=ntok.to(logp.dtype))
-            sess.acc.backward(loss * sess.world)
+            with sess.autocast():
+                logp, ent = forward_response(sess.model, t, entropy=True)
+                loss = sft_loss(logp.float(), t["response_mask"], num_tokens=ntok.float())
+            sess.backward(loss * sess.world)
         loss_sum += float(loss.detach())
         ent_sum += float((ent * t["response_mask"]).sum())
     total_loss = float(sess.reduce_sum(loss_sum))

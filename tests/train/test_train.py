@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import make_system
+from test_train_support import rlm_cli
 
 from rlm.core.contracts import Example, Task
 from rlm.core.train import algorithms as rl
@@ -27,14 +27,8 @@ RL_SMALL = ["--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "ma
 
 @pytest.fixture
 def cli():
-    from rlm.core.cli import main
-    from rlm.core.plugins import reset_system
-
-    reset_system(make_system())
-    try:
-        yield lambda *args: main([str(a) for a in args])
-    finally:
-        reset_system(None)
+    with rlm_cli() as run:
+        yield run
 
 
 def metrics(out: Path) -> list[dict]:
@@ -159,9 +153,11 @@ def test_every_trainer_writes_checkpoints_final_metrics_and_manifest(cli, tmp_pa
     m = manifest(out)
     assert m["status"] == "complete" and m["trainer"] == trainer and m["task"] == "digits"
     assert m["config"]["num_threads"] == 1 and m["seed"] == 0
-    for d in (out / "checkpoints" / "step-1", out / "checkpoints" / "step-2", out / "final"):
+    lora = trainer == "grpo"
+    final_model = out / "final" / "merged" if lora else out / "final"  # LoRA: the adapter at the top of final/
+    for d in (out / "checkpoints" / "step-1", out / "checkpoints" / "step-2", final_model):
         assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
-    assert not (out / "final" / "adapter_config.json").exists()  # LoRA runs save the merged model
+    assert (out / "final" / "adapter_config.json").exists() == lora
     state = json.loads((out / "checkpoints" / "step-2" / "trainer_state" / "state.json").read_text())
     assert state["step"] == 2 and state["data_position"]
     if trainer == "rl_pos":
@@ -173,8 +169,9 @@ def test_every_trainer_writes_checkpoints_final_metrics_and_manifest(cli, tmp_pa
         assert (out / "checkpoints" / "step-2" / "trainer_state" / "adapter" / "adapter_config.json").is_file()
         from safetensors.torch import load_file
 
-        a = load_file(str(out / "final" / "model.safetensors"))
+        a = load_file(str(final_model / "model.safetensors"))
         assert not any("lora" in k for k in a)
+        assert any("lora_A" in k for k in load_file(str(out / "final" / "adapter_model.safetensors")))
     if trainer == "rft":
         kept = [json.loads(x) for x in (out / "rft_data.jsonl").read_text().splitlines()]
         assert m["rft_kept"] == len(kept) > 0 and m["rft_generated"] == 8

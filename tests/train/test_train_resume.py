@@ -27,9 +27,16 @@ def env():
     return e
 
 
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def weights(path: Path) -> dict:
+    """The full model's tensors of an HF directory or of a LoRA run's final/ (its merged model in merged/)."""
     from safetensors.torch import load_file
 
+    if (path / "adapter_config.json").is_file():
+        path = path / "merged"
     return load_file(str(path / "model.safetensors"))
 
 
@@ -38,7 +45,10 @@ PPO_LORA = ["train", "--trainer", "ppo", "--task", "digits", "--model", "tiny", 
             "--set", "save_every=2", "--set", "lora.enabled=true", "--set", "lora.r=4"]
 
 
-@pytest.mark.parametrize("args", [ARGS, PPO_LORA], ids=["grpo-full", "ppo-critic-lora"])
+BF16_MIXED = [*ARGS, "--set", "precision=bf16-mixed", "--set", "save_dtype=bfloat16"]
+
+
+@pytest.mark.parametrize("args", [ARGS, PPO_LORA, BF16_MIXED], ids=["grpo-full", "ppo-critic-lora", "grpo-bf16-mixed"])
 def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, args):
     ARGS = args  # noqa: N806
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -59,6 +69,20 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tmp_path, args):
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = weights(full / "final"), weights(killed / "final")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if args is PPO_LORA:  # the adapter at the top of final/ agrees too
+        from safetensors.torch import load_file
+
+        aa, ab = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (full, killed))
+        assert aa.keys() == ab.keys() and all(torch.equal(aa[k], ab[k]) for k in aa)
+    if args is BF16_MIXED:  # saved in bf16; the fp32 master weights of the last checkpoint agree bit for bit
+        from safetensors.torch import load_file
+
+        assert {v.dtype for v in a.values()} == {torch.bfloat16}
+        ma, mb = (load_file(str(d / "checkpoints" / "step-6" / "trainer_state" / "master.safetensors"))
+                  for d in (full, killed))
+        assert {v.dtype for v in ma.values()} == {torch.float32}
+        assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+        assert [r["saved_changed_frac"] for r in rows(killed)] == [r["saved_changed_frac"] for r in rows(full)]
     m = json.loads((killed / "manifest.json").read_text())
     assert m["status"] == "complete" and m["resumed_from_step"] >= 2
     rows_full = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]

@@ -6,6 +6,8 @@ and resume, two processes under ``accelerate launch``) execute, so they do not d
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 
 from rlm.core.contracts import Example, Task
@@ -57,6 +59,19 @@ class SupportTasks:
         register(DigitsTask)
         register(EmptyTask)
         register(NoReferenceTask)
+
+
+@contextlib.contextmanager
+def rlm_cli(system=None):
+    """The rlm CLI as a function of its arguments, over ``system`` (default: :func:`make_system`), reset after."""
+    from rlm.core.cli import main
+    from rlm.core.plugins import reset_system
+
+    reset_system(system or make_system())
+    try:
+        yield lambda *args: main([str(a) for a in args])
+    finally:
+        reset_system(None)
 
 
 def make_system():
