@@ -10,6 +10,7 @@ import typer
 
 from rlm.core.errors import RlmError
 from rlm.core.hookspecs import hookimpl
+from rlm.core.io.lock import run_lock
 
 if TYPE_CHECKING:
     from rlm.core.conflicts.config import ConflictsConfig
@@ -94,21 +95,22 @@ def conflicts(
     if threshold is not None:
         flags["metric.fraction_updated.threshold"] = threshold
     cfg = load_config(ConflictsConfig, file=config, sets=set_, flags=flags)
-    prepare_output_dir(out, overwrite)
-    base_dir = _resolve(base)
-    if over_steps:
-        if models is not None:
-            raise RlmError("--over-steps reads --runs (name=RUN_DIR,...), not --models")
-        if runs is None:
-            raise RlmError("--over-steps needs --runs name1=RUN1,name2=RUN2")
-        _run_over_steps(base_dir, parse_named_dirs(runs, "runs"), cfg, out, overwrite)
-        return
-    if runs is not None:
-        raise RlmError("--runs is only used with --over-steps; pass experts with --models")
-    if models is None:
-        raise RlmError("--models name1=DIR1,name2=DIR2 is required (or --over-steps --runs ...)")
-    model_dirs = {n: _resolve(p) for n, p in parse_named_dirs(models, "models").items()}
-    _run_models(base_dir, model_dirs, cfg, out, overwrite)
+    with run_lock(out):
+        prepare_output_dir(out, overwrite)
+        base_dir = _resolve(base)
+        if over_steps:
+            if models is not None:
+                raise RlmError("--over-steps reads --runs (name=RUN_DIR,...), not --models")
+            if runs is None:
+                raise RlmError("--over-steps needs --runs name1=RUN1,name2=RUN2")
+            _run_over_steps(base_dir, parse_named_dirs(runs, "runs"), cfg, out, overwrite)
+            return
+        if runs is not None:
+            raise RlmError("--runs is only used with --over-steps; pass experts with --models")
+        if models is None:
+            raise RlmError("--models name1=DIR1,name2=DIR2 is required (or --over-steps --runs ...)")
+        model_dirs = {n: _resolve(p) for n, p in parse_named_dirs(models, "models").items()}
+        _run_models(base_dir, model_dirs, cfg, out, overwrite)
 
 
 def _run_models(base_dir: str, model_dirs: dict[str, str], cfg: ConflictsConfig, out: Path,

@@ -10,6 +10,7 @@ import typer
 
 from rlm.core.errors import RlmError
 from rlm.core.hookspecs import hookimpl
+from rlm.core.io.lock import run_lock
 
 
 def _print_summary(summary: dict) -> None:
@@ -58,20 +59,21 @@ def eval(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Generate greedily on task test examples and score them (summary.json, records.jsonl, manifest)."""
-    if harness == "lm-eval":
-        summary = _run_lm_eval(model, task, tasks, out, data, limit=limit, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, num_fewshot=num_fewshot, chat=chat, device=device,
-                               overwrite=overwrite)
-    elif harness == "rlm":
-        if tasks and not task:
-            task = [t.strip() for t in tasks.split(",") if t.strip()]
-        from rlm.core.eval.engine import evaluate
-
-        summary = evaluate(model, task, out, data=data, limit=limit, batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, seed=seed, progress=progress, overwrite=overwrite,
-                           device=device)
-    else:
+    if harness not in ("rlm", "lm-eval"):
         raise RlmError(f"unknown harness {harness!r} (harnesses: rlm, lm-eval)")
+    with run_lock(out):
+        if harness == "lm-eval":
+            summary = _run_lm_eval(model, task, tasks, out, data, limit=limit, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, num_fewshot=num_fewshot, chat=chat, device=device,
+                                   overwrite=overwrite)
+        else:
+            if tasks and not task:
+                task = [t.strip() for t in tasks.split(",") if t.strip()]
+            from rlm.core.eval.engine import evaluate
+
+            summary = evaluate(model, task, out, data=data, limit=limit, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, seed=seed, progress=progress, overwrite=overwrite,
+                               device=device)
     _print_summary(summary)
     typer.echo(f"wrote {out}")
 
@@ -89,8 +91,9 @@ def score(
     """Score given completions without a model (same summary.json layout as rlm eval)."""
     from rlm.core.eval.engine import score_completions
 
-    summary = score_completions(task, completions, out, data=data, limit=limit, progress=progress,
-                                overwrite=overwrite)
+    with run_lock(out):
+        summary = score_completions(task, completions, out, data=data, limit=limit, progress=progress,
+                                    overwrite=overwrite)
     errors_file = out / "errors.jsonl"
     if errors_file.is_file():
         errs = [json.loads(line) for line in errors_file.read_text(encoding="utf-8").splitlines() if line]

@@ -25,6 +25,7 @@ import typer
 
 from rlm.core.errors import RlmError
 from rlm.core.hookspecs import hookimpl
+from rlm.core.io.lock import run_lock
 
 
 def _print_table1(out: Path) -> None:
@@ -54,7 +55,8 @@ def experiment_run(
     check_plugins(cfg)
     out = out or Path("runs") / (cfg.name + ("-quick" if quick else ""))
     t0 = time.perf_counter()
-    run_study(cfg, out, progress=progress, force=force)
+    with run_lock(out):
+        run_study(cfg, out, progress=progress, force=force)
     _print_table1(out)
     typer.echo(f"wall time: {time.perf_counter() - t0:.0f} s", err=True)
 
@@ -133,7 +135,8 @@ def merge_eval(
                             batch_size=batch_size, landscape=landscape, curve=curve,
                             sets=([f"threads={threads}"] if threads else []) + list(set_))
     check_plugins(cfg, trainers=False)
-    run_study(cfg, out, plan=plan_given_experts(cfg, spec), progress=progress)
+    with run_lock(out):
+        run_study(cfg, out, plan=plan_given_experts(cfg, spec), progress=progress)
     _print_table1(out)
 
 

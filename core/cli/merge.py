@@ -67,6 +67,7 @@ def merge(
 ) -> None:
     """Merge expert models (or LoRA adapters) into the base, tensor by tensor."""
     from rlm.core.config import load_config
+    from rlm.core.io.lock import run_lock
     from rlm.core.merge.engine import MergeRunConfig, merge_models
 
     flags: dict[str, object] = {"method": method, "base": base, "seed": seed, "preset": preset,
@@ -77,8 +78,8 @@ def merge(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]merge[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=False) as bar:
+    with run_lock(out), Progress(TextColumn("[bold]merge[/bold] {task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task("validating", total=None)
 
         def on_plan(plan: object) -> None:

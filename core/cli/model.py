@@ -9,6 +9,7 @@ import typer
 
 from rlm.core.errors import RlmError
 from rlm.core.hookspecs import hookimpl
+from rlm.core.io.lock import run_lock
 
 
 def model_init(preset: str = typer.Argument("tiny", help="Model preset; only 'tiny' is built in."),
@@ -25,8 +26,9 @@ def model_init(preset: str = typer.Argument("tiny", help="Model preset; only 'ti
     if preset != "tiny":
         raise RlmError(f"unknown model preset {preset!r} (presets: tiny)")
     cfg = load_config(TinyPreset, sets=set_)
-    init_tiny(out, seed=seed, overwrite=overwrite, preset=cfg)
-    write_manifest(out, name="rlm_manifest.json", config=cfg, seed=seed)
+    with run_lock(out):
+        init_tiny(out, seed=seed, overwrite=overwrite, preset=cfg)
+        write_manifest(out, name="rlm_manifest.json", config=cfg, seed=seed)
     typer.echo(f"wrote {preset} model to {out}")
 
 
@@ -37,8 +39,9 @@ def model_import_gguf(file: Path = typer.Argument(..., help="GGUF file."),
     from rlm.core.io.manifest import write_manifest
     from rlm.core.models.hf import import_gguf
 
-    import_gguf(file, out, overwrite=overwrite)
-    write_manifest(out, name="rlm_manifest.json", inputs={"gguf": file})
+    with run_lock(out):
+        import_gguf(file, out, overwrite=overwrite)
+        write_manifest(out, name="rlm_manifest.json", inputs={"gguf": file})
     typer.echo(f"wrote {out}")
 
 

@@ -31,6 +31,7 @@ def train(
     """Train an expert: writes checkpoints/step-N/, final/, metrics.jsonl and manifest.json under --out."""
     from rlm.core.config import load_config
     from rlm.core.errors import RlmError
+    from rlm.core.io.lock import run_lock
     from rlm.core.plugins import get_plugin
     from rlm.core.train.config import TrainRun
 
@@ -54,7 +55,8 @@ def train(
 
     threads = torch.get_num_threads()
     try:
-        final = trainer_cls(cfg).train(run)
+        with run_lock(out):  # the main process only (ranks of one launch share it)
+            final = trainer_cls(cfg).train(run)
     finally:
         torch.set_num_threads(threads)  # num_threads applies to this run only (matters in-process)
     if os.environ.get("RANK", "0") == "0":
