@@ -130,6 +130,10 @@ class Task(Plugin, abc.ABC):
     """A verifiable task: data (generated or loaded), a reward for one completion and aggregate metrics."""
 
     subsets: ClassVar[dict[str, str]] = {}
+    #: the subsets whose examples are read from a file, directory or dataset name (``--data``, the ``path`` of
+    #: :meth:`examples`); ``--data`` with any other subset is refused (:meth:`check_data`). The default subset
+    #: (``None``) is the first of ``subsets``. ``None`` here declares nothing: every subset takes ``--data``.
+    file_subsets: ClassVar[tuple[str, ...] | None] = None
     #: system message put before every prompt by the chat template (``None``: no system turn)
     system_prompt: ClassVar[str | None] = None
 
@@ -154,6 +158,21 @@ class Task(Plugin, abc.ABC):
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise RlmError(f"unknown subset {subset!r} of task {self.name!r}{hint} "
                        f"(subsets: {', '.join(self.subsets) or 'none'})")
+
+    def check_data(self, subset: str | None, path: str | None) -> None:
+        """Refuse a data ``path`` for a subset that reads no file (one not in :attr:`file_subsets`, when the
+        task declares them), naming the subset and those that do."""
+        if path is None or self.file_subsets is None:
+            return
+        name = subset if subset is not None else next(iter(self.subsets), None)
+        if name in self.file_subsets:
+            return
+        from rlm.core.errors import RlmError
+
+        which = f"subset {name!r} of task {self.name!r}" if name is not None else f"task {self.name!r}"
+        takes = (f"; --data applies to subsets {', '.join(self.file_subsets)}" if self.file_subsets
+                 else "; no subset of it reads data files")
+        raise RlmError(f"--data {path}: {which} reads no data file (its examples are generated){takes}")
 
     def score(self, example: Example, completion: str) -> dict[str, Any]:
         """Per-example scores written to evaluation records (JSON-serialisable; never raises).

@@ -8,6 +8,7 @@ functions a ``register_commands`` implementation adds to the app."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from typing import Optional
@@ -74,6 +75,34 @@ def config_schema(kind: str = typer.Argument(..., help="trainer | merge_method |
     typer.echo(json.dumps(schema if model_params is not None else schema["config"], indent=2))
 
 
+#: what failed, by error number, for the one-line message of an :class:`OSError` (others: "access")
+_OS_OPERATIONS = {errno.EROFS: "write", errno.ENOSPC: "write", errno.EDQUOT: "write", errno.EFBIG: "write",
+                  errno.EIO: "write", errno.EEXIST: "create"}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an :class:`OSError`: the operation (as far as the error number tells), the path(s) and the
+    reason, e.g. ``cannot write /x/y: read-only file system``; ``str(exc)`` when it names no path."""
+    reason = exc.strerror or str(exc)
+    reason = reason[:1].lower() + reason[1:]
+    if exc.filename is None:
+        return reason
+    if getattr(exc, "filename2", None) is not None:
+        return f"cannot move {exc.filename} to {exc.filename2}: {reason}"
+    return f"cannot {_OS_OPERATIONS.get(exc.errno, 'access')} {exc.filename}: {reason}"
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The :class:`OSError` that caused ``exc`` (its ``__cause__``/``__context__`` chain), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 _loaded = False
 
 
@@ -88,7 +117,10 @@ def _load_commands() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Console entry point: run the app, turning :class:`RlmError` into a one-line message and exit code 2."""
+    """Console entry point: run the app, turning :class:`RlmError` into a one-line message and exit code 2, and
+    an :class:`OSError` (read-only or full disk, permissions, a path through a file, a name too long; also one
+    that caused another exception) into one line naming the operation and path, exit code 1. Whatever was
+    being written is abandoned by its atomic write (:mod:`rlm.core.io.atomic`), so nothing partial is left."""
     _load_commands()
     try:
         app(args=argv, prog_name="rlm", standalone_mode=False)
@@ -103,11 +135,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    except OSError as exc:
+        typer.secho(f"error: {os_error_line(exc)}", fg="red", err=True)
+        return 1
     except Exception as exc:  # click usage errors (typer vendors its own click)
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             return int(exc.exit_code)
-        raise
+        cause = _os_error_in(exc)
+        if cause is None:
+            raise
+        typer.secho(f"error: {os_error_line(cause)}", fg="red", err=True)
+        return 1
     return 0
 
 

@@ -146,6 +146,7 @@ class EagerPass(EnginePass):
         chunk: Chunk | None = None
         for rows in bl:
             chunk = self.make_chunk(t, self.read_block(t, rows, True))
+            self.nonzero.update(n for n, d in chunk.deltas.items() if n not in self.nonzero and bool(d.any()))
             for m in self.plain_metrics:
                 m.update(t.name, chunk.deltas, context=chunk)
             for n in hists:

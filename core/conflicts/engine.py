@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -137,15 +138,21 @@ def _run_engine(base: str | Path, models: Mapping[str, str | Path], config: Conf
     if config.engine != "eager" and reason is None:
         from rlm.core.conflicts.fused import FusedPass
 
-        kept_actual, passes = FusedPass(*args, **options).run(progress)
+        runner: Any = FusedPass(*args, **options)
         engine = "fused"
     else:
         from rlm.core.conflicts.eager import EagerPass
 
-        kept_actual, passes = EagerPass(*args, **options).run(progress)
+        runner = EagerPass(*args, **options)
         engine = "eager"
+    kept_actual, passes = runner.run(progress)
+    zero = runner.zero_models()
+    for n in zero:
+        print(f"warning: model {n} ({readers[n].path}): its task vector is all zero (identical to the base "
+              f"{base})", file=sys.stderr)
     data = assemble_data(config, metrics, list(readers), total, modes, kept_actual)
-    stats = {"tensors": len(tensors), "parameters": total, "passes": passes, "engine": engine}
+    stats = {"tensors": len(tensors), "parameters": total, "passes": passes, "engine": engine,
+             "zero_task_vectors": zero}
     if reason is not None and config.engine == "auto":
         stats["eager_because"] = reason
     return ConflictsResult(data=_json_clean(data), config=config, models={k: str(v) for k, v in models.items()},

@@ -328,6 +328,7 @@ class FusedPass(EnginePass):
                              above_thresholds=self.thresholds)
             for m in self.plain_metrics:
                 m.update(t.name, {}, context=ctx)
+            self.nonzero.update(self.names[j] for j in np.flatnonzero(res["ss"] > 0))
             if "per_tensor" in self.modes:
                 for j, n in enumerate(self.names):
                     self.kept_actual["per_tensor"][n] += torch.from_numpy(res["kept"][j])

@@ -17,8 +17,9 @@ Progress = Callable[[str, int, int], None]
 class EnginePass:
     """One run of an engine over ``tensors`` (the float tensor plans of the base): :meth:`run` feeds ``metrics``
     and returns ``(kept_actual, passes)``, the kept counts per top-k mode and model (:attr:`kept_actual`) and the
-    number of passes over the inputs. ``modes`` are the top-k scopes to compute (none without a top-k metric),
-    ``hist_bits`` the bits of the magnitude bins histogrammed, ``total`` the parameters of every tensor."""
+    number of passes over the inputs; :meth:`zero_models` then lists the models whose task vector is all zero.
+    ``modes`` are the top-k scopes to compute (none without a top-k metric), ``hist_bits`` the bits of the
+    magnitude bins histogrammed, ``total`` the parameters of every tensor."""
 
     def __init__(self, config: ConflictsConfig, metrics: Sequence[Any], base_reader: Any,
                  readers: Mapping[str, Any], tensors: Sequence[Any], *, modes: Sequence[str], hist_bits: int,
@@ -41,6 +42,12 @@ class EnginePass:
         g = len(config.kept_rates)
         self.kept_actual: dict[str, dict[str, Any]] = {
             mode: {n: torch.zeros(g, dtype=torch.int64) for n in self.names} for mode in self.modes}
+        #: models with a non-zero τ entry seen in the first pass (the others equal the base)
+        self.nonzero: set[str] = set()
+
+    def zero_models(self) -> list[str]:
+        """The models whose task vector is all zero (identical to the base), after :meth:`run`."""
+        return [n for n in self.names if n not in self.nonzero]
 
     def run(self, progress: Progress | None = None) -> tuple[dict[str, dict[str, Any]], int]:
         raise NotImplementedError

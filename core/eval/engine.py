@@ -55,6 +55,7 @@ def load_task(spec: str, *, data: str | None = None, limit: int | None = None, s
     cls = get_plugin("task", name)
     task = cls(config or {})
     subset = task.check_subset(subset)
+    task.check_data(subset, data)
     if limit is not None and limit < 1:
         raise RlmError(f"--limit must be >= 1, got {limit}")
     examples = task.examples(subset, split=split, limit=limit, seed=seed, path=data)

@@ -55,7 +55,8 @@ def prepare_output_dir(out: str | Path, overwrite: bool = False) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out``; on success it replaces ``out``, on failure it is removed."""
+    """Yield a temporary directory beside ``out``; on success it replaces ``out``, on failure (an exception in
+    the block, or an OSError renaming it into place) it is removed and an existing ``out`` is left as it was."""
     out = Path(out)
     prepare_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,13 +67,20 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+    old: Path | None = None
+    try:
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
         os.replace(tmp, out)
+    except BaseException:  # the rename failed: put the old output back and drop the new one
+        if old is not None and old.exists() and not out.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

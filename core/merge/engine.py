@@ -1,8 +1,9 @@
 """Streaming merge engine: drives :class:`rlm.core.contracts.MergeMethod` plugins tensor by tensor.
 
 ``merge_models(run, out)`` plans from safetensors headers and index files, validates every input against the
-base before any compute (architecture, tensor names, shapes, dtypes, vocabulary policy; NaN/Inf are caught
-as each tensor is read, naming model and tensor), then for each tensor in the base's shard order: reads the
+base before any compute (architecture, tensor names, shapes, dtypes, vocabulary policy; every float parameter
+must be finite and within float32's range; NaN/Inf are caught as each tensor is read, naming model and tensor,
+and in each merged tensor before it is written), then for each tensor in the base's shard order: reads the
 base and each model's tensor, forms fp32 task vectors τ_i = θ_i − θ_b, asks the method for the merged
 tensor and writes it straight into its place in the output shards. Tensors over ``chunk_elements`` are merged
 in row blocks; a method's whole-tensor statistic (:meth:`MergeMethod.prepare`: the TIES magnitude cut, the DARE
@@ -62,9 +63,12 @@ class MergeRunConfig(PluginConfig):
     threads: int = Field(1, ge=0, description="torch intra-op threads during the merge (0: leave torch's "
                          "setting); parallelism comes from workers, which stays fast on a busy machine")
     max_shard_bytes: int = Field(2 * 1024 ** 3, ge=1)
-    check_finite: bool = True
+    check_finite: bool = Field(True, description="refuse NaN/Inf in any input tensor and in any merged tensor "
+                               "(in the output dtype) before it is written, naming model and tensor")
 
 
+#: the largest finite float32: a parameter beyond it overflows the fp32 merge arithmetic
+FLOAT32_MAX = 3.4028234663852886e38
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "manifest.json",
               "rlm_manifest.json", "merge_manifest.json", "adapter_config.json"}
@@ -106,6 +110,32 @@ def method_preset(cls: type[MergeMethod], preset: str | None, *, suggest: bool =
     return presets[preset]
 
 
+def check_numbers(cfg: Any, where: str) -> None:
+    """Refuse a float field of the validated config ``cfg`` (and float items of a list field) that is NaN, ±Inf
+    or beyond float32's range, with one line naming ``where`` and the field (its alias, e.g. ``lambda``)."""
+    import math
+
+    for name, field in type(cfg).model_fields.items():
+        label = field.alias or name
+        value = getattr(cfg, name)
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if not isinstance(v, float):
+                continue
+            if not math.isfinite(v):
+                raise ConfigError(f"{where}: {label} is {v}; it must be a finite number")
+            if abs(v) > FLOAT32_MAX:
+                raise ConfigError(f"{where}: {label} = {v:g} is beyond float32's range (|{label}| <= 3.4e38)")
+
+
+def _check_scale(method: MergeMethod, params: list[Any]) -> None:
+    """Refuse a global scale (``lambda``) times the summed |weights| that overflows float32."""
+    lam = getattr(method.config, "lambda_", 1.0)
+    weights = [abs(w) for w in (getattr(p, "weight", 0.0) for p in params) if isinstance(w, float)]
+    if isinstance(lam, float) and weights and abs(lam) * sum(weights) > FLOAT32_MAX:
+        raise ConfigError(f"merge method {method.name!r}: lambda {lam:g} times the weights "
+                          f"({', '.join(f'{w:g}' for w in weights)}) overflows float32")
+
+
 def _model_params(run: MergeRunConfig, cls: type[MergeMethod], preset: dict[str, Any]) -> tuple[list[Any], list[str]]:
     """Each model's validated parameters (the preset's, then ``run.model_params``, then the entry's own) and
     path."""
@@ -125,13 +155,17 @@ def _model_params(run: MergeRunConfig, cls: type[MergeMethod], preset: dict[str,
             if not path:
                 raise ConfigError(f"models.{i} has no path")
         data = {**preset.get("model_params", {}), **run.model_params, **own}
-        model_params.append(validate(mp_cls, data, f"parameters of model {i} ({path})"))
+        params = validate(mp_cls, data, f"parameters of model {i} ({path})")
+        check_numbers(params, f"parameters of model {i} ({path})")
+        model_params.append(params)
         paths.append(str(path))
     return model_params, paths
 
 
 def build_method(run: MergeRunConfig, system: Any = None) -> tuple[MergeMethod, list[Any], list[str]]:
-    """The configured method instance, its per-model params and the model paths (not yet resolved)."""
+    """The configured method instance, its per-model params and the model paths (not yet resolved). Every float
+    parameter, global or per model, must be finite and within float32's range, and so must lambda times the
+    weights (:class:`ConfigError`, before any file is opened)."""
     from rlm.core.config import validate
     from rlm.core.plugins import get_system
 
@@ -139,8 +173,11 @@ def build_method(run: MergeRunConfig, system: Any = None) -> tuple[MergeMethod, 
     cls = system.registry("merge_methods").get(run.method)
     preset = method_preset(cls, run.preset)
     params = {**preset.get("params", {}), **run.params}
-    method = cls(validate(cls.Config, params, f"params of merge method {cls.name!r}"))
+    config = validate(cls.Config, params, f"params of merge method {cls.name!r}")
+    check_numbers(config, f"params of merge method {cls.name!r}")
+    method = cls(config)
     model_params, paths = _model_params(run, cls, preset)
+    _check_scale(method, model_params)
     method.check(model_params)
     return method, model_params, paths
 
@@ -157,6 +194,17 @@ def _out_dtype(run: MergeRunConfig, t: Any) -> Any:
     if run.dtype == "base" or not t.dtype.is_floating_point:
         return t.dtype
     return getattr(torch, run.dtype)
+
+
+def _check_output(merged: Any, method: str, name: str) -> None:
+    """Refuse to write a merged tensor holding NaN or Inf (in its output dtype), naming the tensor."""
+    import torch
+
+    if not merged.is_floating_point() or bool(torch.isfinite(merged).all()):
+        return
+    nan, inf = int(torch.isnan(merged).sum()), int(torch.isinf(merged).sum())
+    raise RlmError(f"merge method {method!r} produced non-finite values in tensor {name} ({nan} NaN, {inf} Inf "
+                   f"as {str(merged.dtype).replace('torch.', '')}); nothing was written")
 
 
 class _Job:
@@ -251,7 +299,10 @@ class _Job:
             if tuple(merged.shape) != tuple(base.shape):
                 raise RlmError(f"merge method {e.method.name!r} returned shape {tuple(merged.shape)} for tensor "
                                f"{name}, expected {tuple(base.shape)}")
-            e.writer.write(name, merged.to(out_dtype), rows_offset=0 if rows is None else rows[0])
+            merged = merged.to(out_dtype)
+            if e.run.check_finite:
+                _check_output(merged, e.method.name, name)
+            e.writer.write(name, merged, rows_offset=0 if rows is None else rows[0])
             del base, deltas, merged
 
     def run(self) -> None:
@@ -426,12 +477,17 @@ def _merge_planned(run: MergeRunConfig, out: Path, p: dict[str, Any], t0: float,
     base, plan = p["base"], p["plan"]
     if on_plan is not None:
         on_plan(plan)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = _write_tensors(run, tmp, p, progress)
-        _copy_side_files(base.path, tmp, plan.vocab_size if plan.vocab_size != base.vocab_size else None,
-                         None if run.dtype == "base" else run.dtype)
-        seconds = time.perf_counter() - t0
-        summary = {"tensors": len(plan.tensors), "bytes": writer.total_bytes, "shards": len(writer.files),
-                   "seconds": round(seconds, 3)}
-        _write_merge_manifest(run, tmp, p, summary, command)
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            writer = _write_tensors(run, tmp, p, progress)
+            _copy_side_files(base.path, tmp, plan.vocab_size if plan.vocab_size != base.vocab_size else None,
+                             None if run.dtype == "base" else run.dtype)
+            seconds = time.perf_counter() - t0
+            summary = {"tensors": len(plan.tensors), "bytes": writer.total_bytes, "shards": len(writer.files),
+                       "seconds": round(seconds, 3)}
+            _write_merge_manifest(run, tmp, p, summary, command)
+    except OSError as exc:  # a write on a file descriptor (disk full) names no file: name the output
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
+        raise
     return summary

@@ -14,7 +14,8 @@ from rlm.core.contracts import MergeMethod, PluginConfig
 
 
 class DensityParams(MergeMethod.ModelParams):
-    """Per-model parameters of the sparsifying methods."""
+    """Per-model parameters of the sparsifying methods: the weight and the fraction of the task vector kept
+    (in [0, 1]; 0 keeps nothing, so the model adds nothing)."""
 
     weight: float = 1.0
     density: float = Field(1.0, ge=0.0, le=1.0)

@@ -13,7 +13,10 @@ The session (:mod:`rlm.core.train.session`) holds one :class:`Checkpoints`; the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import os
 import random
 import shutil
 from pathlib import Path
@@ -22,6 +25,8 @@ from typing import Any, Callable
 from rlm.core.errors import RlmError
 
 STATE_DIR = "trainer_state"
+#: free space under which a failed checkpoint write counts as a full disk
+FULL_DISK_BYTES = 64 << 20
 #: the master weights of a checkpoint saved in a narrower dtype (full fine-tuning)
 MASTER_FILE = "master.safetensors"
 #: an extra module saved with the policy: name → (module, its optimizer, its scheduler)
@@ -36,6 +41,42 @@ class Gathered:
     model: dict[str, Any]
     optimizer: dict[str, Any]
     extra: dict[str, tuple[dict[str, Any], dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path) -> Any:
+    """Writing under ``path``: torch and safetensors report a full disk as a RuntimeError without an errno;
+    when the disk is in fact (nearly) full, re-raise it as the OSError it is, naming ``path``."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        try:
+            free = shutil.disk_usage(path.parent if not path.exists() else path).free
+        except OSError:
+            raise exc from None
+        if free < FULL_DISK_BYTES:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
+
+
+def write_final(target: Path, model: Any, adapter: Any, tokenizer: Any, dtype: Any,
+                state_dict: dict[str, Any] | None) -> None:
+    """``final/``: the full model as a plain HF directory, or (LoRA) the adapter and tokenizer with the merged
+    model (when there is one) in ``merged/``."""
+    from rlm.core.io.atomic import atomic_dir
+    from rlm.core.models.hf import save_model
+    from rlm.core.models.lora import save_adapter
+    from rlm.core.models.reader import MERGED_DIR
+
+    if adapter is None:
+        save_model(model, tokenizer, target, overwrite=True, dtype=dtype, state_dict=state_dict)
+        return
+    with atomic_dir(target, overwrite=True) as tmp:
+        save_adapter(adapter, tokenizer, tmp)
+        if model is not None:
+            save_model(model, tokenizer, tmp / MERGED_DIR, dtype=dtype)
 
 
 def remove_tree(path: Path) -> None:
@@ -109,7 +150,7 @@ class Checkpoints:
         self.acc.wait_for_everyone()
         if self.is_main:
             model, adapter = hf_state()
-            with atomic_dir(target, overwrite=True) as tmp:
+            with disk_errors(target), atomic_dir(target, overwrite=True) as tmp:
                 full = gathered.model if gathered is not None else None
                 model.save_pretrained(tmp, safe_serialization=True, state_dict=saved_state_dict(model, dtype, full))
                 if dtype is not None:
@@ -165,21 +206,11 @@ class Checkpoints:
         at the top, the merged model (when there is one) as a plain HF directory in ``final/merged/``. ``dtype``
         (a torch dtype; None: the parameters' own) is the dtype the full or merged model is saved in;
         ``state_dict`` the full weights a sharded run gathered (full fine-tuning)."""
-        from rlm.core.io.atomic import atomic_dir
-        from rlm.core.models.hf import save_model
-        from rlm.core.models.lora import save_adapter
-        from rlm.core.models.reader import MERGED_DIR
-
         target = self.out / "final"
         if self.is_main:
             model, adapter = hf_state()
-            if adapter is None:
-                save_model(model, tokenizer, target, overwrite=True, dtype=dtype, state_dict=state_dict)
-            else:
-                with atomic_dir(target, overwrite=True) as tmp:
-                    save_adapter(adapter, tokenizer, tmp)
-                    if model is not None:
-                        save_model(model, tokenizer, tmp / MERGED_DIR, dtype=dtype)
+            with disk_errors(target):
+                write_final(target, model, adapter, tokenizer, dtype, state_dict)
         self.acc.wait_for_everyone()
         return target
 

@@ -46,7 +46,8 @@ def sample_seed(seed: int, step: int, rank: int) -> int:
 
 def load_examples(run: TrainRun, cfg: TrainConfig, *, need_reference: bool = False) -> list[Example]:
     """The task's training examples (at most ``cfg.train_limit``); ``need_reference`` keeps those with a
-    reference response and fails when none has one."""
+    reference response and fails when none has one; ``--data`` for a subset that reads no file is refused."""
+    run.task.check_data(run.subset, run.data_path)
     try:
         examples = run.task.examples(run.subset, split="train", limit=cfg.train_limit, seed=cfg.seed,
                                      path=run.data_path)

@@ -181,3 +181,245 @@ def test_cli_errors_are_one_line_exit_2(trio, tmp_path, capsys):
     rc = main(["merge", "--method", "ties", "--base", str(base), "--models", f"{e1},{e2}", "--weights", "1,2,3",
                "--out", str(tmp_path / "o")])
     assert rc == 2 and "--weights has 3 values but there are 2 models" in capsys.readouterr().err
+
+
+# -- hostile parameters and OS errors: one line, a non-zero exit, nothing written --------------------------------
+
+
+def cli(capsys, *args):
+    """``rlm merge ARGS`` in-process: (exit code, stderr lines)."""
+    rc = main(["merge", *map(str, args)])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "task_arithmetic", "--lambda", "inf"], "params of merge method 'task_arithmetic': lambda is inf"),
+    (["--method", "ties", "--lambda", "nan"], "params of merge method 'ties': lambda is nan"),
+    (["--method", "ties", "--weights", "nan,0.5"], r"parameters of model 0 (E1): weight is nan"),
+    (["--method", "averaging", "--weights", "0.5,-inf"], r"parameters of model 1 (E2): weight is -inf"),
+    (["--method", "dare_linear", "--weights", "1e39,0.5"], "parameters of model 0 (E1): weight = 1e+39 is beyond "
+                                                           "float32's range"),
+    (["--method", "task_arithmetic", "--lambda", "1e38", "--weights", "3,1"],
+     "merge method 'task_arithmetic': lambda 1e+38 times the weights (3, 1) overflows float32"),
+])
+def test_non_finite_or_huge_parameters_refused_before_any_read(trio, tmp_path, capsys, monkeypatch, extra, message):
+    from rlm.core.models import reader
+
+    _, base, e1, e2 = trio
+    opened = []
+    monkeypatch.setattr(reader.ModelReader, "__init__", lambda self, *a, **k: opened.append(a))
+    out = tmp_path / "o"
+    rc, err = cli(capsys, "--base", base, "--models", f"{e1},{e2}", "--out", out, *extra)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("error: " + message.replace("E1", str(e1)).replace("E2", str(e2)))
+    assert opened == []  # refused before any model was opened
+    no_leftovers(tmp_path, out)
+
+
+@pytest.mark.parametrize("density", ["-0.1", "1.5", "nan", "inf"])
+def test_density_must_be_in_0_1(trio, tmp_path, capsys, density):
+    _, base, e1, e2 = trio
+    out = tmp_path / "o"
+    rc, err = cli(capsys, "--method", "ties", "--base", base, "--models", f"{e1},{e2}", "--density", density,
+                  "--out", out)
+    assert rc == 2 and err[0].startswith("error: invalid parameters of model 0") and "density" in err[1]
+    no_leftovers(tmp_path, out)
+
+
+def test_a_third_party_methods_own_parameters_are_checked(trio, tmp_path):
+    from rlm.core.contracts import MergeMethod, PluginConfig
+    from rlm.core.merge.engine import build_method
+
+    class Scaled(MergeMethod):
+        name = "scaled"
+
+        class Config(PluginConfig):
+            gain: float = 1.0
+
+        class ModelParams(MergeMethod.ModelParams):
+            gamma: float = 0.0
+
+        def merge(self, base, deltas, params, *, context=None):
+            return base
+
+    class System:
+        def registry(self, kind):
+            return {"merge_methods": {"scaled": Scaled}}[kind]
+
+    _, base, e1, _ = trio
+    for run, message in [
+        (dict(params={"gain": float("inf")}), "params of merge method 'scaled': gain is inf"),
+        (dict(model_params={"gamma": -4e38}), f"parameters of model 0 ({e1}): gamma = -4e+38 is beyond"),
+        (dict(models=[{"path": str(e1), "gamma": float("nan")}]), f"parameters of model 0 ({e1}): gamma is nan"),
+    ]:
+        cfg = MergeRunConfig(method="scaled", base=str(base), **{"models": [str(e1)], **run})
+        with pytest.raises(ConfigError) as info:
+            build_method(cfg, System())
+        assert str(info.value).startswith(message)
+    method, params, _ = build_method(MergeRunConfig(method="scaled", models=[str(e1)], model_params={"gamma": 2}),
+                                     System())
+    assert params[0].gamma == 2.0
+
+
+def test_non_finite_output_in_its_dtype_is_not_written(trio, tmp_path, capsys):
+    """Finite parameters whose result overflows the output dtype (fp16 max 65504): refused, naming the tensor."""
+    _, base, e1, e2 = trio
+    out = tmp_path / "o"
+    for workers in ("0", "2"):
+        rc, err = cli(capsys, "--method", "task_arithmetic", "--base", base, "--models", f"{e1},{e2}",
+                      "--lambda", "1e9", "--set", "dtype=float16", "--workers", workers, "--out", out)
+        assert rc == 2 and len(err) == 1, err
+        assert err[0].startswith("error: merge method 'task_arithmetic' produced non-finite values in tensor ")
+        assert "Inf as float16); nothing was written" in err[0]
+        no_leftovers(tmp_path, out)
+    # the same merge in the base's fp32 is finite and written
+    rc, _ = cli(capsys, "--method", "task_arithmetic", "--base", base, "--models", f"{e1},{e2}", "--lambda", "1e9",
+                "--out", out)
+    assert rc == 0 and all(torch.isfinite(v).all() for v in load_file(out / "model.safetensors").values())
+
+
+def test_method_returning_nan_names_the_tensor(trio, tmp_path, monkeypatch):
+    from rlm.plugins.mergers.task_arithmetic import TaskArithmetic
+
+    _, base, e1, e2 = trio
+    original = TaskArithmetic.merge
+
+    def poisoned(self, b, deltas, params, *, context=None):
+        merged = original(self, b, deltas, params, context=context)
+        if context.tensor_name == "model.layers.0.mlp.down_proj.weight":
+            merged[0, 0] = float("nan")
+        return merged
+
+    monkeypatch.setattr(TaskArithmetic, "merge", poisoned)
+    with pytest.raises(RlmError, match=r"non-finite values in tensor model.layers.0.mlp.down_proj.weight \(1 NaN, "
+                                       r"0 Inf as float32\)"):
+        go(base, [e1, e2], tmp_path / "o", method="task_arithmetic")
+    no_leftovers(tmp_path, tmp_path / "o")
+
+
+def test_disk_full_is_one_line_naming_the_output(trio, tmp_path, capsys, monkeypatch):
+    """ENOSPC from the positional writes (a file descriptor: no file name) names the output directory."""
+    import errno
+    import os
+
+    from rlm.core.models import writer as writer_mod
+
+    _, base, e1, e2 = trio
+    calls = {"n": 0}
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_mod.os, "pwrite", full)
+    out = tmp_path / "o"
+    rc, err = cli(capsys, "--method", "ties", "--base", base, "--models", f"{e1},{e2}", "--out", out)
+    assert calls["n"] > 5
+    assert rc == 1 and err == [f"error: cannot write {out}: no space left on device"]
+    no_leftovers(tmp_path, out)
+
+
+def test_out_below_a_regular_file_or_too_long(trio, tmp_path, capsys):
+    """Real OS conditions for everyone, root included: a path through a regular file, a name over 255 bytes."""
+    _, base, e1, e2 = trio
+    (tmp_path / "file").write_text("x")
+    rc, err = cli(capsys, "--method", "ties", "--base", base, "--models", f"{e1},{e2}",
+                  "--out", tmp_path / "file" / "o")
+    assert rc in (1, 2) and len(err) == 1 and err[0].startswith("error: ") and str(tmp_path / "file") in err[0]
+    assert (tmp_path / "file").read_text() == "x"
+    long = tmp_path / ("n" * 300)
+    rc, err = cli(capsys, "--method", "ties", "--base", base, "--models", f"{e1},{e2}", "--out", long)
+    assert rc in (1, 2) and len(err) == 1 and err[0].startswith("error: ") and "n" * 300 in err[0]
+    assert "name too long" in err[0].lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    # the engine itself (no command-line lock in front): the OSError names the path
+    with pytest.raises(OSError) as info:
+        go(base, [e1, e2], tmp_path / "file" / "o")
+    assert str(tmp_path / "file") in str(info.value.filename)
+    no_leftovers(tmp_path, tmp_path / "file" / "o")
+
+
+@pytest.mark.parametrize("exc,line", [
+    (OSError(30, "Read-only file system", "/x/y"), "error: cannot write /x/y: read-only file system"),
+    (OSError(28, "No space left on device", "/x/out"), "error: cannot write /x/out: no space left on device"),
+    (PermissionError(13, "Permission denied", "/x"), "error: cannot access /x: permission denied"),
+    (NotADirectoryError(20, "Not a directory", "/f/o"), "error: cannot access /f/o: not a directory"),
+    (RuntimeError("saving failed"), None),
+])
+def test_root_turns_os_errors_into_one_line(trio, tmp_path, capsys, monkeypatch, exc, line):
+    """Any command's OSError (or one that caused another exception) ends in one line and exit code 1."""
+    from rlm.core.merge import engine
+
+    _, base, e1, e2 = trio
+
+    def failing(*a, **k):
+        try:
+            raise exc
+        except RuntimeError:
+            raise
+        except OSError as os_exc:
+            if line.endswith("not a directory"):  # wrapped: the cause is found
+                raise RuntimeError("writing failed") from os_exc
+            raise
+
+    monkeypatch.setattr(engine, "merge_models", failing)
+    args = ["--method", "ties", "--base", base, "--models", f"{e1},{e2}", "--out", tmp_path / "o"]
+    if line is None:  # not an OS error: still a traceback for a bug
+        with pytest.raises(RuntimeError):
+            cli(capsys, *args)
+        return
+    rc, err = cli(capsys, *args)
+    assert rc == 1 and err == [line]
+
+
+def test_read_only_output_directory(trio, tmp_path, capsys):
+    import os
+
+    _, base, e1, e2 = trio
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        probe = ro / "probe"
+        try:
+            probe.mkdir()
+        except PermissionError:
+            pass
+        else:  # root: permissions do not stop writes here
+            probe.rmdir()
+            pytest.skip("running as root, a 0o555 directory is writable")
+        rc, err = cli(capsys, "--method", "ties", "--base", base, "--models", f"{e1},{e2}", "--out", ro / "o")
+        assert rc == 1 and len(err) == 1 and err[0].startswith(f"error: cannot access {ro}")
+        assert err[0].endswith(": permission denied")
+        assert os.listdir(ro) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_failed_rename_into_place_restores_the_old_output(trio, tmp_path, monkeypatch):
+    """An OSError renaming the finished merge into place (--overwrite): the old output is put back and the
+    temporary directory removed."""
+    import errno
+    import os
+
+    from rlm.core.io import atomic
+
+    _, base, e1, e2 = trio
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".partial"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src), None, str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing)
+    with pytest.raises(OSError, match="Read-only file system"):
+        merge_models(MergeRunConfig(method="ties", base=str(base), models=[str(e1), str(e2)]), out, overwrite=True)
+    assert (out / "old.txt").read_text() == "old" and sorted(os.listdir(out)) == ["old.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -153,3 +153,4 @@ def test_gradient_checkpointing_and_ref_offload_train_the_same_weights(cli, tmp_
     assert any(not torch.equal(a[k], load_file(str(tiny_model_dir / "model.safetensors"))[k]) for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+

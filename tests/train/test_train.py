@@ -315,3 +315,29 @@ def test_recomputed_logprobs_match_the_sampling_distribution(tiny_model_dir):
     for b, lp in enumerate(ref):
         assert logp[b, :len(lp)].tolist() == pytest.approx(lp, abs=1e-4)
     assert len({len(p) for p in prompt_ids}) == 3
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing_partial(cli, tmp_path, tiny_model_dir,
+                                                                             monkeypatch, capsys):
+    """torch.save reports a full disk as a RuntimeError without an errno: rlm names the checkpoint instead."""
+    import collections
+
+    from rlm.core.train import checkpoints
+
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt"):
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, f, *a, **k)
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 0))
+    out = tmp_path / "run"
+    rc = cli("train", "--trainer", "sft", "--task", "digits", "--model", tiny_model_dir, "--steps", "1", "--out", out,
+             "--no-progress", "--set", "num_threads=1", "--set", "batch_size=4")
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: cannot write {out / 'checkpoints' / 'step-1'}: no space left on device"
+    assert not (out / "checkpoints" / "step-1").exists() and not list((out / "checkpoints").glob(".step-*"))

@@ -49,6 +49,7 @@ class CodeTask(Task):
     subsets = {"gen": "generated one-line functions (training)", "humaneval": "HumanEval (164, original tests)",
                "humaneval_plus": "HumanEval+ (evalplus base + plus inputs)",
                "mbpp_plus": "MBPP+ (evalplus base + plus inputs)", "opencodeinstruct": "OpenCodeInstruct (training)"}
+    file_subsets = ("humaneval", "humaneval_plus", "mbpp_plus", "opencodeinstruct")
 
     def __init__(self, config=None, **overrides) -> None:
         from rlm.plugins.tasks.code.judge import CodeJudge

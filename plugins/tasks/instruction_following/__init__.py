@@ -37,6 +37,7 @@ class InstructionFollowing(Task):
         "rlvr": "Tulu-3 RLVR-IF constraint data (path or allenai/RLVR-IFeval)",
         "tulu3": "Tulu-3 SFT instruction-following data (SFT only: constraints are not machine-checkable)",
     }
+    file_subsets = ("generated", "ifeval", "ifbench", "rlvr", "tulu3")  # generated: --data is RLVR-IF rows
 
     class Config(PluginConfig):
         num_examples: int = Field(1000, ge=1, description="generated examples when no limit is given")

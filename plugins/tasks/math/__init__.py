@@ -42,6 +42,7 @@ class MathTask(Task):
     subsets = {"gen": "seeded arithmetic (difficulty: ops, operand range, operators)",
                "gsm8k": "GSM8K grade-school word problems", "math500": "MATH-500 competition problems",
                "openmath": "OpenMathInstruct-2 (training data)"}
+    file_subsets = ("gsm8k", "math500", "openmath")
 
     def examples(self, subset=None, *, split="train", limit=None, seed=0, path=None) -> list[Example]:
         from rlm.plugins.tasks.math import loaders

@@ -26,6 +26,7 @@ class Puzzle(Task):
         "ood": "out-of-domain: 9-13 people",
         "all": "in-domain and out-of-domain, alternating",
     }
+    file_subsets = ()  # every example comes from the built-in generator
 
     class Config(PluginConfig):
         num_examples: int = Field(1000, ge=1, description="examples when no limit is given")

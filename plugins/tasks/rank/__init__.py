@@ -26,6 +26,7 @@ class Rank(Task):
         "nevir": "NevIR pairs (local path or Hugging Face dataset name, e.g. orionweller/NevIR)",
         "rank1": "Rank1-format pointwise relevance data (query, passage, true/false, reasoning)",
     }
+    file_subsets = ("generated", "nevir", "rank1")  # generated with --data reads NevIR pairs
 
     class Config(PluginConfig):
         num_pairs: int = Field(500, ge=1, description="generated pairs when no limit is given")
