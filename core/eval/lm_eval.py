@@ -52,6 +52,19 @@ def lm_eval_local_tasks(tasks: list[str], data_dir: str | Path | None, work: Pat
     return names, (str(work) if wrote else None)
 
 
+def _model_args(model_path: str) -> str:
+    """lm-eval's ``hf`` model arguments: the model in float32, or for a LoRA adapter directory without a merged
+    model its base with ``peft=`` the adapter."""
+    from rlm.core.models.lora import adapter_base, is_lora_dir
+
+    p = Path(model_path)
+    if p.is_dir() and not (p / "config.json").is_file() and is_lora_dir(p):
+        from rlm.core.models.hf import resolve_model
+
+        return f"pretrained={resolve_model(adapter_base(p))},peft={p},dtype=float32"
+    return f"pretrained={model_path},dtype=float32"
+
+
 def _simple_evaluate(model_path: str, tasks: list[str], data_dir: str | Path | None, *, limit: int | None,
                      batch_size: int, max_new_tokens: int | None, num_fewshot: int | None,
                      apply_chat_template: bool, device: str) -> tuple[dict[str, Any], list[str], float]:
@@ -68,7 +81,7 @@ def _simple_evaluate(model_path: str, tasks: list[str], data_dir: str | Path | N
     with tempfile.TemporaryDirectory(prefix="rlm-lmeval-") as work:
         names, include = lm_eval_local_tasks(tasks, data_dir, Path(work))
         tm = TaskManager(include_path=include) if include else TaskManager()
-        kwargs: dict[str, Any] = dict(model="hf", model_args=f"pretrained={model_path},dtype=float32",
+        kwargs: dict[str, Any] = dict(model="hf", model_args=_model_args(model_path),
                                       tasks=names, batch_size=batch_size, limit=limit, device=device,
                                       task_manager=tm, apply_chat_template=apply_chat_template,
                                       log_samples=False)
