@@ -16,7 +16,10 @@ Conventions where ``DESIGN.md`` leaves a corner open (documented here and in the
 - a one-sample group has no baseline: GRPO / Dr. GRPO / RLOO give it an advantage of 0 (its deviation from its
   own mean is 0 and its std is taken as 0; verl instead uses the raw reward);
 - "whiten" is ``(x - mean) / sqrt(var + 1e-8)`` over all valid tokens with the unbiased variance (verl's
-  ``masked_whiten``); a batch with a single valid token is only centred;
+  ``masked_whiten``), its statistics in float64 and two passes (verl's one-pass float32 form cancels
+  catastrophically when the values sit on a large offset); a batch with a single valid token is only centred;
+- group statistics are float64, and a group whose rewards are all equal gets exactly zero advantage (verl's float32
+  mean of 16 x 0.97 leaves -0.106 after dividing by its epsilon-sized std);
 - the log-ratio is clamped to ±20 before ``exp`` in the policy loss (overflow guard only).
 
 torch is imported inside the functions: the trainer plugins import this module when ``rlm --help`` loads them.
@@ -32,10 +35,14 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+#: RL-Pos: ``incorrect`` zeroes the advantages of the samples below the correctness threshold (the paper's "sets
+#: the advantage values of all negative samples to zero"); ``clamp`` sets every negative advantage to 0
+POSITIVE_MODES = ("incorrect", "clamp")
 
 Estimator = TypeVar("Estimator", bound=Callable[..., Any])
-#: ``whiten_stats(x, mask) -> (sum, sum of squares, count)`` reduced over every process (the RL engine's)
+#: ``whiten_stats(x, mask) -> (count, mean, sum of squared deviations)`` over the valid entries of every process,
+#: in float64 and in two passes (the mean first, then the deviations from it): the RL engine's
 WhitenStats = Callable[["Tensor", "Tensor"], tuple["Tensor", "Tensor", "Tensor"]]
 
 
@@ -64,22 +71,40 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, stats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
-    """``(x - mean) / sqrt(var + eps)`` over valid entries, unbiased variance; zero on padding.
-
-    ``stats`` = (sum, sum of squares, count) lets a caller pass statistics reduced over several processes."""
+def whiten_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(count, mean, sum of squared deviations) of ``x`` over valid entries, in float64 and two passes: no
+    cancellation, whatever the dtype and offset of ``x``."""
     import torch
 
-    mask = mask.to(x.dtype)
-    if stats is None:
-        s, sq, n = (x * mask).sum(), (x * x * mask).sum(), mask.sum()
-    else:
-        s, sq, n = stats
-    mean = s / n.clamp(min=1)
+    m = mask.to(torch.float64)
+    x64 = x.to(torch.float64)
+    n = m.sum()
+    mean = (x64 * m).sum() / n.clamp(min=1)
+    return n, mean, (((x64 - mean) * m) ** 2).sum()
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, stats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over valid entries, unbiased variance; zero on padding. The statistics are
+    float64 and two-pass (:func:`whiten_moments`); the result has ``x``'s dtype.
+
+    ``stats`` = (count, mean, sum of squared deviations) lets a caller pass statistics reduced over several
+    processes (:data:`WhitenStats`)."""
+    import torch
+
+    n, mean, m2 = whiten_moments(x, mask) if stats is None else (s.to(torch.float64) for s in stats)
+    m = mask.to(torch.float64)
+    centred = (x.to(torch.float64) - mean) * m
     if float(n) < 2:
-        return (x - mean) * mask
-    var = (sq - n * mean * mean) / (n - 1)
-    return (x - mean) * torch.rsqrt(var.clamp(min=0) + eps) * mask
+        return centred.to(x.dtype)
+    var = m2 / (n - 1)
+    return (centred * torch.rsqrt(var.clamp(min=0) + eps)).to(x.dtype)
+
+
+def _f64(*xs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """``xs`` in float64 (None stays None): the estimators accumulate in float64 whatever the inputs' dtype."""
+    import torch
+
+    return tuple(None if x is None else x.to(torch.float64) for x in xs)
 
 
 def _groups(index: Sequence[Any] | Tensor) -> dict[Any, list[int]]:
@@ -93,25 +118,32 @@ def _groups(index: Sequence[Any] | Tensor) -> dict[Any, list[int]]:
 
 
 def group_stats(rewards: Tensor, index: Sequence[Any] | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-sequence group mean, unbiased group std (0 for a one-sample group), leave-one-out mean (0 for a
-    one-sample group) and group size."""
+    """Per-sequence group mean, unbiased group std (0 for a one-sample group), leave-one-out mean (the reward
+    itself for a one-sample group) and group size, computed in float64 and returned in ``rewards``' dtype. A
+    group whose rewards are all equal gets its reward as its mean exactly and std 0 (so ``r - mean`` is exactly 0
+    even when the rewards are not representable in the dtype, e.g. 16 x 0.97 in float32)."""
     import torch
 
-    mean = torch.zeros_like(rewards)
-    std = torch.zeros_like(rewards)
-    loo = torch.zeros_like(rewards)
-    size = torch.zeros_like(rewards)
+    r64 = rewards.to(torch.float64)
+    mean = torch.zeros_like(r64)
+    std = torch.zeros_like(r64)
+    loo = torch.zeros_like(r64)
+    size = torch.zeros_like(r64)
     for members in _groups(index).values():
-        r = rewards[members]
+        r = r64[members]
         g = len(members)
-        mean[members] = r.mean()
         size[members] = g
+        if bool((r == r[0]).all()):
+            mean[members] = r[0]
+            loo[members] = r[0]
+            continue
+        mean[members] = r.mean()
         if g > 1:
             std[members] = r.std(unbiased=True)
             loo[members] = (r.sum() - r) / (g - 1)
-        else:
-            loo[members] = r  # no other sample: the baseline equals the reward (advantage 0)
-    return mean, std, loo, size
+    dt = rewards.dtype
+    # an all-equal group's mean is one of its own rewards, so it casts back exactly
+    return mean.to(dt), std.to(dt), loo.to(dt), size.to(dt)
 
 
 def zero_std_fraction(rewards: Tensor, index: Sequence[Any] | Tensor) -> float:
@@ -187,11 +219,14 @@ def reinforce_pp_advantage(*, rewards: Tensor, mask: Tensor, kl: Tensor | None =
                            gamma: float = 1.0, whiten_stats: WhitenStats | None = None,
                            **_: Any) -> tuple[Tensor, Tensor]:
     """REINFORCE++: per-token reward ``-beta * k1_t`` plus ``r`` at the last token, return-to-go with
-    ``gamma``, whitened over every valid token of the batch. Returns (whitened advantages, returns)."""
-    rt = token_rewards(rewards, mask, kl, beta)
-    ret = returns_to_go(rt, mask, gamma)
-    stats = whiten_stats(ret, mask) if whiten_stats is not None else None
-    return masked_whiten(ret, mask, stats=stats), ret
+    ``gamma``, whitened over every valid token of the batch. Returns (whitened advantages, returns), computed in
+    float64 and returned in ``rewards``' dtype."""
+    dt = rewards.dtype
+    r64, m64, kl64 = _f64(rewards, mask, kl)
+    rt = token_rewards(r64, m64, kl64, beta)
+    ret = returns_to_go(rt, m64, gamma)
+    stats = whiten_stats(ret, m64) if whiten_stats is not None else None
+    return masked_whiten(ret, m64, stats=stats).to(dt), ret.to(dt)
 
 
 def reinforce_pp_baseline_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor,
@@ -211,8 +246,9 @@ def gae_advantage(*, rewards: Tensor, mask: Tensor, values: Tensor, kl: Tensor |
     after the last token; masked tokens are skipped), ``returns = A + V``, then A is whitened."""
     import torch
 
-    m = mask.to(values.dtype)
-    rt = token_level_rewards if token_level_rewards is not None else token_rewards(rewards, mask, kl, beta)
+    dt = values.dtype
+    values, m, kl, rewards, token_level_rewards = _f64(values, mask, kl, rewards, token_level_rewards)
+    rt = token_level_rewards if token_level_rewards is not None else token_rewards(rewards, m, kl, beta)
     adv = torch.zeros_like(values)
     next_v = torch.zeros_like(values[:, 0])
     next_a = torch.zeros_like(values[:, 0])
@@ -227,12 +263,23 @@ def gae_advantage(*, rewards: Tensor, mask: Tensor, values: Tensor, kl: Tensor |
     if whiten:
         stats = whiten_stats(adv, m) if whiten_stats is not None else None
         adv = masked_whiten(adv, m, stats=stats)
-    return adv, returns
+    return adv.to(dt), returns.to(dt)
 
 
-def positive_only(advantages: Tensor) -> Tensor:
-    """RL-Pos: every negative advantage set to 0 (positive ones unchanged)."""
-    return advantages.clamp(min=0)
+def positive_only(advantages: Tensor, rewards: Tensor | None = None, threshold: float | None = None,
+                  mode: str = "clamp") -> Tensor:
+    """RL-Pos. ``mode="incorrect"``: the advantages of the samples whose reward is below ``threshold`` (the
+    negative samples) set to 0, every other sample's kept as it is; ``mode="clamp"``: every negative advantage set
+    to 0. With 0/1 rewards and threshold 1 they agree; with continuous rewards they do not (rewards .3/.9/.5/.7,
+    threshold 1, GRPO: ``incorrect`` zeroes all four, ``clamp`` keeps .9's and .7's positive push)."""
+    if mode == "clamp":
+        return advantages.clamp(min=0)
+    if mode != "incorrect":
+        raise ConfigError(f"unknown RL-Pos mode {mode!r} (known: {', '.join(POSITIVE_MODES)})")
+    if rewards is None or threshold is None:
+        raise ConfigError("RL-Pos mode 'incorrect' needs the rewards and the correctness threshold")
+    keep = (rewards >= threshold).to(advantages.dtype)
+    return advantages * keep.unsqueeze(-1)
 
 
 # -- KL estimators ---------------------------------------------------------------------------------------
@@ -262,6 +309,7 @@ def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", *, num_t
     - ``token-mean``: sum over valid tokens / ``num_tokens`` (default: valid tokens here; pass the global
       count of the mini-batch when it is split into micro-batches or processes);
     - ``seq-mean-token-mean`` (original GRPO): per-sequence token mean, summed / ``num_seqs`` (default B);
+    - ``seq-mean-token-sum``: per-sequence token sum, summed / ``num_seqs``;
     - ``seq-mean-token-sum-norm`` (Dr. GRPO): per-sequence token sum / ``norm_len`` (default T, set it to the
       generation budget), summed / ``num_seqs``.
     """
@@ -276,6 +324,8 @@ def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", *, num_t
     if mode == "seq-mean-token-mean":
         per_seq = (loss_mat * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return per_seq.sum() / nseq
+    if mode == "seq-mean-token-sum":
+        return (loss_mat * mask).sum(-1).sum() / nseq
     if mode == "seq-mean-token-sum-norm":
         L = float(norm_len if norm_len is not None else loss_mat.shape[-1])
         return ((loss_mat * mask).sum(-1) / L).sum() / nseq

@@ -113,6 +113,7 @@ class RLConfig(TrainConfig):
 
     steps: int | None = Field(100, ge=1)
     lr: float = Field(1e-5, gt=0, description="paper: 1e-6")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (verl's actor default 0.01)")
     prompts_per_step: int = Field(8, ge=1, description="prompts per step, all processes (paper: 512)")
     group_size: int = Field(8, ge=1, description="completions per prompt (G)")
     temperature: float = Field(1.0, gt=0)
@@ -122,7 +123,13 @@ class RLConfig(TrainConfig):
     advantage: str = Field("grpo", description="advantage estimator: one of the names the trainer offers "
                                                "(its advantages; e.g. grpo, dr_grpo, rloo)")
     adv_eps: float = Field(1e-6, gt=0, description="GRPO: A = (r - mean) / (std + adv_eps)")
-    positive_only: bool = Field(False, description="RL-Pos: set every negative advantage to 0")
+    positive_only: bool = Field(False, description="RL-Pos: keep only the positive samples' push (positive_mode)")
+    positive_mode: Literal["incorrect", "clamp"] = Field(
+        "incorrect", description="RL-Pos: incorrect zeroes the advantages of samples whose reward is below "
+                                 "correct_threshold (the paper's wording); clamp sets every negative advantage to 0 "
+                                 "(the same with 0/1 rewards, not with continuous ones)")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus: loss -= entropy_coef * aggregated entropy "
+                                                       "(verl's entropy_coeff; 0: off)")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(1.0, ge=0, le=1, description="GAE lambda")
     clip_low: float = Field(0.2, ge=0, lt=1)
@@ -131,7 +138,8 @@ class RLConfig(TrainConfig):
     kl_coef: float = Field(1e-3, ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     kl_in: Literal["loss", "reward", "none"] = Field("loss", description="where the KL penalty goes")
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
+        "token-mean"
     norm_len: int | None = Field(None, ge=1, description="seq-mean-token-sum-norm divisor (None: max_new_tokens)")
     ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     mini_batches: int = Field(1, ge=1, description="optimizer updates per pass (1: on-policy, ratio = 1)")

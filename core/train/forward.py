@@ -12,11 +12,12 @@ from typing import Any
 from rlm.core.train.algorithms import entropy_from_logits, logprobs_from_logits
 
 
-def forward_response(model: Any, t: dict[str, Any], *, temperature: float = 1.0, entropy: bool = False,
+def forward_response(model: Any, t: dict[str, Any], *, temperature: float = 1.0, entropy: bool | str = False,
                      hidden: bool = False) -> tuple[Any, Any]:
     """Log-probs (B, T) of the response tokens under ``model`` (logits divided by ``temperature``) and, if
-    asked, the per-token entropy (detached). ``t`` is what :meth:`TokenBatch.tensors` returns. ``hidden=True``
-    returns the final hidden states before each response token instead (for a value head)."""
+    asked, the per-token entropy (detached; ``entropy="grad"``: with its gradient). ``t`` is what
+    :meth:`TokenBatch.tensors` returns. ``hidden=True`` returns the final hidden states before each response token
+    instead (for a value head)."""
     P, T = t["P"], t["T"]
     if hidden:
         out = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], position_ids=t["position_ids"],
@@ -30,7 +31,9 @@ def forward_response(model: Any, t: dict[str, Any], *, temperature: float = 1.0,
     labels = t["input_ids"][:, P:P + T]
     logp = logprobs_from_logits(logits, labels)
     ent = None
-    if entropy:
+    if entropy == "grad":  # the entropy bonus differentiates through it
+        ent = entropy_from_logits(logits)
+    elif entropy:
         import torch
 
         with torch.no_grad():

@@ -15,8 +15,8 @@ from typing import Any
 
 from rlm.core.errors import RlmError
 
-METRIC_KEYS = ("step", "reward_mean", "accuracy", "adv_abs_mean", "adv_min", "zero_std_frac", "kl", "clip_frac",
-               "entropy", "grad_norm", "delta_norm", "tokens_per_s", "step_time")
+METRIC_KEYS = ("step", "reward_mean", "accuracy", "adv_abs_mean", "adv_abs_mean_seq", "adv_min", "zero_std_frac",
+               "kl", "clip_frac", "entropy", "grad_norm", "delta_norm", "tokens_per_s", "step_time")
 METRICS_FILE = "metrics.jsonl"
 # (metric key, label) shown on the progress line when the step logged a number for it
 PROGRESS_FIELDS = [("loss", "loss"), ("reward_mean", "reward"), ("accuracy", "acc"), ("adv_abs_mean", "|A|"),

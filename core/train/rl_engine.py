@@ -33,6 +33,7 @@ class UpdateStats:
     pg_loss: float = 0.0
     kl: float = 0.0             # logged KL (k3), summed over valid tokens
     clip_frac: float = 0.0      # weighted by valid tokens
+    dual_clip_frac: float = 0.0  # weighted by valid tokens
     entropy: float = 0.0        # summed over valid tokens
     tok: float = 0.0            # valid tokens seen by the policy updates
     grad_norms: list[float] = dataclasses.field(default_factory=list)
@@ -94,11 +95,16 @@ class RLEngine:
 
     # -- experience ---------------------------------------------------------------------------------------
     def _whiten_stats(self, x: Any, mask: Any) -> tuple[Any, Any, Any]:
-        """(sum, sum of squares, count) of ``x`` over valid tokens of every process (batch whitening)."""
-        m = mask.to(x.dtype)
+        """(count, mean, sum of squared deviations) of ``x`` over the valid tokens of every process, in float64
+        and two passes (batch whitening without cancellation)."""
+        import torch
+
         s = self.sess
-        return (s.reduce_sum((x * m).sum()).to(x.dtype), s.reduce_sum((x * x * m).sum()).to(x.dtype),
-                s.reduce_sum(m.sum()).to(x.dtype))
+        m = mask.to(torch.float64)
+        x64 = x.to(torch.float64)
+        n = s.reduce_sum(m.sum())
+        mean = s.reduce_sum((x64 * m).sum()) / n.clamp(min=1)
+        return n, mean, s.reduce_sum((((x64 - mean) * m) ** 2).sum())
 
     def make_experience(self, step: int) -> Experience:
         """Sample and score the step's completions, run the no-grad passes and compute the advantages."""
@@ -114,7 +120,7 @@ class RLEngine:
             beta=cfg.kl_coef if cfg.kl_in == "reward" else 0.0, gamma=cfg.gamma, lam=cfg.lam, values=values,
             eps=cfg.adv_eps, whiten_stats=self._whiten_stats if s.world > 1 else None)
         if cfg.positive_only:
-            adv = algorithms.positive_only(adv)
+            adv = algorithms.positive_only(adv, ro.rewards, cfg.correct_threshold, cfg.positive_mode)
         return Experience(**vars(ro), advantages=adv.detach(), returns=ret.detach(), old_logp=old_logp,
                           ref_logp=ref_logp, values=values, kl=kl)
 
@@ -162,11 +168,14 @@ class RLEngine:
             T = u["T"]
             m = u["response_mask"]
             with s.grad_sync(s.model, last=j == len(micro) - 1), s.autocast():
-                logp, ent = forward_response(s.model, u, temperature=cfg.temperature, entropy=True)
+                logp, ent = forward_response(s.model, u, temperature=cfg.temperature,
+                                             entropy="grad" if cfg.entropy_coef > 0 else True)
                 logp = logp.float()
                 old = exp.old_logp[rows, :T] if exp.old_logp is not None else logp.detach()
                 pl, st = self.trainer.policy_loss(logp, old, exp.advantages[rows, :T], m, **agg_kw)
                 loss = pl
+                if cfg.entropy_coef > 0:  # verl: pg_loss - entropy_coeff * agg(entropy)
+                    loss = loss - cfg.entropy_coef * algorithms.aggregate(ent.float(), m, cfg.loss_agg, **agg_kw)
                 if exp.ref_logp is not None:
                     penalty = self._kl_penalty(logp, exp.ref_logp[rows, :T], m, agg_kw, stats)
                     if penalty is not None:
@@ -175,7 +184,8 @@ class RLEngine:
             ntok_m = float(m.sum())
             stats.pg_loss += float(pl.detach())
             stats.clip_frac += float(st.get("clip_frac", 0.0)) * ntok_m
-            stats.entropy += float((ent * m).sum())
+            stats.dual_clip_frac += float(st.get("dual_clip_frac", 0.0)) * ntok_m
+            stats.entropy += float((ent.detach() * m).sum())
             stats.tok += ntok_m
         s.check_finite(float(s.reduce_sum(stats.pg_loss)), step)
         return s.optimizer_step(step)
@@ -235,16 +245,31 @@ class RLEngine:
             "reward_mean": float(rewards_all.mean()),
             "accuracy": float((rewards_all >= cfg.correct_threshold).double().mean()),
             "adv_abs_mean": float(s.reduce_sum(adv_valid.abs().sum())) / max(n_tok, 1.0),
+            "adv_abs_mean_seq": self._per_sample_abs_advantage(exp),
             "adv_min": -float(self._reduce_max(-adv_valid.min() if adv_valid.numel() else torch.tensor(0.0))),
             "zero_std_frac": algorithms.zero_std_fraction(rewards_all, index_all) if cfg.group_size > 1 else None,
             "kl": float(s.reduce_sum(stats.kl)) / tok_all if exp.ref_logp is not None and policy_ran else None,
             "clip_frac": float(s.reduce_sum(stats.clip_frac)) / tok_all if policy_ran else None,
+            "dual_clip_frac": float(s.reduce_sum(stats.dual_clip_frac)) / tok_all if policy_ran else None,
             "entropy": float(s.reduce_sum(stats.entropy)) / tok_all if policy_ran else None,
             "grad_norm": (sum(stats.grad_norms) / len(stats.grad_norms)) if stats.grad_norms else None,
             "loss": float(s.reduce_sum(stats.pg_loss)) / updates if policy_ran else None,
             "response_length": n_tok / max(float(s.reduce_sum(len(exp.batch))), 1.0),
             "_tokens": n_tok + float(s.reduce_sum(sum(len(p) for p in exp.batch.prompt_ids))),
         }
+
+    def _per_sample_abs_advantage(self, exp: Experience) -> float:
+        """E_i |A_i| over the sampled sequences of every process (Theorem 2's quantity), where A_i is the
+        token-mean advantage of sequence i (GRPO's broadcast advantage itself); sequences without a response
+        token are left out."""
+        import torch
+
+        m = exp.mask.to(torch.float64)
+        n = m.sum(-1)
+        per_seq = (exp.advantages.to(torch.float64) * m).sum(-1) / n.clamp(min=1)
+        has = n > 0
+        total = float(self.sess.reduce_sum(per_seq[has].abs().sum()))
+        return total / max(float(self.sess.reduce_sum(has.sum())), 1.0)
 
     def _reduce_max(self, x: Any) -> float:
         s = self.sess

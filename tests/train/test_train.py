@@ -129,7 +129,8 @@ TRAINER_ARGS = {
             "--set", "min_reward=0.0", "--set", "train_limit=4"],
     "ppo": ["--set", "prompts_per_step=4", "--set", "max_new_tokens=6", "--set", "mini_batches=2"],
     "reinforce_pp": RL_SMALL,
-    "rl_pos": RL_SMALL,
+    # digits rewards are continuous: a sample counts as correct from 0.05 on (RL-Pos zeroes the others)
+    "rl_pos": RL_SMALL + ["--set", "correct_threshold=0.05"],
     "grpo": RL_SMALL + ["--set", "lora.enabled=true", "--set", "lora.r=4", "--set", "lr=1e-3"],
 }
 
