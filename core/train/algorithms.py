@@ -6,10 +6,11 @@ training engines (:mod:`rlm.core.train.forward`, :mod:`rlm.core.train.sft`, :mod
 estimators they offer (``RLTrainer.advantages``), and by third-party trainers.
 
 Shapes: ``B`` sequences, ``T`` response positions. ``mask`` (B, T) is 1 on response tokens and 0 on padding;
-``rewards`` (B,) is the outcome reward of each sequence; ``index`` (B,) says which prompt (group) a sequence
-was sampled from. An advantage estimator is a pure function ``fn(*, rewards, mask, index, kl, beta, gamma, lam,
-values, eps, whiten_stats, **_) -> (advantages, returns)``, both (B, T) and zero on padding; it takes the inputs
-it uses and ignores the rest. One that reads the critic's ``values`` is marked with :func:`needs_values`.
+``rewards`` (B,) is the outcome reward of each sequence; ``index`` (B,) says which prompt (group) a sequence was
+sampled from. An advantage estimator is a pure function ``fn(*, rewards, mask, index, kl, beta, gamma, lam, values,
+eps, whiten_stats, single_sample_groups, baseline_mode, **_) -> (advantages, returns)``, both (B, T) and zero on
+padding; it takes the inputs it uses and ignores the rest. One that reads the critic's ``values`` is marked with
+:func:`needs_values`.
 
 Conventions where ``DESIGN.md`` leaves a corner open (documented here and in the tests):
 
@@ -83,7 +84,8 @@ def whiten_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return n, mean, (((x64 - mean) * m) ** 2).sum()
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8, stats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8,
+                  stats: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` over valid entries, unbiased variance; zero on padding. The statistics are
     float64 and two-pass (:func:`whiten_moments`); the result has ``x``'s dtype.
 
@@ -117,11 +119,14 @@ def _groups(index: Sequence[Any] | Tensor) -> dict[Any, list[int]]:
     return out
 
 
-def group_stats(rewards: Tensor, index: Sequence[Any] | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def group_stats(rewards: Tensor, index: Sequence[Any] | Tensor,
+                single: str = "zero") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-sequence group mean, unbiased group std (0 for a one-sample group), leave-one-out mean (the reward
     itself for a one-sample group) and group size, computed in float64 and returned in ``rewards``' dtype. A
     group whose rewards are all equal gets its reward as its mean exactly and std 0 (so ``r - mean`` is exactly 0
-    even when the rewards are not representable in the dtype, e.g. 16 x 0.97 in float32)."""
+    even when the rewards are not representable in the dtype, e.g. 16 x 0.97 in float32). ``single="verl"``
+    gives a one-sample group verl's statistics instead: mean 0, std 1, leave-one-out baseline 0 (its advantage is
+    then its reward, over ``1 + eps`` for GRPO)."""
     import torch
 
     r64 = rewards.to(torch.float64)
@@ -133,6 +138,9 @@ def group_stats(rewards: Tensor, index: Sequence[Any] | Tensor) -> tuple[Tensor,
         r = r64[members]
         g = len(members)
         size[members] = g
+        if g == 1 and single == "verl":
+            std[members] = 1.0
+            continue
         if bool((r == r[0]).all()):
             mean[members] = r[0]
             loo[members] = r[0]
@@ -190,10 +198,11 @@ def returns_to_go(rewards_t: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor
 # -- advantage estimators --------------------------------------------------------------------------------
 
 def grpo_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor, norm_by_std: bool = True,
-                   eps: float = 1e-6, **_: Any) -> tuple[Tensor, Tensor]:
+                   eps: float = 1e-6, single_sample_groups: str = "verl", **_: Any) -> tuple[Tensor, Tensor]:
     """GRPO: ``A_i = (r_i - mean_g) / (std_g + eps)`` (unbiased std), broadcast over the response tokens.
-    ``norm_by_std=False`` is Dr. GRPO (``A_i = r_i - mean_g``)."""
-    mean, std, _, _ = group_stats(rewards, index)
+    ``norm_by_std=False`` is Dr. GRPO (``A_i = r_i - mean_g``). A one-sample group gets ``r / (1 + eps)`` (Dr.
+    GRPO: ``r``) with ``single_sample_groups="verl"``, 0 with ``"zero"``."""
+    mean, std, _, _ = group_stats(rewards, index, single_sample_groups)
     score = rewards - mean
     if norm_by_std:
         score = score / (std + eps)
@@ -202,15 +211,17 @@ def grpo_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tens
 
 
 def dr_grpo_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor,
-                      **_: Any) -> tuple[Tensor, Tensor]:
+                      single_sample_groups: str = "verl", **_: Any) -> tuple[Tensor, Tensor]:
     """Dr. GRPO: ``A_i = r_i - mean_g`` (no division by the group std)."""
-    return grpo_advantage(rewards=rewards, mask=mask, index=index, norm_by_std=False)
+    return grpo_advantage(rewards=rewards, mask=mask, index=index, norm_by_std=False,
+                          single_sample_groups=single_sample_groups)
 
 
 def rloo_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor,
-                   **_: Any) -> tuple[Tensor, Tensor]:
-    """RLOO: ``A_i = r_i - mean of the other G-1 rewards of the group``."""
-    _, _, loo, _ = group_stats(rewards, index)
+                   single_sample_groups: str = "verl", **_: Any) -> tuple[Tensor, Tensor]:
+    """RLOO: ``A_i = r_i - mean of the other G-1 rewards of the group`` (a one-sample group: ``r`` with
+    ``single_sample_groups="verl"``, 0 with ``"zero"``)."""
+    _, _, loo, _ = group_stats(rewards, index, single_sample_groups)
     adv = (rewards - loo).unsqueeze(-1) * mask.to(rewards.dtype)
     return adv, adv
 
@@ -231,11 +242,26 @@ def reinforce_pp_advantage(*, rewards: Tensor, mask: Tensor, kl: Tensor | None =
 
 def reinforce_pp_baseline_advantage(*, rewards: Tensor, mask: Tensor, index: Sequence[Any] | Tensor,
                                     kl: Tensor | None = None, beta: float = 0.0, gamma: float = 1.0,
-                                    whiten_stats: WhitenStats | None = None, **_: Any) -> tuple[Tensor, Tensor]:
-    """REINFORCE++-baseline: subtract the group mean from ``r`` first, then as :func:`reinforce_pp_advantage`."""
-    mean, _, _, _ = group_stats(rewards, index)
-    return reinforce_pp_advantage(rewards=rewards - mean, mask=mask, kl=kl, beta=beta, gamma=gamma,
-                                  whiten_stats=whiten_stats)
+                                    whiten_stats: WhitenStats | None = None, baseline_mode: str = "verl",
+                                    single_sample_groups: str = "verl", **_: Any) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline. ``baseline_mode="verl"`` (verl's estimator): the sequence score
+    ``s_i = r_i - beta * sum_t kl_t``, minus its group's mean score (a one-sample group: minus 0 with
+    ``single_sample_groups="verl"``, itself with ``"zero"``), broadcast over the response tokens and whitened
+    over the batch. ``"openrlhf"``: the group mean of ``r`` subtracted from ``r`` first, then the per-token
+    KL and return-to-go of :func:`reinforce_pp_advantage`."""
+    if baseline_mode == "openrlhf":
+        mean, _, _, _ = group_stats(rewards, index, "zero")
+        return reinforce_pp_advantage(rewards=rewards - mean, mask=mask, kl=kl, beta=beta, gamma=gamma,
+                                      whiten_stats=whiten_stats)
+    if baseline_mode != "verl":
+        raise ConfigError(f"unknown REINFORCE++-baseline mode {baseline_mode!r} (known: verl, openrlhf)")
+    dt = rewards.dtype
+    r64, m64, kl64 = _f64(rewards, mask, kl)
+    score = token_rewards(r64, m64, kl64, beta).sum(-1)
+    mean, _, _, _ = group_stats(score, index, single_sample_groups)
+    scores = (score - mean).unsqueeze(-1) * m64
+    stats = whiten_stats(scores, m64) if whiten_stats is not None else None
+    return masked_whiten(scores, m64, stats=stats).to(dt), scores.to(dt)
 
 
 @needs_values
@@ -303,15 +329,17 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
 # -- losses ----------------------------------------------------------------------------------------------
 
 def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", *, num_tokens: float | Tensor | None = None,
-              num_seqs: float | Tensor | None = None, norm_len: float | None = None) -> Tensor:
+              num_seqs: float | Tensor | None = None, norm_len: float | None = None,
+              sum_norm_by_seqs: bool = False) -> Tensor:
     """Reduce a (B, T) per-token loss to a scalar.
 
     - ``token-mean``: sum over valid tokens / ``num_tokens`` (default: valid tokens here; pass the global
       count of the mini-batch when it is split into micro-batches or processes);
     - ``seq-mean-token-mean`` (original GRPO): per-sequence token mean, summed / ``num_seqs`` (default B);
     - ``seq-mean-token-sum``: per-sequence token sum, summed / ``num_seqs``;
-    - ``seq-mean-token-sum-norm`` (Dr. GRPO): per-sequence token sum / ``norm_len`` (default T, set it to the
-      generation budget), summed / ``num_seqs``.
+    - ``seq-mean-token-sum-norm`` (Dr. GRPO, verl): per-sequence token sums, summed, / ``norm_len`` (default T,
+      set it to the generation budget); ``sum_norm_by_seqs=True`` also divides by ``num_seqs`` (rlm's earlier
+      form, a mean over sequences).
     """
     import torch
 
@@ -328,7 +356,8 @@ def aggregate(loss_mat: Tensor, mask: Tensor, mode: str = "token-mean", *, num_t
         return (loss_mat * mask).sum(-1).sum() / nseq
     if mode == "seq-mean-token-sum-norm":
         L = float(norm_len if norm_len is not None else loss_mat.shape[-1])
-        return ((loss_mat * mask).sum(-1) / L).sum() / nseq
+        total = ((loss_mat * mask).sum(-1) / L).sum()
+        return total / nseq if sum_norm_by_seqs else total
     raise ConfigError(f"unknown loss aggregation {mode!r} (known: {', '.join(LOSS_AGG_MODES)})")
 
 

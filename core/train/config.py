@@ -123,6 +123,13 @@ class RLConfig(TrainConfig):
     advantage: str = Field("grpo", description="advantage estimator: one of the names the trainer offers "
                                                "(its advantages; e.g. grpo, dr_grpo, rloo)")
     adv_eps: float = Field(1e-6, gt=0, description="GRPO: A = (r - mean) / (std + adv_eps)")
+    single_sample_groups: Literal["verl", "zero"] = Field(
+        "verl", description="a group of one sample: verl keeps its reward as its advantage (GRPO: r / (1 + eps)); "
+                            "zero gives it advantage 0")
+    baseline_mode: Literal["verl", "openrlhf"] = Field(
+        "verl", description="REINFORCE++-baseline: verl subtracts the group mean of r - beta * sum(kl) and "
+                            "broadcasts it; openrlhf subtracts the group mean of r, then adds per-token KL and "
+                            "returns-to-go")
     positive_only: bool = Field(False, description="RL-Pos: keep only the positive samples' push (positive_mode)")
     positive_mode: Literal["incorrect", "clamp"] = Field(
         "incorrect", description="RL-Pos: incorrect zeroes the advantages of samples whose reward is below "
@@ -141,6 +148,8 @@ class RLConfig(TrainConfig):
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
         "token-mean"
     norm_len: int | None = Field(None, ge=1, description="seq-mean-token-sum-norm divisor (None: max_new_tokens)")
+    sum_norm_by_seqs: bool = Field(False, description="seq-mean-token-sum-norm: also divide by the number of "
+                                                      "sequences (verl does not)")
     ppo_epochs: int = Field(1, ge=1, description="passes over each rollout batch")
     mini_batches: int = Field(1, ge=1, description="optimizer updates per pass (1: on-policy, ratio = 1)")
     correct_threshold: float = Field(1.0, description="a completion counts as correct (accuracy) at this reward")

@@ -25,8 +25,8 @@ from rlm.core.errors import ConfigError
 from rlm.core.train import algorithms
 from rlm.core.train.config import RLConfig, TrainRun
 
-#: an advantage estimator: ``fn(*, rewards, mask, index, kl, beta, gamma, lam, values, eps, whiten_stats, **_)
-#: -> (advantages, returns)``, see :mod:`rlm.core.train.algorithms`
+#: an advantage estimator: ``fn(*, rewards, mask, index, kl, beta, gamma, lam, values, eps, whiten_stats,
+#: single_sample_groups, baseline_mode, **_) -> (advantages, returns)``, see :mod:`rlm.core.train.algorithms`
 AdvantageFn = Callable[..., tuple[Any, Any]]
 
 

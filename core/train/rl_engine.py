@@ -118,7 +118,8 @@ class RLEngine:
         adv, ret = self.estimator(
             rewards=ro.rewards, mask=ro.mask, index=ro.index, kl=kl,
             beta=cfg.kl_coef if cfg.kl_in == "reward" else 0.0, gamma=cfg.gamma, lam=cfg.lam, values=values,
-            eps=cfg.adv_eps, whiten_stats=self._whiten_stats if s.world > 1 else None)
+            eps=cfg.adv_eps, whiten_stats=self._whiten_stats if s.world > 1 else None,
+            single_sample_groups=cfg.single_sample_groups, baseline_mode=cfg.baseline_mode)
         if cfg.positive_only:
             adv = algorithms.positive_only(adv, ro.rewards, cfg.correct_threshold, cfg.positive_mode)
         return Experience(**vars(ro), advantages=adv.detach(), returns=ret.detach(), old_logp=old_logp,
@@ -151,7 +152,8 @@ class RLEngine:
         for rows in self._mini_batches(exp, step):
             mb_tok = s.reduce_sum(exp.mask[rows].sum())
             mb_seq = s.reduce_sum(len(rows))
-            agg_kw = dict(num_tokens=mb_tok.float(), num_seqs=mb_seq.float(), norm_len=norm_len)
+            agg_kw = dict(num_tokens=mb_tok.float(), num_seqs=mb_seq.float(), norm_len=norm_len,
+                          sum_norm_by_seqs=cfg.sum_norm_by_seqs)
             micro = micro_batches(rows, cfg.micro_batch_size)
             if not critic_only:
                 stats.grad_norms.append(self._policy_update(exp, micro, agg_kw, stats, step))

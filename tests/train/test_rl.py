@@ -60,7 +60,7 @@ def test_only_gae_needs_a_critics_values():
 
 
 def test_grpo_hand_values_identical_group_and_single_sample():
-    adv, ret = rl.grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX)
+    adv, ret = rl.grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX, single_sample_groups="zero")
     g0 = REWARDS[:3]
     m0, s0 = sum(g0) / 3, stdev(g0)
     expected = [(r - m0) / (s0 + 1e-6) for r in g0] + [0.0, 0.0, 0.0]  # identical group and one-sample group: 0
@@ -71,15 +71,16 @@ def test_grpo_hand_values_identical_group_and_single_sample():
 
 
 def test_dr_grpo_and_grpo_without_std():
-    adv, _ = rl.dr_grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX)
+    adv, _ = rl.dr_grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX, single_sample_groups="zero")
     expected = [0.5, -0.5, 0.0, 0.0, 0.0, 0.0]
     assert approx(adv, broadcast(expected))
-    adv2, _ = rl.grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX, norm_by_std=False)
+    adv2, _ = rl.grpo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX, norm_by_std=False,
+                                single_sample_groups="zero")
     assert torch.equal(adv, adv2)
 
 
 def test_rloo_hand_values():
-    adv, _ = rl.rloo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX)
+    adv, _ = rl.rloo_advantage(rewards=t(REWARDS), mask=t(MASK), index=INDEX, single_sample_groups="zero")
     expected = [1.0 - (0.0 + 0.5) / 2, 0.0 - (1.0 + 0.5) / 2, 0.5 - (1.0 + 0.0) / 2, 0.0, 0.0, 0.0]
     assert approx(adv, broadcast(expected))
 
@@ -119,6 +120,7 @@ def test_reinforce_pp_baseline_subtracts_group_mean_first():
     rt = [[-beta * 0.2, -beta * 0.1 + centred[0]], [-beta * 0.3 + centred[1], 0.0], [0.0, beta * 0.4 + centred[2]]]
     ret = [[rt[0][0] + rt[0][1], rt[0][1]], [rt[1][0], 0.0], [rt[2][0] + rt[2][1], rt[2][1]]]
     adv, returns = rl.reinforce_pp_baseline_advantage(rewards=t(rewards), mask=t(mask), index=index,
+                                                      baseline_mode="openrlhf",
                                                       kl=t(k1), beta=beta)
     assert approx(returns, ret)
     assert approx(adv, whiten_ref(ret, mask), 1e-10)
@@ -249,9 +251,12 @@ def test_loss_aggregation_modes():
     assert approx(rl.aggregate(t(loss), t(mask), "token-mean").item(), (1 + 2 + 4) / 3)
     assert approx(rl.aggregate(t(loss), t(mask), "token-mean", num_tokens=10).item(), 7 / 10)
     assert approx(rl.aggregate(t(loss), t(mask), "seq-mean-token-mean").item(), ((1 + 2) / 2 + 4 / 1) / 2)
-    assert approx(rl.aggregate(t(loss), t(mask), "seq-mean-token-sum-norm").item(), ((1 + 2) / 3 + 4 / 3) / 2)
+    # verl's form: the token sums of every sequence, summed, over norm_len (not over the number of sequences)
+    assert approx(rl.aggregate(t(loss), t(mask), "seq-mean-token-sum-norm").item(), (1 + 2) / 3 + 4 / 3)
     assert approx(rl.aggregate(t(loss), t(mask), "seq-mean-token-sum-norm", norm_len=8, num_seqs=4).item(),
-                  ((1 + 2) / 8 + 4 / 8) / 4)
+                  (1 + 2) / 8 + 4 / 8)
+    assert approx(rl.aggregate(t(loss), t(mask), "seq-mean-token-sum-norm", norm_len=8, num_seqs=4,
+                               sum_norm_by_seqs=True).item(), ((1 + 2) / 8 + 4 / 8) / 4)
     with pytest.raises(ConfigError):
         rl.aggregate(t(loss), t(mask), "mean")
 

@@ -99,7 +99,49 @@ def test_aggregation_modes_by_hand():
     assert rl.aggregate(loss, mask, "token-mean").item() == pytest.approx(15 / 5)
     assert rl.aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4.5) / 2)
     assert rl.aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 9) / 2)
-    assert rl.aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=4).item() == pytest.approx((6 / 4 + 9 / 4) / 2)
+    assert rl.aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=4).item() == pytest.approx(6 / 4 + 9 / 4)
+    assert rl.aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=4, sum_norm_by_seqs=True).item() == \
+        pytest.approx((6 / 4 + 9 / 4) / 2)
+
+
+def verl_rpp_baseline64(r, mask, kl, beta, index):
+    """verl's REINFORCE++-baseline, recomputed in float64: score = r - beta * sum kl, minus the group mean score
+    (0 for a one-sample group), broadcast and whitened."""
+    score = r - beta * (kl * mask).sum(-1)
+    out = score.copy()
+    for g in set(index):
+        members = [i for i, x in enumerate(index) if x == g]
+        if len(members) > 1:
+            out[members] = score[members] - score[members].mean()
+    return whiten64(out[:, None] * mask, mask)
+
+
+def test_reinforce_pp_baseline_follows_verl_by_default():
+    g = torch.Generator().manual_seed(3)
+    B, T = 10, 6
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0
+    kl = torch.randn(B, T, generator=g) * 0.1
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.5, 0.2, 0.9, 0.3, 1.0])
+    index = [0, 0, 0, 1, 1, 1, 2, 2, 3, 4]  # groups 3 and 4 have one sample each
+    adv, _ = rl.reinforce_pp_baseline_advantage(rewards=r, mask=mask, index=index, kl=kl, beta=0.05)
+    ref = verl_rpp_baseline64(r.double().numpy(), mask.double().numpy(), kl.double().numpy(), 0.05, index)
+    assert np.abs(adv.double().numpy() - ref).max() < 1e-5
+    old, _ = rl.reinforce_pp_baseline_advantage(rewards=r, mask=mask, index=index, kl=kl, beta=0.05,
+                                                baseline_mode="openrlhf")
+    assert not torch.allclose(old, adv)
+
+
+def test_one_sample_groups_keep_their_reward_as_verl():
+    r = torch.tensor([0.8, 1.0, 0.0])
+    mask = torch.ones(3, 2)
+    index = [0, 1, 1]
+    a, _ = rl.grpo_advantage(rewards=r, mask=mask, index=index)
+    assert a[0, 0].item() == pytest.approx(0.8 / (1 + 1e-6))
+    assert rl.dr_grpo_advantage(rewards=r, mask=mask, index=index)[0][0, 0].item() == pytest.approx(0.8)
+    assert rl.rloo_advantage(rewards=r, mask=mask, index=index)[0][0, 0].item() == pytest.approx(0.8)
+    for est in (rl.grpo_advantage, rl.dr_grpo_advantage, rl.rloo_advantage):
+        assert est(rewards=r, mask=mask, index=index, single_sample_groups="zero")[0][0, 0].item() == 0.0
 
 
 def test_entropy_bonus_changes_the_update(tmp_path):

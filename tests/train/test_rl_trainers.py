@@ -22,7 +22,8 @@ from rlm.core.train.rl import RLTrainer
 FAST = ["--no-progress", "--set", "num_threads=1", "--steps", "1", "--set", "prompts_per_step=2",
         "--set", "group_size=4", "--set", "max_new_tokens=6", "--set", "micro_batch_size=8"]
 # what the loop passes every estimator
-ESTIMATOR_INPUTS = {"rewards", "mask", "index", "kl", "beta", "gamma", "lam", "values", "eps", "whiten_stats"}
+ESTIMATOR_INPUTS = {"rewards", "mask", "index", "kl", "beta", "gamma", "lam", "values", "eps", "whiten_stats",
+                    "single_sample_groups", "baseline_mode"}
 RECORD: dict[str, list] = {}
 
 
