@@ -3,21 +3,42 @@
 :func:`run_python` runs one program in its own process and returns its exit status and (bounded) output.
 Layers, strongest first; :func:`isolation` reports which ones this machine allows:
 
-``namespaces`` (root with ``unshare`` and ``setpriv``, e.g. a container or VM where rlm runs as root)
-    ``unshare --net --pid --mount --mount-proc``: a new network namespace with no interfaces (every connection
-    fails with "network is unreachable"), a new PID namespace (the program is PID 1 of its own process tree:
-    host processes are invisible, and when it dies or is killed every process it started dies with it), a
-    private mount namespace in which ``/`` is remounted read-only except the program's own working
-    directory and ``/sys`` is unmounted; then ``setpriv`` drops every capability (bounding set included) and
-    sets no-new-privs, so the program cannot undo the read-only mounts.
-``pids cgroup`` (a writable cgroup v1 ``pids`` hierarchy, or cgroup v2 with the pids controller)
-    a fresh cgroup with ``pids.max`` caps the number of processes — this is what contains a fork bomb when
-    rlm runs as root, where ``RLIMIT_NPROC`` does not apply.
+``namespaces`` (root with ``unshare`` and ``setpriv``, e.g. a container or VM where rlm runs as root; probed by
+    building a sealed root once) ``unshare --net --pid --mount --propagation private`` starts
+    :mod:`rlm.core.eval.sandbox_init` as PID 1 of new network, PID and mount namespaces; the host's mounts are
+    never changed. The init builds a *sealed root* on a small tmpfs: read-only bind mounts of ``/usr`` (and
+    ``/bin``, ``/lib*`` when they are directories, not links), of the Python installation(s) the interpreter
+    needs (``sys.base_prefix`` and the venv's ``sys.prefix``, at their own paths) and of a few ``/etc`` files
+    (dynamic loader cache, time zone, passwd/group) — nothing else of the host: no home directory, no
+    ``$RLM_CACHE``, no repository, no ``/tmp``, no other run, no ``/sys``. ``/dev`` is a read-only tmpfs holding
+    only ``null zero full random urandom tty`` (bound from the host) and a private ``/dev/shm`` tmpfs of
+    ``shm_mb``; ``/proc`` belongs to the new PID namespace, with ``/proc/sys``, ``sysrq-trigger``, ``irq``,
+    ``bus`` and ``fs`` read-only (so e.g. ``vm.swappiness`` cannot be changed). The working directory
+    (``/sandbox``, also ``HOME``/``TMPDIR``; ``/tmp`` links to it) is a tmpfs of ``disk_mb``: the disk quota for
+    everything the program writes. The program runs as the init's *child* in a further mount namespace
+    pivoted into that root (the host's root is detached, not just hidden), with every capability dropped and
+    no-new-privs set (``setpriv``) and, on x86_64, a seccomp filter that refuses namespace creation (``unshare``,
+    ``setns``, ``clone`` with namespace flags), mounts, ``ptrace``, BPF, kernel keyrings, ``io_uring``,
+    ``userfaultfd``, ``perf_event_open`` and module/kexec/swap calls (see ``DENIED_X86_64`` there). Because the program is not PID 1, ``RLIMIT_CPU``'s SIGXCPU works as usual;
+    the init enforces ``wall_seconds`` itself and, when the program ends or the time is up, kills every process
+    of the namespace (double-forked daemons included), copies the ``collect`` files out (regular files only, no
+    symlink followed) and exits, which frees every tmpfs. The parent kills the init from outside as a backstop
+    (SIGKILL from an ancestor namespace always reaches a namespace's init). On other architectures there
+    is no seccomp filter: the program may then create a user namespace of its own, in which it still sees
+    only the sealed root (its mounts locked read-only) and no host process, but reaches more kernel code.
+``pids cgroup`` / ``memory cgroup`` (cgroup v1 ``pids``/``memory`` hierarchies or cgroup v2 with those
+    controllers, writable: see :mod:`rlm.core.eval.sandbox_root`)
+    a fresh cgroup per run with ``pids.max`` (``max_processes`` + 2, for ``unshare`` and the init) caps the
+    number of processes — this is what contains a fork bomb when rlm runs as root, where ``RLIMIT_NPROC`` does
+    not apply — and ``memory.max`` (v2) / ``memory.limit_in_bytes`` (v1, swap included where accounted) caps
+    the memory of the whole process tree at ``memory_mb``, tmpfs pages the program wrote (working directory,
+    ``/dev/shm``) included. The cgroups are removed after the run.
 ``rlimits`` (always)
-    ``resource.setrlimit``: CPU seconds, address space, file size, open files, no core dumps; for non-root
+    ``resource.setrlimit``: CPU seconds, address space (per process), file size (files the program writes;
+    stdout and stderr are pipes, so a large output never hits it), open files, no core dumps; for non-root
     users also ``RLIMIT_NPROC`` (counted per user, so set to the user's current process count + the limit).
 ``process group`` (always)
-    the program starts a new session; on timeout the whole process group is killed (and the cgroup's
+    the program starts a new session; on timeout the whole process group is killed (and the cgroups'
     processes, and the PID namespace's init).
 ``guard`` (always; a Python audit hook installed before the program runs)
     blocks socket creation for every family but AF_UNIX. Where the namespace layer is missing it also blocks
@@ -25,10 +46,20 @@ Layers, strongest first; :func:`isolation` reports which ones this machine allow
     ``ctypes``, and, when no process-count limit is effective, ``fork``. An audit hook is a Python-level
     barrier (native code can bypass it), so it is a fallback, not a security boundary.
 
-Always: a new temporary working directory (removed afterwards), a minimal environment (``PATH``, ``HOME``,
+Fallbacks, each weaker: without the namespace layer (not root, no ``unshare``/``setpriv``, a kernel without
+mount/PID namespaces or ``isolation="rlimits"``) the program runs in a host directory under ``/tmp`` and can
+*read* whatever the user can (home, ``$RLM_CACHE``, the repository); writes outside that directory, ``/dev/shm``
+included, are refused only by the guard, disk use is bounded per file (``file_size_mb``) only, and a process
+that leaves the process group (``setsid``) outlives the run unless a pids cgroup kills it. Without a memory
+cgroup, memory is bounded per process (``RLIMIT_AS``), so a tree of N processes may use N × ``memory_mb``.
+Without a pids cgroup, root cannot fork at all (the guard) and other users are bounded by ``RLIMIT_NPROC``.
+``isolation="rlimits"`` skips namespaces and cgroups.
+
+Always: a new temporary work directory (removed afterwards), a minimal environment (``PATH``, ``HOME``,
 ``LANG``, ``TMPDIR``; nothing inherited from the parent, so no secrets), ``python -I`` (ignores ``PYTHON*``
-variables and the user site), stdin from ``/dev/null`` unless given, stdout/stderr written to files whose
-size the file-size limit bounds and read back up to ``max_output_bytes``.
+variables and the user site), stdin from ``/dev/null`` unless given, stdout/stderr read through pipes by
+threads that keep the first ``max_output_bytes`` of each and discard the rest (``SandboxResult.output_truncated``)
+without slowing or failing the program; the result channel (file descriptor 3) works the same way.
 
 Used by the ``code`` task plugin's judge (:mod:`rlm.plugins.tasks.code.judge`), its only user today. It stays
 in core, not in that task's package, because running model-written code safely is infrastructure that every
@@ -39,33 +70,48 @@ isolation must be hardened in one place rather than copied into each plugin.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from rlm.core.contracts import PluginConfig
+from rlm.core.eval import sandbox_root as sr
 
-CGROUP_ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")
+#: the file descriptor of the result channel inside the program (``run_python(channel_bytes=N)``)
+CHANNEL_FD = 3
 
 
 class SandboxConfig(PluginConfig):
     """Limits for one sandboxed program."""
 
+    #: CPU seconds per process (``RLIMIT_CPU``: SIGXCPU)
     cpu_seconds: int = 10
+    #: wall-clock limit of the whole run; every process of the program is killed when it runs out
     wall_seconds: float = 20.0
+    #: memory of the whole process tree with a memory cgroup (tmpfs files included), and of each process
+    #: (``RLIMIT_AS``) always
     memory_mb: int = 2048
+    #: processes (and threads) at once, with a pids cgroup; ``RLIMIT_NPROC`` for non-root users otherwise
     max_processes: int = 32
+    #: largest file the program may write (``RLIMIT_FSIZE``; stdout and stderr are pipes, not bound by it)
     file_size_mb: int = 16
     max_open_files: int = 64
+    #: bytes of stdout and of stderr kept (the rest is read and discarded; ``SandboxResult.output_truncated``)
     max_output_bytes: int = 1_000_000
+    #: size of the working directory (a tmpfs, counted in ``memory_mb``) under the namespace layer
+    disk_mb: int = 1024
+    #: size of the private ``/dev/shm`` (a tmpfs, counted in ``memory_mb``) under the namespace layer
+    shm_mb: int = 16
     #: ``auto`` uses every layer the machine allows; ``rlimits`` skips namespaces and cgroups
     isolation: Literal["auto", "rlimits"] = "auto"
 
@@ -79,6 +125,12 @@ class SandboxResult:
     wall_seconds: float
     layers: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # the ``collect`` files the program left behind
+    #: what the program wrote to the result channel (file descriptor ``CHANNEL_FD``), at most ``channel_bytes``
+    channel: bytes = b""
+    #: whether the program wrote more than ``channel_bytes`` to the channel (the rest was discarded)
+    channel_overflow: bool = False
+    #: whether stdout or stderr was longer than ``max_output_bytes`` (the rest was read and discarded)
+    output_truncated: bool = False
 
     @property
     def ok(self) -> bool:
@@ -134,6 +186,11 @@ def _hook(event, args):
         elif event in _EXEC_EVENTS:
             raise PermissionError(f"{{event}} is disabled in the rlm sandbox")
 
+_chan = _os.environ.pop("RLM_SANDBOX_CHANNEL", None)
+if _chan is not None and int(_chan) != {channel_fd}:
+    _os.dup2(int(_chan), {channel_fd})
+    _os.close(int(_chan))
+del _chan
 _sys.addaudithook(_hook)
 _sys.argv = ["main.py"]
 import runpy as _runpy
@@ -143,45 +200,34 @@ _runpy.run_path("main.py", run_name="__main__")
 
 def _run_quiet(cmd: list[str], timeout: float = 10.0) -> bool:
     try:
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=timeout, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}).returncode == 0
+        return subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def isolation() -> dict[str, bool]:
-    """Which layers this machine allows (probed once per process)."""
-    tools = all(shutil.which(t) for t in ("unshare", "setpriv", "mount", "umount"))
+    """Which layers this machine allows (probed once per process: the namespace layer by building a sealed
+    root and running ``python -c pass`` in it)."""
     ns = False
-    if tools and hasattr(os, "geteuid") and os.geteuid() == 0:
-        ns = _run_quiet(["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation",
-                         "private", "--mount-proc", "sh", "-c",
-                         "mount -o remount,bind,ro / && umount -l /sys; exec setpriv --no-new-privs "
-                         "--bounding-set=-all --inh-caps=-all -- true"])
-    cg = _cgroup_root() is not None
-    return {"namespaces": ns, "pids_cgroup": cg, "rlimits": True, "process_group": True, "guard": True}
-
-
-@functools.lru_cache(maxsize=None)
-def _cgroup_root() -> str | None:
-    if not hasattr(os, "geteuid"):
-        return None
-    for root in CGROUP_ROOTS:
-        probe = Path(root) / f"rlm-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    if shutil.which("unshare") and shutil.which("setpriv") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        work = Path(tempfile.mkdtemp(prefix="rlm-sbx-probe-"))
         try:
-            probe.mkdir()
+            for d in ("root", "wd", "out"):
+                (work / d).mkdir()
+            spec = sr.root_spec(work, wall_seconds=10.0, disk_mb=1, shm_mb=1, collect=(), collect_limit=0,
+                                cmd=[sys.executable, "-I", "-c", "pass"], channel_fd=None)
+            (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+            ns = _run_quiet(sr.namespaced(work / "spec.json"), timeout=20.0) and \
+                (work / "status").read_text(encoding="utf-8") == "exit 0"
         except OSError:
-            continue
-        try:
-            if (probe / "pids.max").exists() and (probe / "cgroup.procs").exists():
-                return root
+            ns = False
         finally:
-            try:
-                probe.rmdir()
-            except OSError:
-                pass
-    return None
+            shutil.rmtree(work, ignore_errors=True)
+    return {"namespaces": ns, "pids_cgroup": sr.cgroup_parent("pids") is not None,
+            "memory_cgroup": sr.cgroup_parent("memory") is not None, "rlimits": True, "process_group": True,
+            "guard": True}
 
 
 def _count_user_processes(uid: int) -> int:
@@ -196,37 +242,6 @@ def _count_user_processes(uid: int) -> int:
     return n
 
 
-def _kill_cgroup(cg: Path) -> None:
-    for _ in range(50):
-        try:
-            pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
-        except OSError:
-            return
-        if not pids:
-            break
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.02)
-    for _ in range(50):
-        try:
-            cg.rmdir()
-            return
-        except OSError:
-            time.sleep(0.02)
-
-
-def _read(path: Path, limit: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit)
-    except OSError:
-        return ""
-    return data.decode("utf-8", errors="replace")
-
-
 def _write_program(wd: Path, code: str, files: dict[str, str | bytes] | None, *, strict: bool,
                    nofork: bool) -> None:
     """``main.py``, the given ``files`` and the guard that starts the program, in the working directory."""
@@ -236,24 +251,8 @@ def _write_program(wd: Path, code: str, files: dict[str, str | bytes] | None, *,
             (wd / name).write_bytes(content)
         else:
             (wd / name).write_text(content, encoding="utf-8")
-    (wd / "_rlm_guard.py").write_text(GUARD.format(strict=strict, nofork=nofork), encoding="utf-8")
-
-
-def _namespaced(wd: Path, py: list[str]) -> list[str]:
-    """``py`` inside new network, PID and mount namespaces: ``/`` read-only but the working directory, no
-    ``/sys``, every capability dropped and no-new-privs set."""
-    inner = ("mount --bind \"$1\" \"$1\" && mount -o remount,bind,ro / && umount -l /sys && "
-             "cd \"$1\" && shift && exec setpriv --no-new-privs --bounding-set=-all --inh-caps=-all -- \"$@\"")
-    return ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--propagation", "private",
-            "--mount-proc", "/bin/sh", "-c", inner, "sh", str(wd), *py]
-
-
-def _in_cgroup(cg: Path, max_processes: int, cmd: list[str]) -> list[str]:
-    """Create the pids cgroup ``cg`` and return ``cmd`` started inside it."""
-    cg.mkdir()
-    (cg / "pids.max").write_text(str(max_processes))
-    # the shell joins the cgroup before it execs the program, so every descendant is counted
-    return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cg / "cgroup.procs"), *cmd]
+    (wd / "_rlm_guard.py").write_text(GUARD.format(strict=strict, nofork=nofork, channel_fd=CHANNEL_FD),
+                                      encoding="utf-8")
 
 
 def _rlimits(cfg: SandboxConfig, nproc: int | None) -> Callable[[], None]:
@@ -262,8 +261,6 @@ def _rlimits(cfg: SandboxConfig, nproc: int | None) -> Callable[[], None]:
     fsize = cfg.file_size_mb * 1024 * 1024
 
     def limit() -> None:  # runs in the child between fork and exec: only async-signal-safe-ish calls
-        import resource
-
         resource.setrlimit(resource.RLIMIT_CPU, (cfg.cpu_seconds, cfg.cpu_seconds + 1))
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
@@ -275,10 +272,20 @@ def _rlimits(cfg: SandboxConfig, nproc: int | None) -> Callable[[], None]:
     return limit
 
 
+def _init_pid(pid: int) -> int | None:
+    """The namespace's init: the only child of ``unshare`` (whose pid is ``pid``), or None."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(kids[0]) if kids else None
+
+
 def _wait_and_kill(proc: subprocess.Popen, stdin: str | None, wall_seconds: float,
-                   cg: Path | None) -> bool:
-    """Feed ``stdin``, wait up to ``wall_seconds``, then kill the process group (and the cgroup's processes);
-    returns whether the program timed out."""
+                   cgroups: list[Path]) -> bool:
+    """Feed ``stdin``, wait up to ``wall_seconds``, then SIGKILL the process group, the namespace's init (from
+    outside its PID namespace, where that always works) and every process of the cgroups, and remove these;
+    returns whether the wait ran out."""
     timed_out = False
     try:
         if stdin is not None:
@@ -291,12 +298,15 @@ def _wait_and_kill(proc: subprocess.Popen, stdin: str | None, wall_seconds: floa
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        if cg is not None:
-            _kill_cgroup(cg)
+        init = _init_pid(proc.pid) if proc.returncode is None else None
+        for kill, target in ((os.killpg, proc.pid), (os.kill, init)):
+            try:
+                if target is not None:
+                    kill(target, signal.SIGKILL)
+            except OSError:
+                pass
+        for cg in cgroups:
+            sr.kill_cgroup(cg)
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -308,6 +318,8 @@ def _collect(wd: Path, names: tuple[str, ...], limit: int) -> dict[str, bytes]:
     """Up to ``limit`` bytes of each named plain file the program left in its working directory."""
     got: dict[str, bytes] = {}
     for name in names:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            continue
         p = wd / name
         try:
             if p.is_file() and not p.is_symlink():
@@ -318,52 +330,148 @@ def _collect(wd: Path, names: tuple[str, ...], limit: int) -> dict[str, bytes]:
     return got
 
 
+class _Channel:
+    """The result channel: a pipe whose write end is the program's file descriptor ``CHANNEL_FD``, drained by
+    a thread into at most ``limit`` bytes (the rest is read and discarded, so the program never blocks)."""
+
+    def __init__(self, limit: int) -> None:
+        import threading
+
+        self.limit = limit
+        self.read_fd, self.write_fd = os.pipe()
+        self.data = bytearray()
+        self.overflow = False
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            room = self.limit - len(self.data)
+            if len(chunk) > room:
+                self.overflow = True
+            self.data += chunk[:max(room, 0)]
+
+    def close_writer(self) -> None:
+        try:
+            os.close(self.write_fd)
+        except OSError:
+            pass
+
+    def finish(self) -> tuple[bytes, bool]:
+        """Wait for the drain (every writer is gone once the program's process tree is killed)."""
+        self._thread.join(timeout=5)
+        try:
+            os.close(self.read_fd)
+        except OSError:
+            pass
+        return bytes(self.data), self.overflow
+
+
+def _prepare(cfg: SandboxConfig, work: Path, use_ns: bool, collect: tuple[str, ...],
+             chan: _Channel | None) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start the guard (inside the sealed root under ``use_ns``)."""
+    cmd = [sys.executable, "-I", "-B", "_rlm_guard.py"]
+    home = str(work / "wd")
+    if use_ns:
+        home = sr.INNER_WORKDIR
+        for d in ("root", "out"):
+            (work / d).mkdir()
+        spec = sr.root_spec(work, wall_seconds=cfg.wall_seconds, disk_mb=cfg.disk_mb, shm_mb=cfg.shm_mb,
+                            collect=collect, collect_limit=cfg.file_size_mb * 1024 * 1024, cmd=cmd,
+                            channel_fd=chan.write_fd if chan is not None else None)
+        (work / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+        cmd = sr.namespaced(work / "spec.json")
+    env = {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+           "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    if chan is not None:  # the guard moves the inherited write end to CHANNEL_FD before the program runs
+        env["RLM_SANDBOX_CHANNEL"] = str(chan.write_fd)
+    return cmd, env
+
+
+def _outcome(work: Path, use_ns: bool, waited_out: bool, returncode: int | None) -> tuple[int | None, bool]:
+    """(returncode, timed_out) from the init's status file (namespace layer) or the process itself."""
+    try:
+        status = (work / "status").read_text(encoding="utf-8").split() if use_ns else []
+    except OSError:
+        status = []
+    if waited_out or status == ["timeout"]:
+        return None, True
+    if len(status) == 2 and status[1].lstrip("-").isdigit():
+        return (int(status[1]) if status[0] == "exit" else -int(status[1])), False
+    return returncode, False
+
+
 def run_python(code: str, *, stdin: str | None = None, config: SandboxConfig | None = None,
-               files: dict[str, str | bytes] | None = None, collect: tuple[str, ...] = ()) -> SandboxResult:
+               files: dict[str, str | bytes] | None = None, collect: tuple[str, ...] = (),
+               channel_bytes: int = 0) -> SandboxResult:
     """Run ``code`` as ``main.py`` in a fresh sandbox; never raises for anything the program does.
 
     ``files`` are written into the working directory first; ``collect`` names files whose content (at most
-    ``file_size_mb``, plain files only) is returned in ``SandboxResult.files`` after the run."""
+    ``file_size_mb``, plain files only) is returned in ``SandboxResult.files`` after the run. With
+    ``channel_bytes`` > 0 the program also gets a result channel, file descriptor ``CHANNEL_FD`` (3), whose
+    first ``channel_bytes`` bytes come back in ``SandboxResult.channel`` — separate from stdout and stderr, so
+    output of any size neither hides nor fills it. What arrives there is data from an untrusted program:
+    parse it as such."""
     cfg = config or SandboxConfig()
-    iso = isolation() if cfg.isolation == "auto" else {"namespaces": False, "pids_cgroup": False}
-    use_ns = iso["namespaces"]
-    cg_root = _cgroup_root() if (cfg.isolation == "auto" and iso["pids_cgroup"]) else None
+    auto = cfg.isolation == "auto"
+    iso = isolation() if auto else {}
+    use_ns = bool(iso.get("namespaces"))
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
-    layers = ["rlimits", "process_group", "guard"]
     work = Path(tempfile.mkdtemp(prefix="rlm-sbx-"))
-    wd = work / "wd"
-    wd.mkdir()
-    cg: Path | None = None
+    (work / "wd").mkdir()
+    cgroups: list[Path] = []
+    pipes: list[_Channel] = []
     start = time.monotonic()
     try:
-        _write_program(wd, code, files, strict=not use_ns, nofork=cg_root is None and is_root)
-        cmd = [sys.executable, "-I", "-B", "_rlm_guard.py"]
-        if use_ns:
-            layers.insert(0, "namespaces")
-            cmd = _namespaced(wd, cmd)
-        if cg_root is not None:
-            cg = Path(cg_root) / f"rlm-sbx-{os.getpid()}-{uuid.uuid4().hex[:10]}"
-            cmd = _in_cgroup(cg, cfg.max_processes, cmd)
-            layers.insert(1 if use_ns else 0, "pids_cgroup")
-        nproc = None if is_root else _count_user_processes(os.getuid()) + cfg.max_processes
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(wd), "TMPDIR": str(wd), "LANG": "C.UTF-8",
-               "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        out_path, err_path = work / "stdout", work / "stderr"
-        with open(out_path, "wb") as out_f, open(err_path, "wb") as err_f:
+        if auto:
             try:
-                proc = subprocess.Popen(cmd, cwd=wd, env=env, stdin=subprocess.PIPE if stdin is not None else
-                                        subprocess.DEVNULL, stdout=out_f, stderr=err_f,
-                                        preexec_fn=_rlimits(cfg, nproc), start_new_session=True, close_fds=True)
-            except OSError as exc:
-                return SandboxResult(None, "", f"sandbox could not start the program: {exc}", False,
-                                     time.monotonic() - start, layers)
-            timed_out = _wait_and_kill(proc, stdin, cfg.wall_seconds, cg)
-            cg = None
-        got = _collect(wd, collect, cfg.file_size_mb * 1024 * 1024)
-        return SandboxResult(None if timed_out else proc.returncode, _read(out_path, cfg.max_output_bytes),
-                             _read(err_path, cfg.max_output_bytes), timed_out, time.monotonic() - start, layers,
-                             got)
+                cgroups = sr.make_cgroups(cfg.max_processes + 2 if iso["pids_cgroup"] else None,
+                                          cfg.memory_mb * 1024 * 1024 if iso["memory_cgroup"] else None)
+            except OSError:
+                cgroups = []
+        limits = {f.name for c in cgroups for f in c.iterdir() if f.name in ("pids.max", "memory.max",
+                                                                           "memory.limit_in_bytes")}
+        layers = (["namespaces"] if use_ns else []) + (["pids_cgroup"] if "pids.max" in limits else []) + \
+            (["memory_cgroup"] if limits - {"pids.max"} else []) + ["rlimits", "process_group", "guard"]
+        _write_program(work / "wd", code, files, strict=not use_ns, nofork="pids.max" not in limits and is_root)
+        chan = _Channel(channel_bytes) if channel_bytes > 0 else None
+        out, err = _Channel(cfg.max_output_bytes), _Channel(cfg.max_output_bytes)
+        pipes = [p for p in (chan, out, err) if p is not None]
+        cmd, env = _prepare(cfg, work, use_ns, collect, chan)
+        nproc = None if is_root else _count_user_processes(os.getuid()) + cfg.max_processes
+        limit = _rlimits(cfg, nproc)  # only setrlimit calls: safe between fork and exec with threads running
+        try:
+            proc = subprocess.Popen(sr.join_cgroups(cgroups, cmd), cwd=work / "wd", env=env,
+                                    stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                    stdout=out.write_fd, stderr=err.write_fd,
+                                    preexec_fn=limit,  # noqa: PLW1509
+                                    start_new_session=True, close_fds=True,
+                                    pass_fds=(chan.write_fd,) if chan is not None else ())
+        except OSError as exc:
+            return SandboxResult(None, "", f"sandbox could not start the program: {exc}", False,
+                                 time.monotonic() - start, layers)
+        finally:
+            for p in pipes:
+                p.close_writer()  # the program holds the only write ends now
+        waited_out = _wait_and_kill(proc, stdin, cfg.wall_seconds + (1.0 if use_ns else 0.0), cgroups)
+        cgroups = []
+        returncode, timed_out = _outcome(work, use_ns, waited_out, proc.returncode)
+        (o, o_over), (e, e_over) = out.finish(), err.finish()
+        channel, overflow = chan.finish() if chan is not None else (b"", False)
+        pipes = []
+        got = _collect(work / ("out" if use_ns else "wd"), collect, cfg.file_size_mb * 1024 * 1024)
+        return SandboxResult(returncode, o.decode("utf-8", errors="replace"), e.decode("utf-8", errors="replace"),
+                             timed_out, time.monotonic() - start, layers, got, channel, overflow, o_over or e_over)
     finally:
-        if cg is not None:
-            _kill_cgroup(cg)
+        for cg in cgroups:
+            sr.kill_cgroup(cg)
+        for p in pipes:
+            p.close_writer()
+            p.finish()
         shutil.rmtree(work, ignore_errors=True)
