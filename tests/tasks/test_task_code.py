@@ -72,7 +72,7 @@ def test_humaneval_plus_canonical_pass_base_and_plus():
 
 @pytest.mark.slow
 def test_mbpp_plus_canonical_pass_base_and_plus():
-    task, ex, scores, dt = _canonical("mbpp_plus", "MbppPlus.jsonl.gz")
+    _, ex, scores, dt = _canonical("mbpp_plus", "MbppPlus.jsonl.gz")
     assert len(ex) == 378
     failed = {e.id for e, s in zip(ex, scores) if s != {"pass_base": 1.0, "pass_plus": 1.0}}
     assert failed <= MBPP_PLUS_EXCEPTIONS, failed
@@ -139,7 +139,7 @@ def test_hostile_completions_score_zero(tmp_path):
     victim.mkdir()
     (victim / "keep.txt").write_text("x")
     task = CodeTask(min_time_limit=0.5, program_timeout=3.0,
-                    sandbox=dict(cpu_seconds=3, wall_seconds=6, memory_mb=1024, max_processes=16))
+                    sandbox={"cpu_seconds": 3, "wall_seconds": 6, "memory_mb": 1024, "max_processes": 16})
     ex = task.examples("gen", limit=len(HOSTILE), seed=5)
     comps = [code.format(f=e.answer["entry_point"], victim=victim) for e, code in zip(ex, HOSTILE.values())]
     t0 = time.perf_counter()
@@ -174,7 +174,7 @@ def test_reference_outputs_are_cached(tmp_path, monkeypatch):
     ex.answer = dict(ex.answer, dataset="humaneval", entry_point="f", canonical="def f(x):\n    return [x] * 3\n",
                      base_input=[[1], [2]], plus_input=[[3]])
     assert task.score(ex, "def f(x):\n    return [x, x, x]\n") == {"pass_base": 1.0, "pass_plus": 1.0}
-    files = list((tmp_path / "cache" / "code_reference").glob("*.pkl"))
+    files = list((tmp_path / "cache" / "code_reference").glob("*.jsonl"))
     assert len(files) == 1
     fresh = CodeTask()  # a new process-level cache: the disk copy is used, the results are the same
     assert fresh.reference_outputs(ex) == files[0].read_bytes()

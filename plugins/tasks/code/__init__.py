@@ -35,10 +35,11 @@ class CodeConfig(PluginConfig):
     program_timeout: float = 10.0      # test-script programs (HumanEval, asserts): wall seconds in the harness
     min_time_limit: float = 1.0        # evalplus-style inputs: per-input limit max(min, factor x reference time)
     time_limit_factor: float = 4.0
-    # file_size_mb bounds the pickled reference outputs too (HumanEval/15's are about 20 MB)
+    # file_size_mb bounds what a program may print (stdout/stderr are files; the judge reads neither)
     sandbox: SandboxConfig = SandboxConfig(cpu_seconds=60, wall_seconds=120.0, memory_mb=4096, file_size_mb=512)
-    memory_cache_mb: float = 4.0       # reference outputs up to this size are also kept in memory
-    digest_mb: float = 8.0             # a larger expected output is stored as a digest of its repr
+    memory_cache_mb: float = 4.0       # reference runs whose channel text is up to this size stay in memory
+    digest_mb: float = 8.0             # an output whose encoding is larger is sent as a digest of the encoding
+    channel_mb: float = 512.0          # result-channel bytes read back from one run (more: the run fails)
 
 
 class CodeTask(Task):
@@ -77,7 +78,8 @@ class CodeTask(Task):
         return out[:limit] if limit is not None else out
 
     def reference_outputs(self, example: Example) -> bytes | None:
-        """The canonical solution's pickled outputs and per-input time limits, cached (see
+        """The trusted reference run's channel text (JSON records: outputs and time limits, or recorded calls),
+        cached (see
         :meth:`rlm.plugins.tasks.code.judge.CodeJudge.reference_outputs`)."""
         return self.judge.reference_outputs(example)
 

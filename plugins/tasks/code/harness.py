@@ -1,40 +1,62 @@
 """The programs that run inside the sandbox for the ``code`` task's judge (:mod:`rlm.plugins.tasks.code.judge`).
 
-``SCRIPT_PRELUDE`` is shared by the reference and candidate runs: it reads the nonce from stdin and the test
-spec from ``spec.json``, restores MBPP+ argument types from the task's ``assertion`` example, and compares an
-output with the expected one as evalplus does (exact, ``atol``, digests of large outputs, evalplus's special
-oracles). ``REFERENCE_SCRIPT`` runs the trusted canonical solution and pickles its inputs, outputs and
-per-input time limits to ``expected.pkl``; ``CANDIDATE_SCRIPT`` tests a candidate against them;
-``PROGRAM_SCRIPT`` runs a test program (HumanEval's ``check``, assert lines) under a wall-clock limit
-(``__TIMEOUT__`` is replaced with it). Each prints its verdicts as ``NONCE KEY VALUE`` lines.
+Every script reads its job from ``spec.json`` and writes plain data only, one JSON record per line, to the
+sandbox's result channel (file descriptor :data:`rlm.core.eval.sandbox.CHANNEL_FD`); values are encoded
+with :mod:`rlm.plugins.tasks.code.plain`, whose source is pasted into ``PRELUDE``. No script decides whether
+a candidate passes, and no script that runs candidate code is given an expected output:
+
+``REFERENCE_SCRIPT`` (trusted: only the canonical solution runs)
+    runs the canonical solution on the evalplus-style inputs; records ``[suite, i, "ok", value, limit]``
+    (``limit`` the per-input time limit ``max(min_time, factor x reference time)``), or ``[suite, i, "error"]``.
+``CANDIDATE_SCRIPT`` (untrusted; its stdout and stderr go to /dev/null, so printing costs nothing)
+    runs the candidate on the same inputs under the per-input limits; records ``[suite, i, "ok", value]`` or
+    ``[suite, i, "error"]`` and stops at the first error (plus is skipped when base errs).
+``RECORD_SCRIPT`` (trusted)
+    runs a test program (HumanEval's ``check``, assert lines) against the canonical solution with its
+    functions wrapped by a recorder, under a fixed ``random`` seed; records ``["call", name, args, kwargs]`` for each
+    call, then ``["done"]`` when the test passed.
+``CALLS_SCRIPT`` (untrusted)
+    calls the candidate's functions on those recorded arguments (one wall-clock limit for all); records
+    ``["call", i, "ok", value]`` / ``["call", i, "error"]``.
+``REPLAY_SCRIPT`` (trusted: no candidate code, only its plain outputs)
+    reruns the test program with the same seed, the candidate's functions replaced by a replayer that returns
+    the candidate's recorded outputs (and fails when the test asks for arguments that were not recorded);
+    records ``["pass"]`` when every assert holds and the test made exactly the recorded calls.
+
+MBPP+ stores tuples, sets and complex numbers as JSON lists and strings; ``_conform`` restores their types
+from the literal arguments of the task's ``assertion`` example (extracted by the parent, passed as
+``templates``). Timers raise :class:`_Timeout` from a ``SIGALRM`` handler (the program may be PID 1 of its
+PID namespace, where a signal's default action is ignored).
 """
 
-SCRIPT_PRELUDE = r'''
-import ast, copy, hashlib, json, os, pickle, signal, sys, time
-_out = os.dup(1)
-_nonce = sys.stdin.readline().strip()
-_spec = json.load(open("spec.json"))
-_ep = _spec["entry_point"]
+from pathlib import Path
 
-def _say(k, v):
-    os.write(_out, f"{_nonce} {k} {v}\n".encode())
+_PLAIN_SOURCE = (Path(__file__).with_name("plain.py")).read_text(encoding="utf-8")
 
-def _templates():
-    for line in (_spec.get("assertion") or "").splitlines():
-        try:
-            tree = ast.parse(line.strip())
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == _ep:
-                out = []
-                for a in node.args:
-                    try:
-                        out.append(ast.literal_eval(a))
-                    except Exception:
-                        out.append(None)
-                return out
-    return None
+PRELUDE = _PLAIN_SOURCE + r'''
+import copy as _copy, os as _os, signal as _signal, sys as _sys, time as _time
+_spec = _json.load(open("spec.json"))
+_CH = _os.dup(3)  # the channel, at a descriptor the program is unlikely to touch
+_os.close(3)
+
+
+def _emit(*parts):
+    data = ("[" + ",".join(parts) + "]\n").encode("ascii")
+    while data:
+        data = data[_os.write(_CH, data):]
+
+
+class _Timeout(BaseException):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+_signal.signal(_signal.SIGALRM, _alarm)
+_sys.set_int_max_str_digits(0)
+
 
 def _pick(ts, x, i, n, parent):
     want = isinstance(x, (list, dict))
@@ -42,6 +64,7 @@ def _pick(ts, x, i, n, parent):
         if isinstance(t, (tuple, list, set, dict)) == want:
             return t
     return parent if want else None  # deeper nesting than the example shows: same container type
+
 
 def _conform(v, t):
     if t is None:
@@ -63,130 +86,190 @@ def _conform(v, t):
         return {k: _conform(x, tv) for k, x in v.items()}
     return v
 
+
 def _inputs(key):
     rows = _spec.get(key) or []
-    tm = _templates() if _spec.get("dataset") == "mbpp" else None
+    tm = decode(_json.loads(_spec["templates"])) if _spec.get("templates") else None
     if tm:
         rows = [[_conform(a, tm[i] if i < len(tm) else None) for i, a in enumerate(r)] for r in rows]
     return rows
 
-def _is_floats(x):
-    if isinstance(x, float):
-        return True
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(i, float) for i in x)
 
-def _close(o, e, atol):
-    if type(o) != type(e):
-        return False
-    if isinstance(e, (int, float)) and not isinstance(e, bool):
-        return abs(o - e) <= atol + 1e-7 * abs(e)
-    if isinstance(e, (list, tuple)):
-        return len(o) == len(e) and all(_close(a, b, atol) for a, b in zip(o, e))
-    return o == e
+_NOT_NONE = frozenset(_spec.get("not_none") or ())
 
-def _poly(xs, x):
-    return sum(c * x ** i for i, c in enumerate(xs))
 
-_SET_EQ = {"similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
-           "intersection_array", "find_dissimilar", "Diff"}
-_NOT_NONE = {"check_str", "text_match_three", "text_starta_endb"}
+def _quiet():
+    """Send the untrusted program's stdout and stderr to /dev/null: the judge reads neither, and a program that
+    prints more than the sandbox's file-size limit would otherwise be killed (or fail to write) for it."""
+    _sys.stdout.flush()
+    _sys.stderr.flush()
+    _null = _os.open("/dev/null", _os.O_WRONLY)
+    _os.dup2(_null, 1)
+    _os.dup2(_null, 2)
+    _os.close(_null)
 
-def _match(inp, o, e, atol):
-    if type(e) is tuple and len(e) == 2 and e[0] == "__rlm_digest__":
-        return hashlib.sha256(repr(o).encode("utf-8", "backslashreplace")).hexdigest() == e[1]
-    ds = _spec.get("dataset")
-    if ds == "mbpp":
-        if _ep == "are_equivalent":
-            return True
-        if _ep == "sum_div" and o == 0:
-            return True
-        if _ep in _SET_EQ:
-            try:
-                return set(o) == set(e)
-            except TypeError:
-                return False
-        if _ep in _NOT_NONE:
-            ob = o if isinstance(o, bool) else o is not None
-            eb = e if isinstance(e, bool) else e is not None
-            return ob == eb
-    if ds == "humaneval" and _ep == "find_zero":
-        try:
-            return abs(_poly(inp[0], o)) <= (atol or 1e-6)
-        except Exception:
-            return False
+
+_BASES = (bool, int, float, complex, str, bytes, tuple, list, dict, frozenset, set)
+
+
+def _to_plain(v, depth=0):
+    """``v`` with library values that honest programs return converted to their plain equivalent (as ``==``
+    sees them): subclasses of builtins from ``collections`` / ``numpy`` (``defaultdict``, ``Counter``,
+    ``np.float64``, ...) and named tuples to their base type, numpy scalars via ``.item()``. Anything else is
+    left as is, so that encoding rejects it (a class the program defined). Whatever this returns is checked
+    again by the encoder: it only decides which values count as data, never what they compare equal to."""
+    t = type(v)
+    if depth > 200 or t in (bool, int, float, complex, str, bytes, type(None)):
+        return v
+    if t in (list, tuple, set, frozenset):
+        return t(_to_plain(x, depth + 1) for x in v)
+    if t is dict:
+        return {_to_plain(k, depth + 1): _to_plain(x, depth + 1) for k, x in v.items()}
+    mod = str(getattr(t, "__module__", "")).split(".")[0]
+    if isinstance(v, tuple) and hasattr(t, "_fields"):
+        return _to_plain(tuple(v), depth + 1)
+    if mod in ("collections", "numpy"):
+        for b in _BASES:
+            if isinstance(v, b):
+                return _to_plain(b(v), depth + 1)
+        if mod == "numpy" and hasattr(v, "item") and getattr(v, "ndim", None) == 0:
+            return _to_plain(v.item(), depth + 1)
+    return v
+
+
+def _plain_output(v):
+    if _spec.get("entry_point") in _NOT_NONE and type(v) is not bool:
+        v = v is not None  # evalplus: only "returned something" counts (re.Match objects are not data)
     try:
-        if o == e:
-            return True
-    except Exception:
-        return False
-    if atol == 0 and _is_floats(e):
-        atol = 1e-6
-    return atol != 0 and _close(o, e, atol)
+        return encode_bounded(v, _spec["digest_bytes"])
+    except NotPlain:
+        return encode_bounded(_to_plain(v), _spec["digest_bytes"])
 
 '''
 
-# Reference run: only the canonical solution (trusted) runs; its outputs and per-input time limits are pickled
-# for the candidate runs (and cached by the parent, which never unpickles them).
-REFERENCE_SCRIPT = SCRIPT_PRELUDE + r'''
-_ref = {"__name__": "rlm_reference"}
-exec(compile(_spec["canonical"], "reference.py", "exec"), _ref)
-_suites = {}
+REFERENCE_SCRIPT = PRELUDE + r'''
+_ns = {"__name__": "rlm_reference"}
+exec(compile(_spec["canonical"], "reference.py", "exec"), _ns)
+_f = _ns[_spec["entry_point"]]
 for _k in ("base_input", "plus_input"):
-    _rows = _inputs(_k)
-    _exp, _lim = [], []
-    for _r in _rows:
-        _t0 = time.perf_counter()
-        _v = _ref[_ep](*copy.deepcopy(_r))
-        if _spec.get("dataset") == "mbpp" and _ep in _NOT_NONE and not isinstance(_v, bool):
-            _v = _v is not None  # evalplus: only "returned something" counts (re.Match objects do not pickle)
+    for _i, _r in enumerate(_inputs(_k)):
+        _t0 = _time.perf_counter()
         try:
-            _big = len(pickle.dumps(_v, protocol=4)) > _spec.get("digest_bytes", 1 << 23)
-        except Exception:
-            _big = True  # an output that does not pickle
-        if _big:  # keep a digest of its repr instead: compared by repr (stricter than ==, never looser)
-            _v = ("__rlm_digest__", hashlib.sha256(repr(_v).encode("utf-8", "backslashreplace")).hexdigest())
-        _exp.append(_v)
-        _lim.append(max(_spec["min_time"], _spec["factor"] * (time.perf_counter() - _t0)))
-    _suites[_k] = (_rows, _exp, _lim)
-with open("expected.pkl", "wb") as _f:
-    pickle.dump(_suites, _f, protocol=4)
-_say("reference", 1)
-'''
-
-# Candidate run: load the reference's inputs, outputs and limits, then define and test the candidate.
-CANDIDATE_SCRIPT = SCRIPT_PRELUDE + r'''
-with open("expected.pkl", "rb") as _f:
-    _suites = pickle.load(_f)
-_cand = {"__name__": "rlm_solution"}
-exec(compile(open("solution.py", encoding="utf-8").read(), "solution.py", "exec"), _cand)
-_fn = _cand[_ep]
-for _k, _name in (("base_input", "base"), ("plus_input", "plus")):
-    _rows, _exp, _lims = _suites[_k]
-    _ok = 1
-    for _r, _e, _l in zip(_rows, _exp, _lims):
-        try:
-            # per-input limit max(min_time, factor x reference time); SIGALRM's default action ends the program,
-            # so a timeout fails this suite (and the plus suite after it)
-            signal.setitimer(signal.ITIMER_REAL, _l)
-            try:
-                _o = _fn(*copy.deepcopy(_r))
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            if not _match(_r, _o, _e, _spec.get("atol") or 0):
-                _ok = 0
+            _v = _plain_output(_f(*_copy.deepcopy(_r)))
         except BaseException:
-            _ok = 0
-        if not _ok:
-            break
-    _say(_name, _ok)
+            _emit(_json.dumps(_k), str(_i), '"error"')
+            raise
+        _lim = max(_spec["min_time"], _spec["factor"] * (_time.perf_counter() - _t0))
+        _emit(_json.dumps(_k), str(_i), '"ok"', _v, repr(float(_lim)))
 '''
 
-PROGRAM_SCRIPT = r'''
-import os, sys
-_out = os.dup(1)
-_nonce = sys.stdin.readline().strip()
-import signal
-signal.setitimer(signal.ITIMER_REAL, __TIMEOUT__)  # SIGALRM's default action ends the program
-exec(compile(open("program.py", encoding="utf-8").read(), "program.py", "exec"), {"__name__": "rlm_program"})
-os.write(_out, f"{_nonce} base 1\n".encode())
+CANDIDATE_SCRIPT = PRELUDE + r'''
+_lims = _spec["limits"]
+_suites = [(_k, _inputs(_k)) for _k in ("base_input", "plus_input")]
+_ns = {"__name__": "rlm_solution"}
+_quiet()
+exec(compile(open("solution.py", encoding="utf-8").read(), "solution.py", "exec"), _ns)
+_f = _ns[_spec["entry_point"]]
+for _k, _rows in _suites:
+    _bad = False
+    for _i, _r in enumerate(_rows):
+        try:
+            _signal.setitimer(_signal.ITIMER_REAL, _lims[_k][_i])
+            try:
+                _o = _f(*_copy.deepcopy(_r))
+            finally:
+                _signal.setitimer(_signal.ITIMER_REAL, 0)
+            _v = _plain_output(_o)
+        except BaseException:
+            _bad = True
+            _emit(_json.dumps(_k), str(_i), '"error"')
+            break
+        _emit(_json.dumps(_k), str(_i), '"ok"', _v)
+    if _bad:
+        break
+'''
+
+_TEST_PRELUDE = PRELUDE + r'''
+import random as _random
+_names = _spec["names"]
+_ns = {"__name__": "rlm_program"}
+exec(compile(_spec["canonical"], "reference.py", "exec"), _ns)
+'''
+
+RECORD_SCRIPT = _TEST_PRELUDE + r'''
+_orig = {n: _ns[n] for n in _names if callable(_ns.get(n))}
+
+
+_depth = [0]
+
+
+def _recorder(name):
+    def call(*args, **kwargs):
+        if _depth[0]:  # a call made by a tested function itself (recursion, helpers): not the test's
+            return _orig[name](*args, **kwargs)
+        _emit('"call"', _json.dumps(name), encode(list(args)), encode(kwargs))
+        _depth[0] += 1
+        try:
+            return _orig[name](*args, **kwargs)
+        finally:
+            _depth[0] -= 1
+    return call
+
+
+for _n in _orig:
+    _ns[_n] = _recorder(_n)
+_random.seed(0)
+_signal.setitimer(_signal.ITIMER_REAL, _spec["timeout"])
+exec(compile(_spec["test"], "test.py", "exec"), _ns)
+_signal.setitimer(_signal.ITIMER_REAL, 0)
+_emit('"done"')
+'''
+
+CALLS_SCRIPT = PRELUDE + r'''
+_calls = [(n, decode(_json.loads(a)), decode(_json.loads(k))) for n, a, k in _spec["calls"]]
+_ns = {"__name__": "rlm_solution"}
+_quiet()
+exec(compile(open("solution.py", encoding="utf-8").read(), "solution.py", "exec"), _ns)
+_signal.setitimer(_signal.ITIMER_REAL, _spec["timeout"])
+for _i, (_n, _a, _k) in enumerate(_calls):
+    try:
+        _v = _plain_output(_ns[_n](*_a, **_k))
+    except BaseException:
+        _signal.setitimer(_signal.ITIMER_REAL, 0)
+        _emit('"call"', str(_i), '"error"')
+        break
+    _emit('"call"', str(_i), '"ok"', _v)
+_signal.setitimer(_signal.ITIMER_REAL, 0)
+'''
+
+REPLAY_SCRIPT = _TEST_PRELUDE + r'''
+_calls = _spec["calls"]
+_outs = _spec["outputs"]
+_next = [0]
+_mismatch = [False]
+
+
+class _Mismatch(BaseException):
+    pass
+
+
+def _replayer(name):
+    def call(*args, **kwargs):
+        i = _next[0]
+        _next[0] += 1
+        if i >= len(_calls) or i >= len(_outs) or _calls[i] != [name, encode(list(args)), encode(kwargs)]:
+            _mismatch[0] = True  # remembered, in case the test swallows the exception
+            raise _Mismatch()
+        return decode(_json.loads(_outs[i]))
+    return call
+
+
+for _n in _names:
+    _ns[_n] = _replayer(_n)
+_random.seed(0)
+_signal.setitimer(_signal.ITIMER_REAL, _spec["timeout"])
+exec(compile(_spec["test"], "test.py", "exec"), _ns)
+_signal.setitimer(_signal.ITIMER_REAL, 0)
+if not _mismatch[0] and _next[0] == len(_calls):
+    _emit('"pass"')
 '''

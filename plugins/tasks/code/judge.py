@@ -1,54 +1,88 @@
 """Judge of the ``code`` task: runs a completion's program in :mod:`rlm.core.eval.sandbox` and scores it as
 evalplus does; the reported metric names; parallel scoring.
 
-Judging (:class:`CodeJudge`) follows evalplus: expected outputs come from the canonical solution run on the
-same (deep-copied) inputs in a sandboxed *reference run* (no candidate code present), which also records
-per-input time limits ``max(min_time_limit, time_limit_factor x reference time)``; its pickled result is cached
-(memory and ``$RLM_CACHE/code_reference``) and handed to every candidate run. Outputs match exactly, or within
-``atol`` (1e-6 for float outputs when ``atol`` is 0; relative 1e-7) with the same type; evalplus's special
-oracles for ``find_zero`` and the MBPP set-equality / not-None / ``are_equivalent`` / ``sum_div`` tasks.
-``plus`` counts only when base and plus inputs all pass. MBPP+ stores tuples, sets and complex numbers as JSON
-lists and strings; the harness restores their types from the literal arguments of the task's own
-``assertion`` example. The completion may be a function body (appended to the prompt) or a full solution
-(fenced or not): see :mod:`rlm.plugins.tasks.code.program`. The programs run in the sandbox are in
-:mod:`rlm.plugins.tasks.code.harness`.
+Design: the sandbox only computes, the parent judges. A sandboxed program sends back plain data only — the
+return values of the functions under test, encoded by :mod:`rlm.plugins.tasks.code.plain` (canonical JSON of
+``None``/``bool``/``int``/``float``/``complex``/``str``/``bytes`` and exact ``list``/``tuple``/``set``/
+``frozenset``/``dict``; ``collections`` / ``numpy`` values such as ``defaultdict`` or ``np.int64`` are first
+converted to their plain equivalents, any other type, the program's own subclasses included, is an error in
+the sandbox, and the parent rebuilds what it receives from builtin types only) on the sandbox's result
+channel (file descriptor 3, separate from stdout/stderr, so output of any size neither hides nor forges it). The parent
+(:mod:`rlm.plugins.tasks.code.verdict`) compares those values with the expected ones. Expected outputs never
+enter a sandbox that runs candidate code: no file, variable or argument there holds them, and there is no
+verdict protocol left to forge — what a candidate writes to the channel counts only as its outputs, so forging
+them is solving the problem.
 
-The verdict is printed with a random nonce sent on stdin before the candidate runs, so a program that exits
-early or prints "pass" does not pass; code that introspects the harness's frames could still forge it.
+- evalplus-style examples (HumanEval+, MBPP+, the ``gen`` subset): a *reference run* (trusted, no candidate
+  code) executes the canonical solution on the same inputs (deep-copied; MBPP+ argument types restored from
+  the task's ``assertion`` example) and returns its outputs and per-input time limits
+  ``max(min_time_limit, time_limit_factor x reference time)``; its channel text is cached (memory and
+  ``$RLM_CACHE/code_reference``; parsed as JSON, never unpickled). The candidate run returns one output per
+  input, each under its limit (a ``SIGALRM`` handler), stopping at the first error or timeout; the parent also
+  bounds the whole run to the sum of the limits plus ``OVERHEAD_SECONDS``. Outputs match as evalplus's
+  comparison does (see :mod:`~rlm.plugins.tasks.code.verdict`); an output encoding longer than ``digest_mb``
+  is sent as a SHA-256 digest of the canonical encoding (equal only to the same digest). ``plus`` counts only
+  when base and plus inputs all pass.
+- test-program examples (HumanEval's ``check``, OpenCodeInstruct's assert lines): a trusted *record run*
+  executes the test against the canonical / reference solution, its tested functions wrapped by a recorder,
+  with ``random`` seeded, and returns the arguments of every call the test made (calls nested inside a
+  tested function are not recorded); the candidate run calls the candidate's functions on those arguments
+  and returns the outputs; a trusted *replay run* (no candidate code, only its plain outputs) re-executes the
+  test with the same seed, the tested functions replaced by a replayer that returns the candidate's outputs
+  and fails on any call whose arguments were not recorded, so every original assert (``==``, ``abs(...) <
+  tol``, ``find_zero``'s ``poly(xs, x)``, round trips like ``decode_cyclic(encode_cyclic(s))``) is evaluated
+  unchanged, but on data. An example whose tests use the reference's classes (objects carry behaviour), whose
+  test makes no call, or whose reference does not pass its own tests cannot be judged and scores 0.
+
+Guarantee: a candidate passes only when the values it returns, as plain data, satisfy the comparison the
+parent (or the trusted replay) makes; nothing the candidate does inside its sandbox — equality tricks,
+frame / ``gc`` / ``__main__`` introspection, tracing, early exits, monkeypatching, writing to any descriptor —
+can change that comparison. Limits: the candidate can read whatever the sandbox leaves readable on the host
+filesystem (see :mod:`rlm.core.eval.sandbox`); a program that disables its own alarm gains at most the
+run's wall-clock bound. The completion may be a function body (appended to the prompt) or a full solution
+(fenced or not): see :mod:`rlm.plugins.tasks.code.program`. The sandboxed programs are in
+:mod:`rlm.plugins.tasks.code.harness`.
 """
 
 from __future__ import annotations
 
+import ast
 import json
-import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlm.core.contracts import Example
-from rlm.plugins.tasks.code.harness import CANDIDATE_SCRIPT, PROGRAM_SCRIPT, REFERENCE_SCRIPT
-from rlm.plugins.tasks.code.program import build_solution
+from rlm.plugins.tasks.code.verdict import (
+    NOT_NONE,
+    canonical_text,
+    parse_records,
+    suite_passes,
+    suite_values,
+    templates,
+)
+from rlm.plugins.tasks.code.harness import (
+    CALLS_SCRIPT,
+    CANDIDATE_SCRIPT,
+    RECORD_SCRIPT,
+    REFERENCE_SCRIPT,
+    REPLAY_SCRIPT,
+)
+from rlm.plugins.tasks.code.plain import NotPlain, decode
+from rlm.plugins.tasks.code.program import build_solution, extract_code
 
 #: per-example score keys -> reported metric names
 METRIC_NAMES = {"pass_base": "pass@1_base", "pass_plus": "pass@1_plus", "pass": "pass@1"}
+#: seconds a candidate run may take beyond the sum of its time limits (start-up, imports, encoding outputs)
+OVERHEAD_SECONDS = 10.0
+SUITES = ("base_input", "plus_input")
+CACHE_VERSION = 2  # part of the reference cache key (with the reference script's text)
 
 
 def has_plus(example: Example) -> bool:
     """Whether the example has evalplus base and plus suites (scored as ``pass_base`` / ``pass_plus``)."""
     a = example.answer if isinstance(example.answer, dict) else {}
     return a.get("kind") == "io" and a.get("dataset") in ("humaneval", "mbpp")
-
-
-def run_with_nonce(script: str, files: dict[str, str | bytes], sandbox: Any,
-                   collect: tuple[str, ...] = ()) -> tuple[dict[str, str], Any]:
-    """Run ``script`` in the sandbox with a fresh nonce on stdin; returns (verdicts, sandbox result), the
-    verdicts being the ``NONCE KEY VALUE`` lines the script printed, as ``{KEY: VALUE}``."""
-    from rlm.core.eval.sandbox import run_python
-
-    nonce = secrets.token_hex(16)
-    res = run_python(script, stdin=nonce + "\n", config=sandbox, files=files, collect=collect)
-    lines = {ln.split()[1]: ln.split()[2] for ln in res.stdout.splitlines()
-             if ln.startswith(nonce + " ") and len(ln.split()) == 3}
-    return lines, res
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -63,88 +97,196 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def program_spec(example: Example) -> dict[str, Any] | None:
+    """The record / replay runs' spec for a test-program example: ``canonical`` (the trusted solution),
+    ``test`` (the test program), ``names`` (the functions under test); ``None`` when it cannot be judged on
+    data (no reference, unparsable code, tests that use the reference's classes)."""
+    spec = example.answer
+    if spec["kind"] == "check":
+        ep = spec["entry_point"]
+        return {"canonical": (spec.get("prompt_code") or "") + spec.get("canonical", ""),
+                "test": f"{spec['test']}\n\ncheck({ep})\n", "names": [ep]}
+    canonical = extract_code(example.reference or "", None)
+    test = "\n".join(spec.get("tests") or []) + "\n"
+    try:
+        body = ast.parse(canonical).body
+        used = {n.id for n in ast.walk(ast.parse(test)) if isinstance(n, ast.Name)}
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+    names = [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    classes = {n.name for n in body if isinstance(n, ast.ClassDef)}
+    if not names or used & classes:
+        return None
+    return {"canonical": canonical, "test": test, "names": names}
+
+
 class CodeJudge:
-    """Scores completions of code examples in the sandbox; keeps the in-memory reference-output cache.
+    """Scores completions of code examples in the sandbox; keeps the in-memory cache of reference runs.
 
     ``config`` is read when used (so later changes count) and needs: ``sandbox`` (a
     :class:`rlm.core.eval.sandbox.SandboxConfig`), ``program_timeout``, ``min_time_limit``, ``time_limit_factor``,
-    ``memory_cache_mb`` and ``digest_mb`` (see the ``code`` task's config)."""
+    ``memory_cache_mb``, ``digest_mb`` and ``channel_mb`` (see the ``code`` task's config)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self._reference_cache: dict[str, bytes] = {}
+        self._reference_cache: dict[str, Any] = {}
 
-    def _reference_spec(self, example: Example) -> str:
-        """The reference run's ``spec.json``: the example's test spec and the time-limit and digest settings
-        (its hash is the cache key)."""
+    def _run(self, script: str, spec: dict[str, Any], solution: str | None = None,
+             wall: float | None = None) -> list[list[Any]] | None:
+        """Run ``script`` in the sandbox with ``spec.json`` (and ``solution.py``); the records on its result
+        channel (``None`` when it overflowed or holds a malformed line). ``wall`` lowers the wall-clock limit."""
+        from rlm.core.eval.sandbox import run_python
+
+        cfg = self.config.sandbox
+        if wall is not None and wall < cfg.wall_seconds:
+            cfg = cfg.model_copy(update={"wall_seconds": wall})
+        files: dict[str, str | bytes] = {"spec.json": json.dumps(spec)}
+        if solution is not None:
+            files["solution.py"] = solution
+        res = run_python(script, config=cfg, files=files, channel_bytes=max(1, int(self.config.channel_mb * 2 ** 20)))
+        return None if res.channel_overflow else parse_records(res.channel)
+
+    def _digest_bytes(self) -> int:
+        return int(self.config.digest_mb * 2 ** 20)
+
+    def _reference_spec(self, example: Example) -> dict[str, Any] | None:
+        """The trusted reference (io) or record (test programs) run's spec; its JSON's hash is the cache key."""
         spec = example.answer
-        keep = {k: spec.get(k) for k in ("dataset", "canonical", "entry_point", "atol", "base_input", "plus_input",
-                                         "assertion")}
-        keep.update(min_time=self.config.min_time_limit, factor=self.config.time_limit_factor,
-                    digest_bytes=int(self.config.digest_mb * 2 ** 20))
-        return json.dumps(keep, sort_keys=True)
+        common = {"version": CACHE_VERSION, "digest_bytes": self._digest_bytes()}
+        if spec["kind"] == "io":
+            ds, ep = spec.get("dataset"), spec["entry_point"]
+            return dict(common, kind="io", dataset=ds, entry_point=ep, canonical=spec.get("canonical"),
+                        base_input=spec.get("base_input") or [], plus_input=spec.get("plus_input") or [],
+                        templates=templates(spec.get("assertion") or "", ep) if ds == "mbpp" else None,
+                        not_none=sorted(NOT_NONE) if ds == "mbpp" else [],
+                        min_time=self.config.min_time_limit, factor=self.config.time_limit_factor)
+        prog = program_spec(example)
+        return None if prog is None else dict(common, kind="test", timeout=float(self.config.program_timeout), **prog)
+
+    def _parse_reference(self, rspec: dict[str, Any], data: bytes) -> Any:
+        """The parsed reference: io ``{suite: (outputs, limits)}``; test programs the recorded ``[name, args
+        encoding, kwargs encoding]`` calls. ``None`` when the run did not complete."""
+        records = parse_records(data)
+        if records is None:
+            return None
+        if rspec["kind"] == "io":
+            out = {k: suite_values(records, k, with_limits=True) for k in SUITES}
+            return out if all(len(out[k][0]) == len(rspec[k]) for k in SUITES) else None
+        if records[-1:] != [["done"]]:
+            return None
+        calls = []
+        for rec in records[:-1]:
+            if len(rec) != 4 or rec[0] != "call" or rec[1] not in rspec["names"]:
+                return None
+            try:
+                args, kwargs = decode(rec[2]), decode(rec[3])
+            except NotPlain:
+                return None
+            if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+                return None
+            calls.append([rec[1], canonical_text(args), canonical_text(kwargs)])
+        return calls or None  # a test that calls nothing cannot tell solutions apart
 
     def reference_outputs(self, example: Example) -> bytes | None:
-        """The canonical solution's (pickled) inputs, outputs and per-input time limits for an evalplus-style
-        example, computed once in the sandbox and cached in memory and under ``$RLM_CACHE/code_reference``
-        (the parent process only stores the bytes; they are unpickled inside the candidates' sandboxes)."""
+        """The trusted reference / record run's channel text for an example, computed once in the sandbox and
+        cached in memory (parsed) and under ``$RLM_CACHE/code_reference`` (the text: JSON records, never
+        unpickled); ``None`` when the reference itself fails (then nothing can pass)."""
+        got = self._reference(example)
+        return None if got is None else got[0]
+
+    def _reference(self, example: Example) -> tuple[bytes, Any] | None:
         import hashlib
 
-        text = self._reference_spec(example)
+        rspec = self._reference_spec(example)
+        if rspec is None:
+            return None
+        script = REFERENCE_SCRIPT if rspec["kind"] == "io" else RECORD_SCRIPT
+        text = json.dumps(rspec, sort_keys=True) + script  # a changed harness is a new cache entry
         key = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
         if key in self._reference_cache:
             return self._reference_cache[key]
         from rlm.core.models.hf import cache_dir
 
-        path = cache_dir() / "code_reference" / f"{key}.pkl"
-        if path.is_file():
-            data = path.read_bytes()
-        else:
-            lines, res = run_with_nonce(REFERENCE_SCRIPT, {"spec.json": text}, self.config.sandbox,
-                                        collect=("expected.pkl",))
-            data = res.files.get("expected.pkl") if lines.get("reference") == "1" else None
-            if data is None:
+        path = cache_dir() / "code_reference" / f"{key}.jsonl"
+        data = path.read_bytes() if path.is_file() else None
+        parsed = self._parse_reference(rspec, data) if data is not None else None
+        if parsed is None:
+            res = self._run_reference(script, rspec)
+            if res is None:
                 return None  # the canonical solution itself failed here (limits): nothing can pass
+            data, parsed = res
             _write_atomically(path, data)
         if len(data) <= self.config.memory_cache_mb * 2 ** 20:
-            self._reference_cache[key] = data
-        return data
+            self._reference_cache[key] = (data, parsed)
+        return data, parsed
 
-    def _verdicts(self, example: Example, solution: str) -> dict[str, str] | None:
-        """The sandbox's verdicts for ``solution``: an evalplus-style candidate run against the reference
-        outputs (``None`` when the reference run failed), or the test program (``check`` / asserts) run."""
-        spec = example.answer
-        if spec["kind"] == "io":
-            ref = self.reference_outputs(example)
-            if ref is None:
-                return None
-            small = {k: spec.get(k) for k in ("dataset", "entry_point", "atol")}
-            lines, _ = run_with_nonce(CANDIDATE_SCRIPT, {"spec.json": json.dumps(small), "expected.pkl": ref,
-                                                         "solution.py": solution}, self.config.sandbox)
-            return lines
-        if spec["kind"] == "check":
-            program = f"{solution}\n\n{spec['test']}\n\ncheck({spec['entry_point']})\n"
-        else:
-            program = solution + "\n\n" + "\n".join(spec.get("tests") or []) + "\n"
-        script = PROGRAM_SCRIPT.replace("__TIMEOUT__", repr(float(self.config.program_timeout)))
-        lines, _ = run_with_nonce(script, {"program.py": program}, self.config.sandbox)
-        return lines
+    def _run_reference(self, script: str, rspec: dict[str, Any]) -> tuple[bytes, Any] | None:
+        from rlm.core.eval.sandbox import run_python
+
+        res = run_python(script, config=self.config.sandbox, files={"spec.json": json.dumps(rspec)},
+                         channel_bytes=max(1, int(self.config.channel_mb * 2 ** 20)))
+        if res.channel_overflow:
+            return None
+        parsed = self._parse_reference(rspec, res.channel)
+        return None if parsed is None else (res.channel, parsed)
+
+    def _io_verdicts(self, example: Example, solution: str) -> dict[str, bool] | None:
+        """evalplus-style: the candidate's outputs on the base and plus inputs against the reference's."""
+        ref = self._reference(example)
+        if ref is None:
+            return None
+        spec, (_, suites) = example.answer, ref
+        ds, ep = spec.get("dataset"), spec["entry_point"]
+        rspec = self._reference_spec(example)
+        cspec = {k: rspec[k] for k in ("entry_point", "base_input", "plus_input", "templates", "not_none",
+                                       "digest_bytes")}
+        cspec["limits"] = {k: suites[k][1] for k in SUITES}
+        wall = sum(sum(lims) for _, lims in suites.values()) + OVERHEAD_SECONDS
+        records = self._run(CANDIDATE_SCRIPT, cspec, solution, wall)
+        if records is None:
+            return None
+        atol = spec.get("atol") or 0
+        return {k: suite_passes(ds, ep, rspec[k], suite_values(records, k)[0], suites[k][0], atol)
+                for k in SUITES}
+
+    def _test_verdict(self, example: Example, solution: str) -> bool:
+        """Test programs: the candidate's outputs on the recorded calls, replayed through the test (trusted)."""
+        ref = self._reference(example)
+        if ref is None:
+            return False
+        calls = ref[1]
+        timeout = float(self.config.program_timeout)
+        records = self._run(CALLS_SCRIPT, {"calls": calls, "timeout": timeout, "digest_bytes": self._digest_bytes()},
+                            solution, timeout + OVERHEAD_SECONDS)
+        if records is None:
+            return False
+        outs = suite_values(records, "call")[0]
+        if len(outs) != len(calls):
+            return False
+        rspec = self._reference_spec(example)
+        replay = {k: rspec[k] for k in ("canonical", "test", "names", "timeout", "digest_bytes")}
+        replay.update(calls=calls, outputs=[canonical_text(v) for v in outs])
+        return self._run(REPLAY_SCRIPT, replay) == [["pass"]]
 
     def score(self, example: Example, completion: str) -> dict[str, Any]:
-        """``{"pass_base", "pass_plus"}`` for evalplus-style examples, else ``{"pass"}``; never raises."""
+        """``{"pass_base", "pass_plus"}`` for evalplus-style examples, else ``{"pass"}``; never raises. The
+        same path serves evaluation (``rlm score`` / ``rlm eval``) and RL rewards (``CodeTask.reward``)."""
         plus = has_plus(example)
         fail = {"pass_base": 0.0, "pass_plus": 0.0} if plus else {"pass": 0.0}
         if not isinstance(completion, str) or not completion.strip() or not isinstance(example.answer, dict):
             return fail
         try:
-            lines = self._verdicts(example, build_solution(example, completion))
+            solution = build_solution(example, completion)
+            if example.answer["kind"] != "io":
+                return {"pass": float(self._test_verdict(example, solution))}
+            v = self._io_verdicts(example, solution)
         except Exception:  # noqa: BLE001 - never raise on a completion
             return fail
-        if lines is None:
+        if v is None:
             return fail
-        base = float(lines.get("base") == "1")
+        base = float(v["base_input"])
         if plus:
-            return {"pass_base": base, "pass_plus": float(base == 1.0 and lines.get("plus") == "1")}
+            return {"pass_base": base, "pass_plus": float(base == 1.0 and v["plus_input"])}
         return {"pass": base}
 
 

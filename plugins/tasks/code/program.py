@@ -8,7 +8,7 @@ import re
 from rlm.core.contracts import Example
 
 FORMAT = "Answer with the complete Python function in a ```python code block."
-FENCE_RE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+FENCE_RE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def extract_code(completion: str, entry_point: str | None) -> str:
