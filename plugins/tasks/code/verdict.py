@@ -6,14 +6,18 @@ Everything here runs in the trusted parent process on values rebuilt by :func:`r
 ``==`` on the plain values, as evalplus's ``out == exp``: ``1 == 1.0 == True``, ``[1] != (1,)``), or within
 ``atol`` (1e-6 for float outputs when ``atol`` is 0; relative 1e-7) with the same type; an expected output too
 large to send is a :class:`~rlm.plugins.tasks.code.plain.Digest` of its canonical encoding and matches only
-the same digest; evalplus's special oracles for HumanEval's ``find_zero`` and the MBPP set-equality /
-not-None / ``are_equivalent`` / ``sum_div`` tasks.
+the same digest; evalplus's special oracles for HumanEval's ``find_zero``, the MBPP set-equality / not-None /
+``are_equivalent`` / ``sum_div`` tasks and the second accepted readings of ``surface_Area`` (Mbpp/581) and
+``digit_distance_nums`` (Mbpp/558). These mirror evalplus 0.3.1 rather than call it: evalplus pulls in the
+openai / anthropic / google-generativeai clients, whose protobuf pin conflicts with tensorboard's, for a few pure
+functions; ``tests/tasks/test_code_oracles.py`` pins the agreement case by case.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 from typing import Any
 
 from rlm.plugins.tasks.code.plain import Digest, NotPlain, decode, encode
@@ -113,8 +117,27 @@ def _find_zero_ok(xs: Any, x: Any, atol: float) -> bool:
     return abs(sum(c * x ** i for i, c in enumerate(xs))) <= (atol or 1e-6)
 
 
-def _mbpp_oracle(ep: str, o: Any, e: Any) -> bool | None:
+def _pyramid_surface_perpendicular(base_edge: Any, height: Any) -> int:
+    """Mbpp/581's second reading (evalplus accepts both): ``height`` as the perpendicular height of the square
+    pyramid, so the slant height is ``sqrt((base_edge / 2)² + height²)``; the total surface, rounded."""
+    slant = math.sqrt((base_edge / 2) ** 2 + height ** 2)
+    return round(base_edge ** 2 + 2 * base_edge * slant)
+
+
+def _digit_distance_padded(a: Any, b: Any) -> int:
+    """Mbpp/558's second reading (evalplus accepts both): the shorter number left-padded with zeros, then the
+    sum of the digit-wise absolute differences."""
+    x, y = str(a), str(b)
+    width = max(len(x), len(y))
+    return sum(abs(int(p) - int(q)) for p, q in zip(x.zfill(width), y.zfill(width)))
+
+
+def _mbpp_oracle(ep: str, inp: list[Any], o: Any, e: Any, atol: float) -> bool | None:
     """evalplus's special MBPP+ oracles, or ``None`` when ``ep`` has none (or it does not decide)."""
+    if ep == "surface_Area" and o != e and abs(o - _pyramid_surface_perpendicular(*inp)) <= atol:
+        return True
+    if ep == "digit_distance_nums" and o != e and o == _digit_distance_padded(*inp):
+        return True
     if ep == "are_equivalent":
         return True
     if ep == "sum_div" and o == 0:
@@ -137,7 +160,7 @@ def match(dataset: str | None, ep: str, inp: list[Any], o: Any, e: Any, atol: fl
         return type(e) is type(o) and o == e
     try:
         if dataset == "mbpp":
-            r = _mbpp_oracle(ep, o, e)
+            r = _mbpp_oracle(ep, inp, o, e, atol)
             if r is not None:
                 return r
         if dataset == "humaneval" and ep == "find_zero":
