@@ -50,6 +50,9 @@ def export_gguf(model_dir: str | Path, file: str | Path, dtype: str = "f32") -> 
     from transformers import AutoTokenizer
 
     model_dir, file = Path(model_dir), Path(file)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: GGUF export needs a full model directory (config.json is missing; for a "
+                         f"LoRA run's final/ train with lora.merge_lora=true and export final/merged)")
     cfg = json.loads((model_dir / "config.json").read_text())
     if cfg.get("model_type") != "llama":
         raise ModelError(f"{model_dir}: GGUF export supports the llama architecture, not {cfg.get('model_type')!r}")

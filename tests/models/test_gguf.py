@@ -29,3 +29,19 @@ def test_gguf_round_trip_through_cli(tiny_model_dir, tmp_path):
 def test_import_gguf_missing_file(tmp_path, capsys):
     assert main(["model", "import-gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "o")]) == 2
     assert "GGUF file not found" in capsys.readouterr().err
+
+
+def test_export_of_an_adapter_only_directory_is_one_line(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from rlm.core.cli import main
+
+    adapter = tmp_path / "final"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir),
+                                                             "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    assert main(["model", "export-gguf", str(adapter), "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json is missing" in err[0] and "final/merged" in err[0]
+    assert not (tmp_path / "m.gguf").exists()
