@@ -7,6 +7,8 @@ Subclassed by :class:`rlm.core.conflicts.eager.EagerPass` and :class:`rlm.core.c
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Callable, Mapping, Sequence
 
 from rlm.core.conflicts.config import ConflictsConfig
@@ -14,7 +16,7 @@ from rlm.core.conflicts.config import ConflictsConfig
 Progress = Callable[[str, int, int], None]
 
 
-class EnginePass:
+class EnginePass(abc.ABC):
     """One run of an engine over ``tensors`` (the float tensor plans of the base): :meth:`run` feeds ``metrics``
     and returns ``(kept_actual, passes)``, the kept counts per top-k mode and model (:attr:`kept_actual`) and the
     number of passes over the inputs; :meth:`zero_models` then lists the models whose task vector is all zero.
@@ -49,5 +51,9 @@ class EnginePass:
         """The models whose task vector is all zero (identical to the base), after :meth:`run`."""
         return [n for n in self.names if n not in self.nonzero]
 
+    @abc.abstractmethod
     def run(self, progress: Progress | None = None) -> tuple[dict[str, dict[str, Any]], int]:
-        raise NotImplementedError
+        """Read the inputs and fill the metrics' statistics; returns (``kept_actual``: per top-k mode and model,
+        the entries kept at each rate, the number of passes over the inputs). Each engine
+        (:class:`~rlm.core.conflicts.eager.EagerPass`, :class:`~rlm.core.conflicts.fused.FusedPass`) has its
+        own."""

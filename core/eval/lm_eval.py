@@ -55,10 +55,10 @@ def lm_eval_local_tasks(tasks: list[str], data_dir: str | Path | None, work: Pat
 def _model_args(model_path: str) -> str:
     """lm-eval's ``hf`` model arguments: the model in float32, or for a LoRA adapter directory without a merged
     model its base with ``peft=`` the adapter."""
-    from rlm.core.models.lora import adapter_base, is_lora_dir
+    from rlm.core.models.lora import adapter_base, is_adapter_only
 
     p = Path(model_path)
-    if p.is_dir() and not (p / "config.json").is_file() and is_lora_dir(p):
+    if is_adapter_only(p):
         from rlm.core.models.hf import resolve_model
 
         return f"pretrained={resolve_model(adapter_base(p))},peft={p},dtype=float32"

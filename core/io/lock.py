@@ -6,7 +6,7 @@ the holder's pid. The kernel drops a flock when its process dies, even by SIGKIL
 stale lock. A second run on the same output fails at once with :class:`RunLocked`, naming the holder's pid.
 
 On acquiring the lock, what a killed run on that output left beside it is removed (:func:`clean_leftovers`): the
-``.NAME.XXXXXXXX.partial`` directories of :func:`rlm.core.io.atomic.atomic_dir` and its ``.NAME.old-PID``
+``.NAME.<random>.partial`` directories of :func:`rlm.core.io.atomic.atomic_dir` and its ``.NAME.old-PID``
 directories (one is renamed back when the kill left no output). Nothing else writes them while the lock is held.
 
 Several processes of one run (``torchrun``/``accelerate launch``): only the main process takes the lock
@@ -52,7 +52,7 @@ def lock_path(out: str | Path) -> Path:
 
 
 def leftovers(out: str | Path) -> list[Path]:
-    """What killed runs on ``out`` left beside it: ``atomic_dir``'s ``.NAME.XXXXXXXX.partial`` and
+    """What killed runs on ``out`` left beside it: ``atomic_dir``'s ``.NAME.<random>.partial`` and
     ``.NAME.old-PID`` directories (the random part has no dot, so ``a.b``'s leftovers never match ``a``)."""
     out = Path(os.path.abspath(out))
     parent = out.parent.resolve()

@@ -14,6 +14,7 @@ from typing import Any
 
 from rlm.core.errors import ModelError
 from rlm.core.io.atomic import atomic_dir
+from rlm.core.models.lora import is_adapter_only, is_lora_dir
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -104,7 +105,6 @@ def resolve_model(spec: str | Path, seed: int | None = None) -> str:
     if p.exists():
         if not p.is_dir():
             raise ModelError(f"model path {p} is a file, not a model directory (for GGUF use `rlm model import-gguf`)")
-        from rlm.core.models.lora import is_lora_dir
         from rlm.core.models.reader import full_model_dir
 
         full = full_model_dir(p)
@@ -118,21 +118,13 @@ def resolve_model(spec: str | Path, seed: int | None = None) -> str:
     return text  # hub id
 
 
-def _is_adapter_only(path: str) -> bool:
-    """Whether the resolved ``path`` is a local PEFT adapter directory without a full model."""
-    from rlm.core.models.lora import is_lora_dir
-
-    p = Path(path)
-    return p.is_dir() and not (p / "config.json").is_file() and is_lora_dir(p)
-
-
 def load_tokenizer(spec: str | Path, seed: int | None = None) -> Any:
     """The tokenizer of a model (an adapter directory without its own tokenizer: its base model's), with a pad
     token (the eos token when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
     path = resolve_model(spec, seed)
-    if _is_adapter_only(path) and not (Path(path) / "tokenizer_config.json").is_file():
+    if is_adapter_only(path) and not (Path(path) / "tokenizer_config.json").is_file():
         return load_tokenizer(_adapter_base_path(Path(path)))
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -166,7 +158,7 @@ def _load_adapter_merged(adapter: Path, dtype: Any, depth: int = 0) -> Any:
         raise ModelError(f"LoRA adapter {adapter}: its chain of base adapters is longer than 8 (a cycle?)")
     base = _adapter_base_path(adapter)
     try:
-        if _is_adapter_only(base):
+        if is_adapter_only(base):
             model = _load_adapter_merged(Path(base), torch.float32, depth + 1)
         else:
             from transformers import AutoModelForCausalLM
@@ -195,7 +187,7 @@ def load_model(spec: str | Path, seed: int | None = None, dtype: Any = None, dev
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(spec, seed)
-    if _is_adapter_only(path):
+    if is_adapter_only(path):
         model = _load_adapter_merged(Path(path), dtype or torch.float32)
     else:
         try:

@@ -218,6 +218,12 @@ def save_adapter(adapter: Any, tokenizer: Any, out: str | Path) -> None:
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def is_adapter_only(path: str | Path) -> bool:
+    """Whether ``path`` is a PEFT adapter directory without a full model of its own (no ``config.json``)."""
+    p = Path(path)
+    return p.is_dir() and not (p / "config.json").is_file() and is_lora_dir(p)
+
+
 def open_source(path: str | Path, base: ModelReader | None = None) -> ModelReader | LoraReader:
     """A ModelReader for a model directory, a LoraReader (needs ``base``) for a PEFT adapter directory (also a
     LoRA training run's ``final/``, whose ``merged/`` model is not used here: the adapter is the exact task
@@ -225,7 +231,7 @@ def open_source(path: str | Path, base: ModelReader | None = None) -> ModelReade
     p = Path(path)
     if not p.exists():
         raise ModelError(f"model path {p} does not exist")
-    if p.is_dir() and is_lora_dir(p) and not (p / "config.json").is_file():
+    if is_adapter_only(p):
         if base is None:
             raise ModelError(f"{p} is a LoRA adapter; a base model is needed to use it")
         return LoraReader(p, base)

@@ -20,6 +20,7 @@ from rlm.core.train.forward import forward_response
 from rlm.core.train.precision import (
     Precision,
     model_dtype_name,
+    saved_differs,
     start_snapshot,
     torch_dtype,
     warn_pure,
@@ -196,7 +197,7 @@ def update_stats(policy: Any, start: dict[str, Any], save: Any) -> dict[str, flo
             d = theta.double() - theta0.to(theta.device).double()
             sq += d.pow(2).sum().cpu()
             changed += int((d != 0).sum())
-            saved += int((theta.to(save) != theta0.to(theta.device).to(save)).sum())
+            saved += saved_differs(theta, theta0, save)
         total = sum(p.numel() for name, p in policy.named_parameters() if "lora_" not in name)
     n = max(total, 1)
     return {"delta_norm": float(sq.sqrt()), "changed_frac": changed / n, "saved_changed_frac": saved / n}

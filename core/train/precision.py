@@ -124,16 +124,14 @@ def start_snapshot(model: Any) -> dict[str, Any]:
     return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
+def saved_differs(theta: Any, theta0: Any, save: Any) -> int:
+    """How many entries of ``theta`` differ from ``theta0`` once both are cast to the saved dtype ``save`` (on
+    ``theta``'s device)."""
+    return int((theta.to(save) != theta0.to(theta.device).to(save)).sum())
+
+
 def saved_change_counts(params: dict[str, Any], start: dict[str, Any], save: Any) -> tuple[int, int]:
     """(parameters whose value in the ``save`` dtype differs from θ0's value in that dtype, all parameters
     compared) over the tensors of ``params`` (name → tensor) found in ``start``."""
-    changed = total = 0
-    for name, p in params.items():
-        s0 = start.get(name)
-        if s0 is None:
-            continue
-        a = p.detach().to("cpu").to(save)
-        b = s0.to(save)
-        changed += int((a != b).sum())
-        total += a.numel()
-    return changed, total
+    pairs = [(p.detach(), start[name]) for name, p in params.items() if name in start]
+    return sum(saved_differs(a, b, save) for a, b in pairs), sum(a.numel() for a, _ in pairs)

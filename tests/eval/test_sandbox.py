@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
+from sandbox_support import sandboxed_procs, watch_procs
 
 from rlm.core.eval.sandbox import SandboxConfig, isolation, run_python
 
@@ -22,39 +22,6 @@ def cfg(mode: str, **kw) -> SandboxConfig:
     base = {"cpu_seconds": 2, "wall_seconds": 4.0, "memory_mb": 1024, "max_processes": 16, "isolation": mode}
     base.update(kw)
     return SandboxConfig(**base)
-
-
-def _descends(pid: int, ancestor: int) -> bool:
-    for _ in range(64):
-        if pid == ancestor:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-        if pid <= 1:
-            return False
-    return False
-
-
-def sandboxed_procs(seen: set[int] | None = None) -> int:
-    """This test process's sandboxed programs (forked children keep the parent's command line): descendants of
-    this process, plus any pid in ``seen`` (recorded while it was one) that is still running one (other workers
-    on the machine may run sandboxes of their own, which do not count)."""
-    n = 0
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    mine = b"_rlm_guard.py" in f.read()
-            except OSError:
-                continue
-            if mine and (_descends(int(d), os.getpid()) or (seen is not None and int(d) in seen)):
-                n += 1
-                if seen is not None:
-                    seen.add(int(d))
-    return n
 
 
 def host_ok() -> None:
@@ -97,31 +64,16 @@ def test_infinite_loop_cpu_and_wall(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_fork_bomb(mode):
-    seen: set[int] = set()
-    assert sandboxed_procs(seen) == 0
-    peak = [0]
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], sandboxed_procs(seen))
-            time.sleep(0.05)
-
-    w = threading.Thread(target=watch)
-    w.start()
+    assert sandboxed_procs() == 0
     code = ("import os, time\n"
             "for _ in range(10000):\n"
             "    try:\n        os.fork()\n    except Exception:\n        pass\n"
             "time.sleep(60)\n")
     t0 = time.monotonic()
-    try:
-        r = run_python(code, config=cfg(mode, wall_seconds=3, max_processes=16))
-    finally:
-        stop.set()
-        w.join()
+    r, peak, seen = watch_procs(lambda: run_python(code, config=cfg(mode, wall_seconds=3, max_processes=16)))
     assert not r.ok and time.monotonic() - t0 < 10
     # bounded while it ran (cgroup pids.max / RLIMIT_NPROC / no fork at all), every process gone afterwards
-    assert 1 <= peak[0] <= 16
+    assert 1 <= peak <= 16
     time.sleep(0.3)
     assert sandboxed_procs(seen) == 0
     host_ok()

@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from sandbox_support import sandboxed_procs, watch_procs
 
 from rlm.core.eval import sandbox_root as sr
 from rlm.core.eval.sandbox import SandboxConfig, _wait_and_kill, isolation, run_python
@@ -50,57 +51,6 @@ def skeleton_names() -> set[str]:
                           cmd=[], channel_fd=None)["binds"]:
         names.update(Path(b).parts[1:])
     return names
-
-
-def _descends(pid: int, ancestor: int) -> bool:
-    for _ in range(64):
-        if pid == ancestor:
-            return True
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-        if pid <= 1:
-            return False
-    return False
-
-
-def my_sandbox_procs(seen: set[int]) -> int:
-    """Running sandboxed programs of this test process (descendants, or pids recorded in ``seen`` earlier)."""
-    n = 0
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    guard = b"_rlm_guard.py" in f.read()
-            except OSError:
-                continue
-            if guard and (int(d) in seen or _descends(int(d), os.getpid())):
-                seen.add(int(d))
-                n += 1
-    return n
-
-
-def watch_procs(fn):
-    """Run ``fn()`` while recording this test's sandboxed processes; returns (result, peak, seen)."""
-    seen: set[int] = set()
-    peak = [0]
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            peak[0] = max(peak[0], my_sandbox_procs(seen))
-            time.sleep(0.03)
-
-    w = threading.Thread(target=watch)
-    w.start()
-    try:
-        res = fn()
-    finally:
-        stop.set()
-        w.join()
-    return res, peak[0], seen
 
 
 def swappiness() -> str:
@@ -358,7 +308,7 @@ def test_spinning_tree_with_setsid_is_killed():
     r, peak, seen = watch_procs(lambda: run_python(code, config=cfg(cpu_seconds=60, wall_seconds=2.0)))
     assert r.timed_out and time.monotonic() - t0 < 4.5 and peak >= 2
     time.sleep(0.2)
-    assert my_sandbox_procs(seen) == 0
+    assert sandboxed_procs(seen) == 0
 
 
 @memcg
@@ -406,7 +356,7 @@ def test_fork_bomb_with_double_fork():
     r, peak, seen = watch_procs(lambda: run_python(code, config=cfg(max_processes=16, wall_seconds=2.0)))
     assert not r.ok and 1 <= peak <= 16
     time.sleep(0.2)
-    assert my_sandbox_procs(seen) == 0
+    assert sandboxed_procs(seen) == 0
 
 
 @pytest.mark.parametrize("mode", ["auto", "rlimits"])
@@ -445,7 +395,7 @@ def test_daemon_does_not_survive():
     r, _peak, seen = watch_procs(lambda: run_python(code, config=cfg(wall_seconds=10.0)))
     assert r.ok and time.monotonic() - t0 < 3  # the run ends with the program, not with its daemon
     time.sleep(0.2)
-    assert my_sandbox_procs(seen) == 0
+    assert sandboxed_procs(seen) == 0
 
 
 @pytest.mark.parametrize("mode", ["auto", "rlimits"])

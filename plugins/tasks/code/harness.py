@@ -194,6 +194,16 @@ import random as _random
 _names = _spec["names"]
 _ns = {"__name__": "rlm_program"}
 exec(compile(_spec["canonical"], "reference.py", "exec"), _ns)
+
+
+def _run_test(wrap, names):
+    """Replace each tested function by ``wrap(name)``, then run the test under a fixed seed and the time limit."""
+    for n in names:
+        _ns[n] = wrap(n)
+    _random.seed(0)
+    _signal.setitimer(_signal.ITIMER_REAL, _spec["timeout"])
+    exec(compile(_spec["test"], "test.py", "exec"), _ns)
+    _signal.setitimer(_signal.ITIMER_REAL, 0)
 '''
 
 RECORD_SCRIPT = _TEST_PRELUDE + r'''
@@ -216,12 +226,7 @@ def _recorder(name):
     return call
 
 
-for _n in _orig:
-    _ns[_n] = _recorder(_n)
-_random.seed(0)
-_signal.setitimer(_signal.ITIMER_REAL, _spec["timeout"])
-exec(compile(_spec["test"], "test.py", "exec"), _ns)
-_signal.setitimer(_signal.ITIMER_REAL, 0)
+_run_test(_recorder, list(_orig))
 _emit('"done"')
 '''
 
@@ -264,12 +269,7 @@ def _replayer(name):
     return call
 
 
-for _n in _names:
-    _ns[_n] = _replayer(_n)
-_random.seed(0)
-_signal.setitimer(_signal.ITIMER_REAL, _spec["timeout"])
-exec(compile(_spec["test"], "test.py", "exec"), _ns)
-_signal.setitimer(_signal.ITIMER_REAL, 0)
+_run_test(_replayer, _names)
 if not _mismatch[0] and _next[0] == len(_calls):
     _emit('"pass"')
 '''
