@@ -23,9 +23,8 @@ a candidate passes, and no script that runs candidate code is given an expected 
     the candidate's recorded outputs (and fails when the test asks for arguments that were not recorded);
     records ``["pass"]`` when every assert holds and the test made exactly the recorded calls.
 
-MBPP+ stores tuples, sets and complex numbers as JSON lists and strings; ``_conform`` restores their types
-from the literal arguments of the task's ``assertion`` example (extracted by the parent, passed as
-``templates``). Timers raise :class:`_Timeout` from a ``SIGALRM`` handler (the program may be PID 1 of its
+Inputs arrive as plain encodings (:mod:`rlm.plugins.tasks.code.plain`) of the values the loader produced,
+so MBPP+'s tuples, sets and complex numbers keep the types evalplus's loader gives them. Timers raise :class:`_Timeout` from a ``SIGALRM`` handler (the program may be PID 1 of its
 PID namespace, where a signal's default action is ignored).
 """
 
@@ -58,41 +57,8 @@ _signal.signal(_signal.SIGALRM, _alarm)
 _sys.set_int_max_str_digits(0)
 
 
-def _pick(ts, x, i, n, parent):
-    want = isinstance(x, (list, dict))
-    for t in ([ts[i]] if len(ts) == n else []) + ts:
-        if isinstance(t, (tuple, list, set, dict)) == want:
-            return t
-    return parent if want else None  # deeper nesting than the example shows: same container type
-
-
-def _conform(v, t):
-    if t is None:
-        return v
-    if isinstance(t, (int, float, complex)) and not isinstance(t, bool) and isinstance(v, str):
-        try:
-            return complex(v) if isinstance(t, complex) else float(v)
-        except ValueError:
-            try:
-                return complex(v)
-            except ValueError:
-                return v
-    if isinstance(t, (tuple, list, set)) and isinstance(v, list):
-        ts = list(t)
-        items = [_conform(x, _pick(ts, x, i, len(v), t)) for i, x in enumerate(v)]
-        return tuple(items) if isinstance(t, tuple) else set(items) if isinstance(t, set) else items
-    if isinstance(t, dict) and isinstance(v, dict) and t:
-        tv = next(iter(t.values()))
-        return {k: _conform(x, tv) for k, x in v.items()}
-    return v
-
-
 def _inputs(key):
-    rows = _spec.get(key) or []
-    tm = decode(_json.loads(_spec["templates"])) if _spec.get("templates") else None
-    if tm:
-        rows = [[_conform(a, tm[i] if i < len(tm) else None) for i, a in enumerate(r)] for r in rows]
-    return rows
+    return decode(_json.loads(_spec[key])) if _spec.get(key) else []
 
 
 _NOT_NONE = frozenset(_spec.get("not_none") or ())
@@ -137,9 +103,10 @@ def _to_plain(v, depth=0):
     return v
 
 
-def _plain_output(v):
-    if _spec.get("entry_point") in _NOT_NONE and type(v) is not bool:
-        v = v is not None  # evalplus: only "returned something" counts (re.Match objects are not data)
+def _plain_output(v, reference=False):
+    if _spec.get("entry_point") in _NOT_NONE and (reference or type(v) is not bool):
+        v = v is not None  # evalplus: only "returned something" counts (re.Match objects are not data); its
+        # expected outputs are ``out is not None`` even for a bool, a candidate's bool is compared as is
     try:
         return encode_bounded(v, _spec["digest_bytes"])
     except NotPlain:
@@ -155,7 +122,7 @@ for _k in ("base_input", "plus_input"):
     for _i, _r in enumerate(_inputs(_k)):
         _t0 = _time.perf_counter()
         try:
-            _v = _plain_output(_f(*_copy.deepcopy(_r)))
+            _v = _plain_output(_f(*_copy.deepcopy(_r)), reference=True)
         except BaseException:
             _emit(_json.dumps(_k), str(_i), '"error"')
             raise

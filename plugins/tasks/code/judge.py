@@ -14,8 +14,8 @@ verdict protocol left to forge — what a candidate writes to the channel counts
 them is solving the problem.
 
 - evalplus-style examples (HumanEval+, MBPP+, the ``gen`` subset): a *reference run* (trusted, no candidate
-  code) executes the canonical solution on the same inputs (deep-copied; MBPP+ argument types restored from
-  the task's ``assertion`` example) and returns its outputs and per-input time limits
+  code) executes the canonical solution on the same inputs (deep-copied; sent as plain encodings, so MBPP+ arguments keep the types evalplus's loader
+  gives them) and returns its outputs and per-input time limits
   ``max(min_time_limit, time_limit_factor x reference time)``; its channel text is cached (memory and
   ``$RLM_CACHE/code_reference``; parsed as JSON, never unpickled). The candidate run returns one output per
   input, each under its limit (a ``SIGALRM`` handler), stopping at the first error or timeout; the parent also
@@ -54,12 +54,11 @@ from typing import Any
 
 from rlm.core.contracts import Example
 from rlm.plugins.tasks.code.verdict import (
-    NOT_NONE,
     canonical_text,
+    not_none_tasks,
     parse_records,
     suite_passes,
     suite_values,
-    templates,
 )
 from rlm.plugins.tasks.code.harness import (
     CALLS_SCRIPT,
@@ -68,7 +67,7 @@ from rlm.plugins.tasks.code.harness import (
     REFERENCE_SCRIPT,
     REPLAY_SCRIPT,
 )
-from rlm.plugins.tasks.code.plain import NotPlain, decode
+from rlm.plugins.tasks.code.plain import NotPlain, decode, encode
 from rlm.plugins.tasks.code.program import build_solution, extract_code
 
 #: per-example score keys -> reported metric names
@@ -76,7 +75,7 @@ METRIC_NAMES = {"pass_base": "pass@1_base", "pass_plus": "pass@1_plus", "pass": 
 #: seconds a candidate run may take beyond the sum of its time limits (start-up, imports, encoding outputs)
 OVERHEAD_SECONDS = 10.0
 SUITES = ("base_input", "plus_input")
-CACHE_VERSION = 2  # part of the reference cache key (with the reference script's text)
+CACHE_VERSION = 3  # part of the reference cache key (with the reference script's text)
 
 
 def has_plus(example: Example) -> bool:
@@ -156,9 +155,10 @@ class CodeJudge:
         if spec["kind"] == "io":
             ds, ep = spec.get("dataset"), spec["entry_point"]
             return dict(common, kind="io", dataset=ds, entry_point=ep, canonical=spec.get("canonical"),
-                        base_input=spec.get("base_input") or [], plus_input=spec.get("plus_input") or [],
-                        templates=templates(spec.get("assertion") or "", ep) if ds == "mbpp" else None,
-                        not_none=sorted(NOT_NONE) if ds == "mbpp" else [],
+                        base_input=encode(list(spec.get("base_input") or [])),
+                        plus_input=encode(list(spec.get("plus_input") or [])),
+                        counts={k: len(spec.get(k) or []) for k in SUITES},
+                        not_none=not_none_tasks() if ds == "mbpp" else [],
                         min_time=self.config.min_time_limit, factor=self.config.time_limit_factor)
         prog = program_spec(example)
         return None if prog is None else dict(common, kind="test", timeout=float(self.config.program_timeout), **prog)
@@ -171,7 +171,7 @@ class CodeJudge:
             return None
         if rspec["kind"] == "io":
             out = {k: suite_values(records, k, with_limits=True) for k in SUITES}
-            return out if all(len(out[k][0]) == len(rspec[k]) for k in SUITES) else None
+            return out if all(len(out[k][0]) == rspec["counts"][k] for k in SUITES) else None
         if records[-1:] != [["done"]]:
             return None
         calls = []
@@ -238,15 +238,14 @@ class CodeJudge:
         spec, (_, suites) = example.answer, ref
         ds, ep = spec.get("dataset"), spec["entry_point"]
         rspec = self._reference_spec(example)
-        cspec = {k: rspec[k] for k in ("entry_point", "base_input", "plus_input", "templates", "not_none",
-                                       "digest_bytes")}
+        cspec = {k: rspec[k] for k in ("entry_point", "base_input", "plus_input", "not_none", "digest_bytes")}
         cspec["limits"] = {k: suites[k][1] for k in SUITES}
         wall = sum(sum(lims) for _, lims in suites.values()) + OVERHEAD_SECONDS
         records = self._run(CANDIDATE_SCRIPT, cspec, solution, wall)
         if records is None:
             return None
         atol = spec.get("atol") or 0
-        return {k: suite_passes(ds, ep, rspec[k], suite_values(records, k)[0], suites[k][0], atol)
+        return {k: suite_passes(ds, ep, list(spec.get(k) or []), suite_values(records, k)[0], suites[k][0], atol)
                 for k in SUITES}
 
     def _test_verdict(self, example: Example, solution: str) -> bool:

@@ -9,6 +9,7 @@ Each row becomes an :class:`~rlm.core.contracts.Example` whose ``answer`` is a t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from rlm.core.contracts import Example
@@ -45,25 +46,60 @@ def load_humaneval(spec: str | None) -> list[Example]:
                               "humaneval") for r in rows]
 
 
+_EVALPLUS_FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "base_input", "plus_input")
 #: evalplus subset -> (dataset, file in ../shared/data, Hugging Face dataset name)
 EVALPLUS = {"humaneval_plus": ("humaneval", "HumanEvalPlus.jsonl.gz", "evalplus/humanevalplus"),
             "mbpp_plus": ("mbpp", "MbppPlus.jsonl.gz", "evalplus/mbppplus")}
 
 
+def _evalplus_loader(ds: str, path: Path) -> list[dict[str, Any]]:
+    """evalplus's own loader (``get_human_eval_plus`` / ``get_mbpp_plus``, offline) on a local evalplus file:
+    its completeness check, and for MBPP+ its argument types (``mbpp_deserialize_inputs``: tuples, sets,
+    complex numbers stored as JSON lists and strings). evalplus reads its ``*_OVERRIDE_PATH`` environment
+    variables at import time, so the path is set on the module for the call."""
+    if ds == "humaneval":
+        import evalplus.data.humaneval as module
+        attr, load = "HUMANEVAL_OVERRIDE_PATH", module.get_human_eval_plus
+    else:
+        import evalplus.data.mbpp as module
+        attr, load = "MBPP_OVERRIDE_PATH", module.get_mbpp_plus
+    saved = getattr(module, attr)
+    setattr(module, attr, str(path))
+    try:
+        return list(load(err_incomplete=True).values())
+    except AssertionError as e:  # evalplus's completeness check
+        raise DataError(f"{path}: {e}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable evalplus file ({e})") from None
+    finally:
+        setattr(module, attr, saved)
+
+
 def load_evalplus(subset: str, spec: str | None) -> list[Example]:
     """HumanEval+ or MBPP+ (``subset`` a key of :data:`EVALPLUS`) with base and plus inputs; ``spec`` ``None``:
-    ../shared/data, then the Hugging Face dataset."""
+    ../shared/data, then the Hugging Face dataset. A local ``.jsonl`` / ``.jsonl.gz`` file is read by evalplus's
+    loader; other sources by :func:`load_records`, MBPP+ inputs then typed by evalplus's
+    ``mbpp_deserialize_inputs`` as its loader does."""
     ds, filename, hub = EVALPLUS[subset]
     spec = spec or shared_data_file(filename) or hub
-    rows = load_records(spec, split="test")
-    require_fields(rows, ("task_id", "prompt", "entry_point", "canonical_solution", "base_input",
-                          "plus_input"), str(spec))
+    path = Path(str(spec)).expanduser()
+    if path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
+        rows = _evalplus_loader(ds, path)
+        require_fields(rows, _EVALPLUS_FIELDS, str(spec))
+    else:
+        rows = load_records(spec, split="test")
+        require_fields(rows, _EVALPLUS_FIELDS, str(spec))
+        if ds == "mbpp":
+            from evalplus.data.mbpp import mbpp_deserialize_inputs
+
+            for r in rows:
+                for k in ("base_input", "plus_input"):
+                    r[k] = mbpp_deserialize_inputs(r["task_id"], r[k])
     out = []
     for r in rows:
         canon = r["canonical_solution"] if ds == "mbpp" else r["prompt"] + r["canonical_solution"]
         out.append(_function_example(r, {"kind": "io", "dataset": ds, "canonical": canon, "atol": r.get("atol") or 0,
-                                         "base_input": r["base_input"], "plus_input": r["plus_input"],
-                                         "assertion": r.get("assertion", "")}, ds))
+                                         "base_input": r["base_input"], "plus_input": r["plus_input"]}, ds))
     return out
 
 

@@ -1,30 +1,28 @@
 """Parent-side half of the ``code`` task's judge: reading the records a sandboxed program wrote to its result
-channel, and comparing a candidate's outputs with the expected ones as evalplus does.
+channel, and comparing a candidate's outputs with the expected ones by evalplus's rules.
 
 Everything here runs in the trusted parent process on values rebuilt by :func:`rlm.plugins.tasks.code.plain.decode`
-(builtin types only), so no comparison can call code the candidate wrote. Outputs match exactly (Python's
-``==`` on the plain values, as evalplus's ``out == exp``: ``1 == 1.0 == True``, ``[1] != (1,)``), or within
-``atol`` (1e-6 for float outputs when ``atol`` is 0; relative 1e-7) with the same type; an expected output too
-large to send is a :class:`~rlm.plugins.tasks.code.plain.Digest` of its canonical encoding and matches only
-the same digest; evalplus's special oracles for HumanEval's ``find_zero``, the MBPP set-equality / not-None /
-``are_equivalent`` / ``sum_div`` tasks and the second accepted readings of ``surface_Area`` (Mbpp/581) and
-``digit_distance_nums`` (Mbpp/558). These mirror evalplus 0.3.1 rather than call it: evalplus pulls in the
-openai / anthropic / google-generativeai clients, whose protobuf pin conflicts with tensorboard's, for a few pure
-functions; ``tests/tasks/test_code_oracles.py`` pins the agreement case by case.
+(builtin types only), so no comparison can call code the candidate wrote. evalplus (0.3.1) is the reference and
+is called for what can be called without running a candidate in-process: its special oracles and task lists
+(``evalplus.eval._special_oracle``: ``_surface_Area``, ``_digit_distance_nums``, ``_poly``, the set-equality
+and not-None MBPP tasks) and ``is_floats``; the tolerance is ``numpy.allclose(rtol=1e-7)`` as in evalplus.
+The few lines that chain them sit inside evalplus's ``unsafe_execute``, which executes the candidate in the
+calling process, so :func:`match_step` mirrors them line for line (``tests/tasks/test_code_oracles.py`` and the
+differential test against ``evalplus.evaluate`` pin the agreement). Order per input: exact ``==``; the MBPP
+oracles; HumanEval ``find_zero``; a zero ``atol`` becomes 1e-6 at the first float (or all-float sequence)
+expected output, for the rest of the suite; then same type, same length and ``allclose``. An expected output
+too large to send is a :class:`~rlm.plugins.tasks.code.plain.Digest` of its canonical encoding and matches
+only the same digest. One deliberate deviation: ``find_zero`` (HumanEval/32) passes when every input's output is a
+root within ``atol``, as evalplus's oracle intends; evalplus 0.3.1 fails every solution there, the canonical
+one included, because the ``continue`` after its oracle skips the bookkeeping that records a passed input.
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import math
 from typing import Any
 
 from rlm.plugins.tasks.code.plain import Digest, NotPlain, decode, encode
-
-SET_EQ = frozenset({"similar_elements", "find_char_long", "common_in_nested_lists", "extract_singly", "larg_nnum",
-                    "intersection_array", "find_dissimilar", "Diff"})
-NOT_NONE = frozenset({"check_str", "text_match_three", "text_starta_endb"})
 
 
 def parse_records(data: bytes) -> list[list[Any]] | None:
@@ -71,111 +69,89 @@ def canonical_text(v: Any) -> str:
     return encode(v)
 
 
-def templates(assertion: str, entry_point: str) -> str | None:
-    """MBPP+: the encoded literal arguments of the first ``entry_point(...)`` call in the task's ``assertion``
-    example (``None`` for a non-literal argument), used to restore argument types; ``None`` when there is none."""
-    for line in (assertion or "").splitlines():
-        try:
-            tree = ast.parse(line.strip())
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == entry_point:
-                out = []
-                for a in node.args:
-                    try:
-                        out.append(ast.literal_eval(a))
-                    except Exception:  # noqa: BLE001 - any non-literal argument
-                        out.append(None)
-                try:
-                    return encode(out)
-                except (NotPlain, RecursionError):
-                    return None
-    return None
+def _evalplus():
+    """evalplus's comparison pieces (imported on first use: ``evalplus.eval`` loads numpy and psutil)."""
+    from evalplus.eval import _special_oracle as oracle
+    from evalplus.eval import is_floats
+
+    return oracle, is_floats
 
 
-def _is_floats(x: Any) -> bool:
-    if type(x) is float:
-        return True
-    return type(x) in (list, tuple) and len(x) > 0 and all(type(i) is float for i in x)
+def not_none_tasks() -> list[str]:
+    """evalplus's MBPP+ entry points whose output only counts as "returned something" (not ``None``)."""
+    return sorted(_evalplus()[0].MBPP_OUTPUT_NOT_NONE_TASKS)
 
 
-def _close(o: Any, e: Any, atol: float) -> bool:
-    if type(o) is not type(e):
+def _find_zero_ok(poly: Any, xs: Any, x: Any, atol: float) -> bool:
+    """HumanEval ``find_zero``: ``x`` is a root of the polynomial with coefficients ``xs`` within the task's
+    ``atol`` (evalplus's oracle: ``abs(_poly(xs, x)) <= atol``; any root counts)."""
+    if type(x) not in (bool, int, float):
         return False
-    if type(e) in (int, float):
-        return abs(o - e) <= atol + 1e-7 * abs(e)
-    if type(e) in (list, tuple):
-        return len(o) == len(e) and all(_close(a, b, atol) for a, b in zip(o, e))
-    return o == e
+    return abs(poly(xs, x)) <= atol
 
 
-def _find_zero_ok(xs: Any, x: Any, atol: float) -> bool:
-    """HumanEval ``find_zero``: ``x`` is a root of the polynomial with coefficients ``xs`` (any root counts)."""
-    if type(x) not in (bool, int, float) or (type(x) is not float and abs(x) > 2 ** 4096):
+def _allclose(o: Any, e: Any, atol: float) -> bool:
+    """evalplus's tolerance rule: same type (and length for sequences), then ``numpy.allclose`` with
+    ``rtol=1e-7``."""
+    import numpy as np
+
+    if type(o) is not type(e) or (isinstance(e, (list, tuple)) and len(o) != len(e)):
         return False
-    return abs(sum(c * x ** i for i, c in enumerate(xs))) <= (atol or 1e-6)
+    return bool(np.allclose(o, e, rtol=1e-07, atol=atol))
 
 
-def _pyramid_surface_perpendicular(base_edge: Any, height: Any) -> int:
-    """Mbpp/581's second reading (evalplus accepts both): ``height`` as the perpendicular height of the square
-    pyramid, so the slant height is ``sqrt((base_edge / 2)² + height²)``; the total surface, rounded."""
-    slant = math.sqrt((base_edge / 2) ** 2 + height ** 2)
-    return round(base_edge ** 2 + 2 * base_edge * slant)
-
-
-def _digit_distance_padded(a: Any, b: Any) -> int:
-    """Mbpp/558's second reading (evalplus accepts both): the shorter number left-padded with zeros, then the
-    sum of the digit-wise absolute differences."""
-    x, y = str(a), str(b)
-    width = max(len(x), len(y))
-    return sum(abs(int(p) - int(q)) for p, q in zip(x.zfill(width), y.zfill(width)))
-
-
-def _mbpp_oracle(ep: str, inp: list[Any], o: Any, e: Any, atol: float) -> bool | None:
-    """evalplus's special MBPP+ oracles, or ``None`` when ``ep`` has none (or it does not decide)."""
-    if ep == "surface_Area" and o != e and abs(o - _pyramid_surface_perpendicular(*inp)) <= atol:
+def _special(dataset: str | None, ep: str, inp: list[Any], o: Any, e: Any, exact: bool, atol: float) -> bool:
+    """evalplus's special MBPP+ oracles applied to the exact-match verdict ``exact``."""
+    oracle, _ = _evalplus()
+    if dataset != "mbpp":
+        return exact
+    if ep == "are_equivalent":  # Mbpp/164
         return True
-    if ep == "digit_distance_nums" and o != e and o == _digit_distance_padded(*inp):
-        return True
-    if ep == "are_equivalent":
-        return True
-    if ep == "sum_div" and o == 0:
-        return True
-    if ep in SET_EQ:
-        try:
-            return set(o) == set(e)
-        except TypeError:
-            return False
-    if ep in NOT_NONE:
-        ob = o if type(o) is bool else o is not None
-        eb = e if type(e) is bool else e is not None
-        return ob == eb
-    return None
+    if ep == "sum_div":  # Mbpp/295
+        return exact or o == 0
+    if ep == "surface_Area":  # Mbpp/581: the perpendicular-height reading too
+        return exact or abs(o - oracle._surface_Area(*inp)) <= atol
+    if ep == "digit_distance_nums":  # Mbpp/558: the zero-padded reading too
+        return exact or o == oracle._digit_distance_nums(*inp)
+    if ep in oracle.MBPP_OUTPUT_SET_EQ_TASKS:
+        return set(o) == set(e)
+    if ep in oracle.MBPP_OUTPUT_NOT_NONE_TASKS:
+        return o == e if isinstance(o, bool) else e == (o is not None)
+    return exact
+
+
+def match_step(dataset: str | None, ep: str, inp: list[Any], o: Any, e: Any, atol: float) -> tuple[bool, float]:
+    """One input of evalplus's check: whether output ``o`` (plain) on input ``inp`` matches the expected ``e``,
+    and the ``atol`` that later inputs of the same suite use (evalplus raises a zero ``atol`` to 1e-6 at the
+    first float output and keeps it for the rest of the suite)."""
+    oracle, is_floats = _evalplus()
+    if type(e) is Digest or type(o) is Digest:
+        return type(e) is type(o) and o == e, atol
+    try:
+        exact = _special(dataset, ep, inp, o, e, o == e, atol)
+        if dataset == "humaneval" and ep == "find_zero":
+            return _find_zero_ok(oracle._poly, inp[0], o, atol), atol
+        if atol == 0 and is_floats(e):
+            atol = 1e-6
+        if not exact and atol != 0:
+            return _allclose(o, e, atol), atol
+        return bool(exact), atol
+    except (TypeError, ValueError, ArithmeticError, RecursionError, IndexError, AttributeError):
+        return False, atol
 
 
 def match(dataset: str | None, ep: str, inp: list[Any], o: Any, e: Any, atol: float) -> bool:
     """Whether output ``o`` of the candidate on input ``inp`` matches the expected output ``e`` (both plain)."""
-    if type(e) is Digest or type(o) is Digest:
-        return type(e) is type(o) and o == e
-    try:
-        if dataset == "mbpp":
-            r = _mbpp_oracle(ep, inp, o, e, atol)
-            if r is not None:
-                return r
-        if dataset == "humaneval" and ep == "find_zero":
-            return _find_zero_ok(inp[0], o, atol)
-        if o == e:
-            return True
-        if atol == 0 and _is_floats(e):
-            atol = 1e-6
-        return atol != 0 and _close(o, e, atol)
-    except (TypeError, ValueError, ArithmeticError, RecursionError, IndexError):
-        return False
+    return match_step(dataset, ep, inp, o, e, atol)[0]
 
 
 def suite_passes(dataset: str | None, ep: str, inputs: list[Any], outputs: list[Any], expected: list[Any],
                  atol: float) -> bool:
     """Whether the candidate produced an output for every input and each matches the expected one."""
-    return len(outputs) == len(expected) == len(inputs) and all(
-        match(dataset, ep, i, o, e, atol) for i, o, e in zip(inputs, outputs, expected))
+    if not len(outputs) == len(expected) == len(inputs):
+        return False
+    for i, o, e in zip(inputs, outputs, expected):
+        ok, atol = match_step(dataset, ep, i, o, e, atol)
+        if not ok:
+            return False
+    return True
