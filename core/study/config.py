@@ -1,7 +1,8 @@
 """The :class:`ExperimentConfig` of a study (``rlm experiment``, ``rlm merge-eval``) and its parts, with the
 cross-checks between them.
 
-An experiment is: a base model; an optional warm-up SFT on a mixture of the tasks (the start point θ0 of every
+An experiment is: a base model; the precision regime (the dtype θ0 and every expert are saved in, the default
+training precision); an optional warm-up SFT on a mixture of the tasks (the start point θ0 of every
 expert); tasks with training and evaluation subsets and sizes; trainers (each trainer's experts form one
 *group* of Table 1); merge methods (each with an optional ``preset`` of the method plugin, e.g. ``paper``);
 evaluation settings; conflict statistics; the landscape and the number-of-merged-models curve; the report;
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
@@ -38,6 +39,22 @@ class BaseModelConfig(PluginConfig):
     model: str = "tiny"
     seed: int = Field(0, description="initialisation seed of the tiny model")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class PrecisionConfig(PluginConfig):
+    """The paper's precision regime: experts trained with fp32 master weights and saved as bf16 checkpoints,
+    θ0 saved in the same dtype, so that τ = θ_expert − θ0, the merges and Table 2 ("fraction updated") see only
+    what the saved checkpoints keep of an update, never the rounding of unchanged weights."""
+
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="dtype θ0 (the warm-up's output; without a warm-up, the init step's model) and "
+                                "every expert are saved in: each trainer's save_dtype and the warm-up's (a trainer "
+                                "config may not set another); auto: each trainer's own choice (the start model's "
+                                "dtype), θ0 as the base is (paper: bfloat16)")
+    training: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-pure"] | None = Field(
+        None, description="precision of the warm-up and of every trainer whose config does not set `precision` "
+                          "(None: each trainer's default, fp32; fp32 and the mixed modes keep fp32 master weights; "
+                          "paper: bf16-mixed)")
 
 
 class TaskConfig(PluginConfig):
@@ -191,6 +208,20 @@ def _known(values: Sequence[str] | None, allowed: list[str], where: str) -> None
             raise ValueError(f"{where}: unknown {v!r}{hint} (known: {', '.join(allowed)})")
 
 
+def _check_save_dtype(save_dtype: str, overrides: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+    """θ0 and every expert are saved in ``precision.save_dtype``: a trainer config may not ask for another."""
+    if save_dtype == "auto":
+        return
+    for where, conf in overrides:
+        # the deprecated `dtype` bfloat16 / float16 also means saving in that dtype (float32: the start model's)
+        field = "save_dtype" if conf.get("save_dtype") is not None else "dtype"
+        got = conf.get(field)
+        if got is not None and got not in (save_dtype, "auto") and not (field == "dtype" and got == "float32"):
+            raise ValueError(f"{where}.{field}: {got} differs from precision.save_dtype {save_dtype} (θ0 and "
+                             f"every expert are saved in one dtype, so that τ = θ_expert − θ0 holds no rounding; "
+                             f"set precision.save_dtype instead)")
+
+
 def _check_landscape(ls: LandscapeConfig, tasks: list[str], groups: list[str], methods: list[str]) -> None:
     _known(ls.groups, groups, "landscape.groups")
     _known([ls.method] if ls.method else None, methods, "landscape.method")
@@ -210,6 +241,7 @@ class ExperimentConfig(PluginConfig):
     name: str = "experiment"
     description: str = ""
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     warmup: WarmupConfig | None = None
     tasks: list[TaskConfig] = Field(min_length=2)
     trainers: list[TrainerConfig] = Field(min_length=1)
@@ -246,6 +278,7 @@ class ExperimentConfig(PluginConfig):
             raise ValueError(f"seeds must be unique, got {self.seeds}")
         if self.warmup is not None:
             _known(self.warmup.tasks, tasks, "warmup.tasks")
+        _check_save_dtype(self.precision.save_dtype, self._trainer_overrides())
         _check_landscape(self.landscape, tasks, groups, methods)
         _known(self.curve.groups, groups, "curve.groups")
         _known(self.curve.methods, methods, "curve.methods")
@@ -258,6 +291,26 @@ class ExperimentConfig(PluginConfig):
             if len(self.tasks_of(t)) < 2:
                 raise ValueError(f"trainers[{i}] ({t.id}): needs experts on at least two tasks to merge")
         return self
+
+    def _trainer_overrides(self) -> list[tuple[str, Mapping[str, Any]]]:
+        """(config field, trainer overrides) of the warm-up and of every trainer and per-task entry."""
+        out: list[tuple[str, Mapping[str, Any]]] = []
+        if self.warmup is not None:
+            out.append(("warmup.config", self.warmup.config))
+        for i, t in enumerate(self.trainers):
+            out.append((f"trainers[{i}].config", t.config))
+            out += [(f"trainers[{i}].per_task.{k}", v) for k, v in t.per_task.items()]
+        return out
+
+    def trainer_defaults(self) -> dict[str, str]:
+        """What the study gives the warm-up and every trainer for the fields their config leaves unset
+        (``save_dtype``, ``precision``), from ``precision``; empty where the trainers decide."""
+        out = {}
+        if self.precision.save_dtype != "auto":
+            out["save_dtype"] = self.precision.save_dtype
+        if self.precision.training is not None:
+            out["precision"] = self.precision.training
+        return out
 
     # -- conveniences --------------------------------------------------------------------------------------
     def task(self, label: str) -> TaskConfig:

@@ -3,7 +3,8 @@ named steps with dependencies and a JSON step config, and :func:`build_graph` at
 kind to make a :class:`rlm.core.study.graph.Graph`. Step names (dots separate the parts; every label is
 ``[A-Za-z0-9_-]``)::
 
-    init                                   base model (kind init)
+    init                                   base model (kind init; θ0 when there is no warm-up, then saved in
+                                           precision.save_dtype)
     warmup                                 warm-up SFT on the task mixture (kind warmup; only if enabled)
     eval_start.TASK                        the start model θ0 on TASK (kind eval_expert; eval.include_start)
     train.GROUP.TASK.sSEED                 an expert (kind train)
@@ -19,7 +20,9 @@ Task sets inside names follow the order of ``tasks`` in the config. Warm-up and 
 seeds; each seed trains its own experts and seeds the merges' random masks: a step's ``config["seed"]`` is
 the seed to give the plugin (the trainer's ``seed`` field, the merge's ``seed``); the plugin overrides in
 ``config["config"]`` (and a merge's ``preset``, ``params`` and ``model_params``) are exactly what the user
-wrote. Planning needs no plugin: the plan depends on the config alone.
+wrote; a warm-up's or train step's ``config["defaults"]`` holds what the study's ``precision`` section sets
+where those overrides leave a field unset (``save_dtype``, ``precision``). Planning needs no plugin: the plan
+depends on the config alone.
 """
 
 from __future__ import annotations
@@ -131,6 +134,12 @@ class _Planner:
                                        ephemeral=kind == "merge" and not self.cfg.keep_merged_models)
         return name
 
+    def defaults(self) -> dict[str, Any]:
+        """``{"defaults": {field: value}}``: the trainer config fields the study sets where the warm-up's or a
+        trainer's config leaves them unset (``precision``: save_dtype, training); nothing when there are none."""
+        d = self.cfg.trainer_defaults()
+        return {"defaults": d} if d else {}
+
     def eval_task(self, label: str) -> dict[str, Any]:
         return _task_eval(self.cfg.task(label), self.cfg.eval.limit)
 
@@ -140,13 +149,15 @@ class _Planner:
         init_cfg: dict[str, Any] = {"base": cfg.base.model_dump(mode="json")}
         if Path(cfg.base.model).expanduser().is_dir():  # used in place: the cache must notice a rewritten directory
             init_cfg["fingerprint"] = dir_fingerprint(cfg.base.model)
+        if not cfg.warmup_enabled and cfg.precision.save_dtype != "auto":  # the base is θ0: saved as the experts
+            init_cfg["save_dtype"] = cfg.precision.save_dtype
         self.start = self.add("init", "init", [], init_cfg)
         if cfg.warmup_enabled:
             w = cfg.warmup
             mix = [cfg.task(t) for t in (w.tasks or self.order)]
             self.start = self.add("warmup", "warmup", [self.start], {
                 "trainer": w.trainer, "config": w.config, "seed": cfg.base.seed,
-                "tasks": [{**_task_train(t), "size": w.examples_per_task} for t in mix]})
+                "tasks": [{**_task_train(t), "size": w.examples_per_task} for t in mix], **self.defaults()})
         if cfg.eval.include_start:
             for t in cfg.tasks:
                 self.evals_expert.append(self.add(f"eval_start.{t.id}", "eval_expert", [self.start],
@@ -176,7 +187,7 @@ class _Planner:
             conf = {**tr.config, **tr.per_task.get(t, {})}
             train = self.add(f"train.{group}.{t}.s{seed}", "train", [self.start],
                              {"group": group, "trainer": tr.name, "config": conf,
-                              "task": _task_train(cfg.task(t)), "seed": seed})
+                              "task": _task_train(cfg.task(t)), "seed": seed, **self.defaults()})
             self.trains.append(train)
             self.evals_expert.append(self.add(f"eval_expert.{group}.{t}.s{seed}", "eval_expert", [train],
                                               {"group": group, "model": "expert", "seed": seed,
@@ -216,13 +227,14 @@ class _Planner:
     def plan_report(self) -> None:
         cfg, rep = self.cfg, self.cfg.report
         # training runs are listed too (for the training curves); they are ancestors of the evaluations anyway
-        extra = ([self.start] if cfg.warmup_enabled else []) + self.trains
+        # and θ0 (init or warm-up), whose saved dtype the report states
+        extra = [self.start] + self.trains
         self.add("report", "report", self.evals_expert + self.evals_merged + self.conflicts + self.landscapes + extra, {
             "name": cfg.name, "tasks": self.order, "groups": rep.table1_groups or [t.id for t in cfg.trainers],
             "methods": [m.id for m in cfg.methods], "seeds": cfg.seeds, "bootstrap_resamples": rep.bootstrap_resamples,
             "ci": rep.ci, "bootstrap_seed": rep.seed, "scale": rep.scale,
             "table3": cfg.report.table3, "curve": cfg.curve.enabled,
-            "landscape": cfg.landscape.enabled})
+            "landscape": cfg.landscape.enabled, "save_dtype": cfg.precision.save_dtype})
 
 
 def plan_steps(cfg: ExperimentConfig) -> list[PlannedStep]:

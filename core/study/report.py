@@ -5,7 +5,15 @@ finished steps the report step depends on, one section function each.
 Table 2 and the pair table come from the conflicts steps' results: the summary cells of the metrics that ran
 (:meth:`rlm.core.contracts.Metric.columns`, via :func:`rlm.core.conflicts.report.summary_rows`), printed with
 :func:`rlm.core.conflicts.report.format_value`; the figures the conflicts steps wrote are embedded too. No
-metric is named here, so a third-party metric reaches the report like a built-in one.
+metric is named here, so a third-party metric reaches the report like a built-in one. Table 2 is computed on
+the checkpoints as saved (bf16 in the paper's regime, see ``precision`` in
+:mod:`rlm.core.study.config`); where the training run's master weights are wider than the saved ones, the
+rows also give the master weights' statistics from the run's last ``metrics.jsonl`` line. The report says which
+dtype θ0 and every expert were saved in (read from the saved files).
+
+Beside ``report.md`` the step writes ``summary.json`` (:mod:`rlm.core.study.summary`): the start model's and
+the experts' scores with each expert's difference to θ0 and its paired bootstrap interval
+(:func:`rlm.core.study.tables.delta_vs_start`), Table 1's cells and Table 2's update norm and fraction updated.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rlm.core.study.scores import CollectedScores, collect_scores
+from rlm.core.study.summary import SUMMARY_FILE
 
 EVAL_KINDS = ("eval_start", "eval_expert", "eval_merged")
 
@@ -28,7 +37,16 @@ class _Report:
     cfg: Any
     ctx: Any  # the report step's rlm.core.study.graph.StepContext
     md: list[str] = field(default_factory=list)
-    files: list[str] = field(default_factory=lambda: ["report.md"])
+    files: list[str] = field(default_factory=lambda: ["report.md", SUMMARY_FILE])
+    saved: dict[str, Any] = field(default_factory=dict)  # rlm.core.study.summary.saved_weights
+
+    @property
+    def many_seeds(self) -> bool:
+        return len(self.config["seeds"]) > 1
+
+    def expert_key(self, group: str, task: str, seed: str) -> str:
+        """How tables name an expert: ``GROUP/TASK`` (``GROUP/TASK/sSEED`` with several seeds)."""
+        return f"{group}/{task}" + (f"/{seed}" if self.many_seeds else "")
 
     @property
     def config(self) -> Mapping[str, Any]:
@@ -102,9 +120,28 @@ def _setup(rep: _Report, scores: Mapping[str, Any], col: CollectedScores) -> Non
     rep.md.append("- score: the mean per-example verifier score (math: math-verify accuracy; puzzle: every role "
                   "right; rank: the query's passage right; code: pass@1 plus; instruction following: fraction of "
                   "constraints followed), shown ×{:g}".format(rep.scale))
+    rep.md += _precision_lines(rep)
     if col.missing:
         rep.md.append(f"- missing evaluations: {', '.join(col.missing)}")
     rep.md.append("")
+
+
+def _precision_lines(rep: _Report) -> list[str]:
+    """Which dtype θ0 and the experts were saved in (read from the files) and how the experts trained."""
+    start = (rep.saved.get("start") or {}).get("dtype") or "unknown"
+    experts = rep.saved.get("experts") or {}
+    dtypes = sorted({e["dtype"] or "unknown" for e in experts.values()})
+    modes = sorted({f"{e['precision']} (master weights {e.get('master_dtype')}, compute {e.get('compute_dtype')})"
+                    for e in experts.values() if e.get("precision")})
+    lines = [f"- weights saved in: θ0 {start}" + (f", experts {', '.join(dtypes)}" if dtypes else "")
+             + f" (precision.save_dtype: {rep.config.get('save_dtype', 'auto')}); merges, Table 2 and every "
+               "evaluation read these saved checkpoints"]
+    if modes:
+        lines.append(f"- experts trained with precision {'; '.join(modes)}")
+    if start != "unknown" and any(d not in (start, "unknown") for d in dtypes):
+        lines.append(f"- note: θ0 and experts are saved in different dtypes, so τ = θ_expert − θ0 also holds the "
+                     f"rounding of θ0 from {start} to the experts' dtype (Table 2 counts it as updated)")
+    return lines
 
 
 def _start_model(rep: _Report, col: CollectedScores) -> None:
@@ -118,7 +155,40 @@ def _start_model(rep: _Report, col: CollectedScores) -> None:
     rep.md.append("")
 
 
-def _tables_1_and_3(rep: _Report, col: CollectedScores) -> None:
+def _experts_vs_start(rep: _Report, col: CollectedScores) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each expert on its own task against θ0 on the same examples: the score difference and its paired
+    bootstrap interval (:func:`rlm.core.study.tables.delta_vs_start`); a Markdown table when θ0 was evaluated.
+    Returns group -> task -> ``{"score", "n", "delta", "ci_low", "ci_high", "paired"}``."""
+    from rlm.core.study.tables import delta_vs_start
+
+    c = rep.config
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for g, tasks in col.unmerged.items():
+        for t in (t for t in c["tasks"] if t in tasks):
+            e, s = tasks[t], col.start.get(t)
+            entry: dict[str, Any] = {"score": e.value, "n": e.n}
+            if s is not None:
+                entry.update(delta_vs_start(e, s, group=g, task=t, n_boot=c["bootstrap_resamples"], ci=c["ci"],
+                                            seed=c["bootstrap_seed"]))
+            out.setdefault(g, {})[t] = entry
+    rows = [(g, t, e) for g, tasks in out.items() for t, e in tasks.items() if "delta" in e]
+    if not rows:
+        return out
+    pct, sc = f"{c['ci'] * 100:g}%", rep.scale
+    rep.md += ["## Experts against θ0", "",
+               f"Each expert on its own task against the start model θ0 on the same examples (×{sc:g}): Δ = expert − "
+               f"θ0, in brackets its {pct} bootstrap interval ({c['bootstrap_resamples']} resamples, seed "
+               f"{c['bootstrap_seed']}; paired: the same resampled examples for both models).", "",
+               f"| group | task | θ0 | expert | Δ | {pct} interval of Δ | n |", "|---|---|---|---|---|---|---|"]
+    for g, t, e in rows:
+        ci = "–" if e["ci_low"] is None else f"[{e['ci_low'] * sc:+.1f}, {e['ci_high'] * sc:+.1f}]"
+        rep.md.append(f"| {g} | {t} | {col.start[t].value * sc:.1f} | {e['score'] * sc:.1f} | {e['delta'] * sc:+.1f} "
+                      f"| {ci}{'' if e['paired'] else ' (unpaired)'} | {e['n']} |")
+    rep.md.append("")
+    return out
+
+
+def _tables_1_and_3(rep: _Report, col: CollectedScores) -> Any:
     from rlm.core.study import tables
 
     c = rep.config
@@ -136,6 +206,7 @@ def _tables_1_and_3(rep: _Report, col: CollectedScores) -> None:
         tab3.write(rep.out, "table3")
         rep.files += ["table3.md", "table3.csv", "table3.json"]
         rep.md.append(tab3.to_markdown())
+    return t1
 
 
 def _num_models_curve(rep: _Report, col: CollectedScores) -> None:
@@ -156,25 +227,77 @@ def _num_models_curve(rep: _Report, col: CollectedScores) -> None:
     rep.md.append("")
 
 
-def _conflicts(rep: _Report) -> None:
-    """Table 2 (every model-scope column of the metrics that ran, per expert), the pair table (every
-    pair-scope column, per pair of experts) and the figures of the conflicts steps."""
+MASTER_NORM, MASTER_CHANGED, SAVED_CHANGED = "master ‖θ − θ0‖₂", "master: share ≠ θ0", "saved: share ≠ θ0"
+
+
+def _saved_cells(rep: _Report, key: str) -> dict[str, Any]:
+    """Table 2's cells from the expert's saved weights and training run: the saved dtype and, when the run's
+    master weights are wider, the run's last ``delta_norm``, ``changed_frac`` and ``saved_changed_frac``."""
+    e = (rep.saved.get("experts") or {}).get(key)
+    if e is None:
+        return {}
+    cells: dict[str, Any] = {"saved dtype": e["dtype"] or "unknown"}
+    fm = e["final_metrics"]
+    if e.get("master_dtype") and e["master_dtype"] != e["dtype"] and fm.get("delta_norm") is not None:
+        cells[MASTER_NORM] = fm["delta_norm"]
+        for col, k in ((MASTER_CHANGED, "changed_frac"), (SAVED_CHANGED, "saved_changed_frac")):
+            cells[col] = None if fm.get(k) is None else f"{100 * fm[k]:.2f} %"
+    return cells
+
+
+def _table2_entry(rep: _Report, o: Any, task: str, key: str) -> dict[str, Any]:
+    """summary.json's Table 2 entry of one expert: the raw values of its conflicts step's ``conflicts.json``
+    (on the saved weights) and the master-weight statistics of its training run."""
+    import json
+
+    try:
+        data = json.loads((o.dir / "conflicts.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    m = (data.get("models") or {}).get(task) or {}
+    e = (rep.saved.get("experts") or {}).get(key) or {"final_metrics": {}}
+    fm = e["final_metrics"]
+    return {"update_norm": m.get("update_norm"), "fraction_updated": m.get("fraction_updated"),
+            "threshold": data.get("threshold"), "num_params": m.get("num_params"), "saved_dtype": e.get("dtype"),
+            "master_dtype": e.get("master_dtype"), "master_update_norm": fm.get("delta_norm"),
+            "master_fraction_changed": fm.get("changed_frac"), "saved_fraction_changed": fm.get("saved_changed_frac"),
+            "source": rep.source(o)}
+
+
+def _mean_over_seeds(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One Table 2 entry from several seeds' (numbers averaged; the per-seed entries under ``seeds``)."""
+    if len(entries) == 1:
+        return entries[0][1]
+    first = entries[0][1]
+    out = {k: (sum(e[k] for _, e in entries) / len(entries)
+               if all(isinstance(e.get(k), (int, float)) for _, e in entries) else first.get(k))
+           for k in first if k != "source"}
+    out["seeds"] = {s: e for s, e in entries}
+    return out
+
+
+def _conflicts(rep: _Report) -> dict[str, Any]:
+    """Table 2 (every model-scope column of the metrics that ran, per expert, on the saved weights, with the
+    saved dtype and the master weights' statistics), the pair table (every pair-scope column, per pair of
+    experts) and the figures of the conflicts steps. Returns summary.json's ``table2``."""
     from rlm.core.conflicts.report import format_value, pair_label
     from rlm.core.study import tables
 
     conf = rep.of_kind("conflicts")
     if not conf:
-        return
-    many = len(rep.config["seeds"]) > 1
+        return {}
     rows: dict[str, dict[str, Any]] = {}
     pairs: dict[str, dict[str, Any]] = {}
     figures: list[str] = []
+    summary: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for n, o in conf.items():
         _, g, s = n.split(".")
-        res, src, suffix = o.result or {}, rep.source(o), (f"/{s}" if many else "")
+        res, src, suffix = o.result or {}, rep.source(o), (f"/{s}" if rep.many_seeds else "")
         for t, cells in (res.get("models") or {}).items():
             if cells:
-                rows[f"{g}/{t}{suffix}"] = {**cells, "source": src}
+                key = rep.expert_key(g, t, s)
+                rows[key] = {**cells, **_saved_cells(rep, key), "source": src}
+                summary.setdefault(f"{g}/{t}", []).append((s, _table2_entry(rep, o, t, key)))
         for p, cells in (res.get("pairs") or {}).items():
             if cells:
                 pairs[f"{g}{suffix}\0{p}"] = {"group": f"{g}{suffix}", "pair": pair_label(p), **cells,
@@ -185,9 +308,16 @@ def _conflicts(rep: _Report) -> None:
                 figures.append(rel)
 
     if rows:
-        tab2 = tables.table2(rows, formatter=format_value, notes=[
-            "τ = θ_expert − θ0; the columns are those of the conflict metrics that ran (each source's `report.md` "
-            "has their sections)."])
+        notes = ["τ = θ_expert − θ0 on the weights as saved (the dtype in `saved dtype`, θ0 likewise); the "
+                 "columns before it are those of the conflict metrics that ran (each source's `report.md` has "
+                 "their sections)."]
+        if any(MASTER_NORM in r for r in rows.values()):
+            notes.append(f"`{MASTER_NORM}`, `{MASTER_CHANGED}`: the same change measured on the training run's "
+                         "master weights (wider than the saved ones) after its last step; `" + SAVED_CHANGED +
+                         "`: the share of parameters whose saved value differs from θ0's at all (the run's "
+                         "`metrics.jsonl`: delta_norm, changed_frac, saved_changed_frac). Updates smaller than "
+                         "half a step of the saved dtype change the master weights but not the checkpoint.")
+        tab2 = tables.table2(rows, formatter=format_value, notes=notes)
         tab2.write(rep.out, "table2")
         rep.files += ["table2.md", "table2.csv", "table2.json"]
         rep.md.append(tab2.to_markdown())
@@ -200,6 +330,7 @@ def _conflicts(rep: _Report) -> None:
                    *table.table_lines(), ""]
     for f in figures:
         rep.md += [f"![{Path(f).stem}]({f})", ""]
+    return {k: _mean_over_seeds(v) for k, v in summary.items()}
 
 
 def _training_curves(rep: _Report) -> None:
@@ -285,15 +416,47 @@ def write_report(cfg: Any, ctx: Any) -> dict[str, Any]:
     from rlm.core.io.atomic import atomic_write_text
 
     rep = _Report(cfg, ctx)
+    rep.saved = _saved_weights(rep)
     scores = {n: o.result for n, o in rep.of_kind(*EVAL_KINDS).items()}
     col = collect_scores(cfg, scores)
     _setup(rep, scores, col)
     _start_model(rep, col)
-    _tables_1_and_3(rep, col)
+    experts = _experts_vs_start(rep, col)
+    t1 = _tables_1_and_3(rep, col)
     _num_models_curve(rep, col)
-    _conflicts(rep)
+    table2 = _conflicts(rep)
     _training_curves(rep)
     _landscapes(rep)
     _provenance(rep)
+    _write_summary(rep, col, experts, t1, table2)
     atomic_write_text(rep.out / "report.md", "\n".join(rep.md))
-    return {"files": rep.files, "table1": "table1.md", "missing": col.missing}
+    return {"files": rep.files, "table1": "table1.md", "summary": SUMMARY_FILE, "missing": col.missing}
+
+
+def _saved_weights(rep: _Report) -> dict[str, Any]:
+    """:func:`rlm.core.study.summary.saved_weights` of θ0 (the warm-up's or init's model) and every expert."""
+    from rlm.core.study.steps import model_of
+    from rlm.core.study.summary import saved_weights
+
+    start = next(((n, model_of(rep.inputs[n])) for n in ("warmup", "init") if n in rep.inputs), None)
+    experts = {}
+    for n, o in rep.of_kind("train").items():
+        _, g, t, s = n.split(".")
+        res = o.result or {}
+        experts[rep.expert_key(g, t, s)] = (model_of(o), o.dir / res["run"] if res.get("run") else None,
+                                            res.get("final_metrics"))
+    return saved_weights(start, experts)
+
+
+def _write_summary(rep: _Report, col: CollectedScores, experts: Mapping[str, Any], t1: Any,
+                   table2: Mapping[str, Any]) -> None:
+    from rlm.core.io.atomic import atomic_write_json
+    from rlm.core.study.summary import build_summary, steps_seconds
+
+    c = rep.config
+    seconds, steps = steps_seconds(rep.ctx.run_dir, [o.dir for o in rep.inputs.values()])
+    data = build_summary(preset=c["name"], elapsed_s=seconds, steps=steps, start=col.start, experts=experts, t1=t1,
+                         table2=table2, precision={"save_dtype": c.get("save_dtype"), **rep.saved},
+                         bootstrap={"resamples": c["bootstrap_resamples"], "ci": c["ci"],
+                                    "seed": c["bootstrap_seed"]})
+    atomic_write_json(rep.out / SUMMARY_FILE, data)

@@ -95,8 +95,8 @@ def merge_eval_config(base: str, experts: dict[str, dict[str, str]], methods: Se
                       sets: Sequence[str] = (), name: str = "merge-eval") -> ExperimentConfig:
     """The :class:`ExperimentConfig` of a merge-eval: one trainer (group) per SPEC group with its tasks, the
     given methods (each with the method plugin's ``preset``, unless None), no warm-up, no start-model
-    evaluation, no conflicts (unless ``--set`` turns them on). ``tasks`` maps a task label to
-    ``TASK[:SUBSET]`` (default: the label)."""
+    evaluation, no conflicts (unless ``--set`` turns them on), the base and experts in their own dtypes
+    (``precision.save_dtype`` auto). ``tasks`` maps a task label to ``TASK[:SUBSET]`` (default: the label)."""
     labels: list[str] = []
     for g in experts.values():
         labels += [t for t in g if t not in labels]
@@ -113,6 +113,8 @@ def merge_eval_config(base: str, experts: dict[str, dict[str, str]], methods: Se
         raise RlmError(f"--tasks names task(s) no expert has: {', '.join(unknown)} (experts' tasks: {', '.join(labels)})")
     data = {"name": name, "description": f"merge-eval of {sum(len(v) for v in experts.values())} experts",
             "base": {"model": base}, "warmup": None, "tasks": task_cfgs,
+            # nothing is trained or saved: the base and the experts are compared as they are
+            "precision": {"save_dtype": "auto"},
             "trainers": [{"name": g, "tasks": list(ts)} for g, ts in experts.items()],
             "methods": [{"name": m, **({"preset": preset} if preset is not None else {})} for m in methods],
             "eval": {"limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size,

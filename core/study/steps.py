@@ -5,7 +5,8 @@ evaluation, conflicts, report) and writing its outputs into the step's own direc
 What each step writes (paths relative to its step directory) and returns (its ``step.json`` result):
 
 ``init``         ``model/`` (the tiny model, or the base loaded and saved in ``dtype``); a local base directory
-                 is used in place (not copied) -> ``{"model": PATH}``
+                 is used in place (not copied) -> ``{"model": PATH}``. Without a warm-up this model is θ0 and
+                 is saved in ``precision.save_dtype`` (a local directory in another dtype is copied)
 ``warmup``       ``run/`` (an ``rlm train`` run directory on the task mixture; ``run/final`` is θ0)
 ``train``        ``run/`` (one expert; ``run/metrics.jsonl`` feeds the training curves) or, for given experts
                  (``merge-eval``), nothing -> ``{"model": DIR}``
@@ -17,8 +18,8 @@ What each step writes (paths relative to its step directory) and returns (its ``
                  ``{"models": {task: {column: value}}, "pairs": {pair: {column: value}}, "figures", "files"}``:
                  the summary cells of the metrics that ran (:meth:`rlm.core.contracts.Metric.columns`)
 ``landscape``    ``landscape.json``, ``landscape.png``
-``report``       ``report.md``, ``table1.{md,csv,json}``, ``table2.*``, ``table3.*``, ``figures/*.png``,
-                 ``provenance.json`` (:mod:`rlm.core.study.report`)
+``report``       ``report.md``, ``summary.json``, ``table1.{md,csv,json}``, ``table2.*``, ``table3.*``,
+                 ``figures/*.png``, ``provenance.json`` (:mod:`rlm.core.study.report`)
 
 Scores are :func:`rlm.core.study.scores.primary_score` per example. Generation is greedy; the evaluation
 examples of a task do not depend on the seed (``seed=0``), so every model of a study is scored on the same
@@ -39,7 +40,7 @@ from rlm.core.study.mixture import MixtureTask, make_task
 
 #: bump a kind's version when its step function's output would change for the same config
 STEP_VERSIONS = {"init": "1", "warmup": "1", "train": "1", "eval_expert": "1", "merge": "1", "eval_merged": "1",
-                 "conflicts": "2", "landscape": "1", "report": "2"}
+                 "conflicts": "2", "landscape": "1", "report": "3"}
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -148,20 +149,23 @@ class StudySteps:
     def init(self, ctx: Any) -> dict[str, Any]:
         base = ctx.config["base"]
         spec = str(base["model"])
-        from rlm.core.models.hf import init_tiny, tiny_seed
+        from rlm.core.models.hf import init_tiny, load_model, save_model, tiny_seed
+        from rlm.core.train.precision import model_dtype_name, torch_dtype
 
+        save = ctx.config.get("save_dtype")  # set when this model is θ0 (no warm-up): saved as the experts are
         seed = tiny_seed(spec, int(base.get("seed", 0)))
         if seed is not None:
             init_tiny(ctx.out / "model", seed=seed)
+            if save:
+                model, tok = load_model(str(ctx.out / "model"))
+                save_model(model, tok, ctx.out / "model", overwrite=True, dtype=torch_dtype(save))
             return {"model": "model", "kind": "tiny", "seed": seed}
         p = Path(spec).expanduser()
-        if p.is_dir():  # a local directory is used in place; its fingerprint is part of the step config
-            return {"model": str(p.resolve()), "kind": "local"}
-        from rlm.core.models.hf import save_model
-
-        model, tok = _load(Path(spec), base.get("dtype"))
-        save_model(model, tok, ctx.out / "model")
-        return {"model": "model", "kind": "hub", "id": spec}
+        if p.is_dir() and (save is None or model_dtype_name(str(p)) == save):
+            return {"model": str(p.resolve()), "kind": "local"}  # used in place; its fingerprint is in the config
+        model, tok = _load(p if p.is_dir() else Path(spec), base.get("dtype"))
+        save_model(model, tok, ctx.out / "model", dtype=torch_dtype(save) if save else None)
+        return {"model": "model", "kind": "local-copy" if p.is_dir() else "hub", "id": spec}
 
     # training ------------------------------------------------------------------------------------------------
     def _train(self, ctx: Any, trainer_name: str, user_cfg: Mapping[str, Any], task: Task, subset: str | None,
@@ -170,7 +174,8 @@ class StudySteps:
         from rlm.core.train.config import TrainRun
 
         cls = get_plugin("trainer", trainer_name)
-        defaults: dict[str, Any] = {"seed": int(ctx.config.get("seed", 0)), "progress": self.progress}
+        defaults: dict[str, Any] = {"seed": int(ctx.config.get("seed", 0)), "progress": self.progress,
+                                    **(ctx.config.get("defaults") or {})}  # the study's precision section
         if train_limit:
             defaults["train_limit"] = int(train_limit)
         cfg = _plugin_config(cls, dict(user_cfg), defaults)

@@ -30,6 +30,9 @@ Table 1 (:func:`table1`)
     seeded by ``(seed, crc32("group|method|task"))``, so intervals do not depend on which other cells exist.
     Cells without per-example scores get no interval.
 
+Experts against θ0 (:func:`delta_vs_start`): each expert's score minus the start model's on the expert's
+task, with a paired bootstrap interval of the difference (same resampling and seeding as Table 1's cells).
+
 Table 2 (:func:`table2`): one row per model with whatever cells the caller gives (the study report: the
 model-scope columns of the conflict metrics that ran, see :meth:`rlm.core.contracts.Metric.columns`).
 Table 3 (:func:`table3`): RL against RL-Pos, the Table 1 layout restricted to two groups, built from a
@@ -510,6 +513,31 @@ def table1(unmerged: Mapping[str, Mapping[str, Any]],
     return Table1(groups=groups, methods=methods, tasks=tasks, unmerged=um, cells=cells,
                   unmerged_average=unmerged_avg, n_boot=n_boot, ci=ci, seed=seed, scale=scale, digits=digits,
                   seeds=list(seeds) if seeds is not None else None, **({"title": title} if title else {}))
+
+
+# -- experts against θ0 ----------------------------------------------------------------------------------
+VS_START = "start"  # the middle name of an expert-vs-θ0 interval's generator seed
+
+
+def delta_vs_start(expert: Any, start: Any, *, group: str, task: str, n_boot: int = 1000, ci: float = 0.95,
+                   seed: int = 0) -> dict[str, Any]:
+    """The expert's score minus θ0's on the same task, with its bootstrap interval: ``{"delta", "ci_low",
+    "ci_high", "paired"}`` (score units, not scaled). In each of ``n_boot`` resamples the evaluation examples
+    are drawn with replacement, the same indices for both models when they were scored on the same number of
+    examples (``paired``: the same evaluation set, so the interval is that of the per-example differences);
+    the interval is the ``(1 - ci) / 2`` and ``(1 + ci) / 2`` percentiles of the resampled differences. The
+    generator is seeded by ``(seed, crc32("GROUP|start|TASK"))`` as Table 1's cells are. No interval without
+    per-example scores or with ``n_boot`` 0."""
+    e, s = as_score(expert, f"expert {group}/{task}"), as_score(start, f"start/{task}")
+    out: dict[str, Any] = {"delta": e.value - s.value, "ci_low": None, "ci_high": None,
+                           "paired": e.per_example is not None and s.per_example is not None
+                           and e.per_example.size == s.per_example.size}
+    if e.per_example is None or s.per_example is None or n_boot <= 0:
+        return out
+    rng = _cell_rng(seed, group, VS_START, task)
+    e_b, s_b = _resampled_means(rng, [e.per_example, s.per_example], n_boot)
+    out["ci_low"], out["ci_high"], _ = _percentile_interval(e_b - s_b, ci)
+    return out
 
 
 # -- Table 2 and Table 3 ---------------------------------------------------------------------------------

@@ -133,6 +133,72 @@ def test_cross_field_errors(change, message):
         load_experiment({**SMALL, **change})
 
 
+# -- the precision regime --------------------------------------------------------------------------------
+def test_precision_section_reaches_the_trainers():
+    """θ0 (the warm-up) and every expert are saved in ``precision.save_dtype`` (bf16 by default): the warm-up
+    and train steps carry it as a default of the trainer config, which an explicit field may not contradict."""
+    from rlm.core.plugins import get_plugin
+    from rlm.core.study.run import merge_eval_config
+    from rlm.core.study.steps import _plugin_config
+
+    cfg = load_experiment(SMALL)
+    assert cfg.precision.save_dtype == "bfloat16" and cfg.precision.training is None
+    plan = {s.name: s for s in plan_steps(cfg)}
+    for name in ("warmup", "train.sft.math.s0", "train.grpo.code.s0"):
+        assert plan[name].config["defaults"] == {"save_dtype": "bfloat16"}, name
+    assert "save_dtype" not in plan["init"].config  # θ0 is the warm-up's output
+    assert plan["report"].config["save_dtype"] == "bfloat16" and "init" not in plan["report"].deps
+    sft = _plugin_config(get_plugin("trainer", "sft"), {"steps": 2}, plan["train.sft.math.s0"].config["defaults"])
+    assert (sft.save_dtype, sft.precision) == ("bfloat16", "fp32")
+
+    mixed = load_experiment(SMALL, sets=["precision.training=bf16-mixed"])
+    assert plan_steps(mixed)[1].config["defaults"] == {"save_dtype": "bfloat16", "precision": "bf16-mixed"}
+    # auto: the trainers decide (each saves in its start model's dtype); the step configs are as before
+    auto = {s.name: s for s in plan_steps(load_experiment(SMALL, sets=["precision.save_dtype=auto"]))}
+    assert "defaults" not in auto["train.sft.math.s0"].config
+    # without a warm-up the base is θ0: the init step saves it as the experts are saved
+    bare = {s.name: s for s in plan_steps(load_experiment({**SMALL, "warmup": None}))}
+    assert bare["init"].config["save_dtype"] == "bfloat16" and "init" in bare["report"].deps
+    # an explicit save_dtype must agree; merge-eval compares given experts as they are
+    with pytest.raises(ConfigError, match=r"trainers\[1\]\.per_task\.code\.save_dtype: float32 differs from "
+                                          r"precision\.save_dtype bfloat16"):
+        load_experiment({**SMALL, "trainers": [{"name": "sft"}, {"name": "grpo",
+                                                                 "per_task": {"code": {"save_dtype": "float32"}}}]})
+    with pytest.raises(ConfigError, match=r"warmup\.config\.dtype: float16 differs"):  # the deprecated field
+        load_experiment(SMALL, sets=["warmup.config.dtype=float16"])
+    for ok in ("warmup.config.save_dtype=bfloat16", "warmup.config.save_dtype=auto", "warmup.config.dtype=float32"):
+        load_experiment(SMALL, sets=[ok])
+    assert merge_eval_config("tiny", {"sft": {"math": "a", "code": "b"}}, ["averaging"]).precision.save_dtype == "auto"
+    for name, training in (("micro", "fp32"), ("smollm2-135m", "fp32"), ("paper", "bf16-mixed")):
+        p = load_experiment(name).precision
+        assert (p.save_dtype, p.training) == ("bfloat16", training), name
+
+
+def test_init_saves_theta0_in_the_experts_dtype(tiny_model_dir, tmp_path):
+    """Without a warm-up the init step's model is θ0: the tiny model is written in ``save_dtype``, a local
+    directory in another dtype is copied in it, one already in it is used in place."""
+    from rlm.core.study.steps import StudySteps
+    from rlm.core.train.precision import model_dtype_name
+
+    class Ctx:
+        def __init__(self, config, out):
+            self.config, self.out = config, out
+
+    steps = StudySteps(load_experiment({**SMALL, "warmup": None}))
+    local = str(tiny_model_dir)
+    cases = [("tiny", "bfloat16", "tiny"), (local, "bfloat16", "local-copy"), (local, "float32", "local"),
+             (local, None, "local")]
+    for i, (spec, save, kind) in enumerate(cases):
+        out = tmp_path / str(i)
+        out.mkdir()
+        res = steps.init(Ctx({"base": {"model": spec, "dtype": "float32"}, **({"save_dtype": save} if save else {})},
+                             out))
+        assert res["kind"] == kind
+        model = out / res["model"] if kind != "local" else tiny_model_dir
+        assert res["model"] == ("model" if kind != "local" else str(tiny_model_dir.resolve()))
+        assert model_dtype_name(str(model)) == (save or "float32")
+
+
 # -- the plan --------------------------------------------------------------------------------------------
 def test_plan_small_config_dag():
     cfg = load_experiment(SMALL)

@@ -15,6 +15,7 @@ from rlm.core.study.tables import (
     ReportError,
     as_score,
     bootstrap_relative_change,
+    delta_vs_start,
     parse_pair,
     relative_change,
     table1,
@@ -133,6 +134,28 @@ def test_bootstrap_width_matches_normal_approximation():
     m2 = _bernoulli(rng, 0.6, n)
     lo2, hi2 = bootstrap_relative_change([m, m2], np.ones(n), n_boot=2000, seed=1)
     assert (hi2 - lo2) < (hi - lo)
+
+
+def test_delta_vs_start_is_the_paired_bootstrap_of_the_differences():
+    """An expert against θ0 on the same examples: the interval is that of the resampled mean differences, the
+    same indices drawn for both models, from the generator seeded (seed, crc32("GROUP|start|TASK"))."""
+    import zlib
+
+    rng = np.random.default_rng(7)
+    start = (rng.random(60) < 0.3).astype(float)
+    expert = np.where(rng.random(60) < 0.4, 1.0, start)  # θ0's right answers plus some more
+    got = delta_vs_start(expert, start, group="grpo", task="math", n_boot=500, ci=0.9, seed=3)
+    assert got["paired"] and got["delta"] == pytest.approx(expert.mean() - start.mean())
+    draw = np.random.default_rng([3, zlib.crc32(b"grpo|start|math")]).integers(0, 60, size=(500, 60))
+    diffs = (expert - start)[draw].mean(axis=1)
+    assert [got["ci_low"], got["ci_high"]] == pytest.approx(list(np.percentile(diffs, [5, 95])))
+    assert 0 < got["ci_low"] <= got["delta"] <= got["ci_high"]
+    # pairing narrows the interval against resampling the two models on their own
+    unpaired = delta_vs_start(expert, start[:59], group="grpo", task="math", n_boot=500, ci=0.9, seed=3)
+    assert not unpaired["paired"] and unpaired["ci_high"] - unpaired["ci_low"] > got["ci_high"] - got["ci_low"]
+    assert delta_vs_start(0.5, 0.25, group="g", task="t") == {"delta": 0.25, "ci_low": None, "ci_high": None,
+                                                              "paired": False}
+    assert delta_vs_start(expert, start, group="g", task="t", n_boot=0)["ci_low"] is None
 
 
 def test_scores_from_mappings_keep_sources():

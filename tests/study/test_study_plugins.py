@@ -336,7 +336,7 @@ def test_report_shows_third_party_metrics(third_party, tiny_model_dir, tmp_path)
     from rlm.core.study.steps import STEP_VERSIONS, StudySteps
 
     cfg = load_experiment({**STUDY, "conflicts": {"metrics": ["abs_max", "same_sign"]},
-                           "report": {"bootstrap_resamples": 10}})
+                           "report": {"bootstrap_resamples": 10}, "eval": {"include_start": True}})
     check_plugins(cfg)
     experts = {t: _perturbed(tiny_model_dir, tmp_path / t, seed) for seed, t in enumerate(("math", "code"))}
 
@@ -363,7 +363,7 @@ def test_report_shows_third_party_metrics(third_party, tiny_model_dir, tmp_path)
     assert result["figures"] == ["abs_max.png"]
     rep = summary.output("report").dir
     md = (rep / "report.md").read_text()
-    assert "| model | abs_max | parameters | source |" in md
+    assert "| model | abs_max | parameters | saved dtype | source |" in md
     assert "| group | pair | same_sign | source |" in md and "| fake_rl | math vs code |" in md
     assert "![conflicts-fake_rl-s0-abs_max](figures/conflicts-fake_rl-s0-abs_max.png)" in md
     assert (rep / "figures" / "conflicts-fake_rl-s0-abs_max.png").is_file()
@@ -371,3 +371,17 @@ def test_report_shows_third_party_metrics(third_party, tiny_model_dir, tmp_path)
     assert [r["model"] for r in t2["rows"]] == ["fake_rl/math", "fake_rl/code"]
     assert t2["rows"][0]["abs_max"] == pytest.approx(result["models"]["math"]["abs_max"])
     assert "Table 3" not in md  # no Table 3 unless asked for
+    # summary.json: θ0 scored [1, 0, 0, 1], each expert [1, 0, 1, 1] on the same examples: Δ = 0.25 with the
+    # paired bootstrap interval of the per-example differences [0, 0, 1, 0], seeded as Table 1's cells
+    data = json.loads((rep / "summary.json").read_text())
+    assert data["start"] == {"math": {"score": 0.5, "n": 4}, "code": {"score": 0.5, "n": 4}}
+    cell = data["experts"]["fake_rl"]["code"]
+    assert cell["score"] == 0.75 and cell["delta_vs_start"] == pytest.approx(0.25) and cell["paired"]
+    import zlib
+
+    rng = np.random.default_rng([cfg.report.seed, zlib.crc32(b"fake_rl|start|code")])
+    diffs = np.array([0.0, 0.0, 1.0, 0.0])[rng.integers(0, 4, size=(10, 4))].mean(axis=1)
+    assert cell["delta_ci"] == pytest.approx(list(np.percentile(diffs, [2.5, 97.5])))
+    assert data["table1"]["fake_rl"]["scaled"]["math"]["score"] == 0.5
+    assert data["table2"]["fake_rl/math"]["update_norm"] is None  # the metrics that ran have no update norm
+    assert "| fake_rl | code | 50.0 | 75.0 | +25.0 |" in md
