@@ -8,8 +8,10 @@ copy; ``$RLM_GPU_CHECK_MODELS`` adds more, colon-separated) it runs, through rlm
    task, saved in bf16;
 2. ``train-sft``: 3 SFT steps in ``bf16-mixed`` (the second expert);
 3. ``eval``: greedy evaluation of the GRPO expert on ``--eval-limit`` math examples;
-4. ``merge``: task arithmetic of the two experts onto the model;
-5. ``conflicts``: every default metric of the two experts.
+4. ``merge``: task arithmetic of the two experts onto the model, on the device (``rlm merge --device``);
+5. ``conflicts``: every default metric of the two experts;
+6. on a CUDA device, ``merge-gpu-vs-cpu``: TIES and DARE-TIES (paper settings) on the GPU and on the CPU, which
+   must agree within float rounding (the DARE masks are the same seeded CPU draws).
 
 It prints one Markdown table (seconds and peak GPU memory per phase) and, with ``--json FILE``, the same rows
 as JSON. Without a CUDA device it prints that it skipped and exits 0 (``--allow-cpu`` runs the chain on the
@@ -87,11 +89,39 @@ def check_model(model: str, work: Path, a: argparse.Namespace, cuda: bool) -> li
         "--max-new-tokens", a.max_new_tokens, "--out", work / "eval", "--no-progress"))
     _phase(rows, model, "merge", cuda, lambda: cli(
         "merge", "--method", "task_arithmetic", "--base", model, "--models", f"{grpo / 'final'},{sft / 'final'}",
-        "--out", work / "merged"))
+        "--device", device, "--out", work / "merged"))
     _phase(rows, model, "conflicts", cuda, lambda: cli(
         "conflicts", "--base", model, "--models", f"grpo={grpo / 'final'},sft={sft / 'final'}",
         "--out", work / "conflicts"))
+    if cuda:
+        _phase(rows, model, "merge-gpu-vs-cpu", cuda, lambda: compare_device_merges(
+            cli, model, f"{grpo / 'final'},{sft / 'final'}", work))
     return rows
+
+
+def compare_device_merges(cli: Callable[..., None], model: str, experts: str, work: Path) -> None:
+    """TIES and DARE-TIES merges on ``cuda`` and on the CPU; raises when any tensor differs by more than float
+    rounding (1e-5 relative, or two steps of a 16-bit output dtype)."""
+    import torch
+
+    from rlm.core.models.reader import ModelReader
+
+    for method in ("ties", "dare_ties"):
+        outs = {dev: work / f"merged-{method}-{dev}" for dev in ("cuda", "cpu")}
+        for dev, out in outs.items():
+            cli("merge", "--method", method, "--preset", "paper", "--base", model, "--models", experts,
+                "--device", dev, "--out", out)
+        gpu, cpu = ModelReader(outs["cuda"]), ModelReader(outs["cpu"])
+        worst = 0.0
+        for name in cpu.tensor_names():
+            x, y = gpu.get(name).double(), cpu.get(name).double()
+            step = 1e-5 if cpu.dtype(name) in (torch.float32, torch.float64) else 2 * torch.finfo(cpu.dtype(name)).eps
+            excess = float(((x - y).abs() / (step * (1 + y.abs()))).max()) if y.numel() else 0.0
+            worst = max(worst, excess)
+            if excess > 1:
+                raise AssertionError(f"{method}: tensor {name} differs between cuda and cpu by "
+                                     f"{float((x - y).abs().max()):.3g}")
+        print(f"{model} {method}: cuda vs cpu within {worst:.3f} of the rounding bound", file=sys.stderr)
 
 
 def environment() -> dict[str, Any]:

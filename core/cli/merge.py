@@ -47,9 +47,23 @@ def _with_per_model(run: MergeRunConfig, weights: str | None, density: str | Non
     return run.model_copy(update={"models": entries})
 
 
+def _config_source(config: Path | None) -> tuple[Path | None, dict[str, object] | None]:
+    """``(file, None)`` for rlm's own config format; ``(None, data)`` for a mergekit YAML, translated into rlm's
+    fields (refusing what rlm does not support, in one line naming the field)."""
+    if config is None:
+        return None, None
+    from rlm.core.config import read_config_file
+    from rlm.core.merge.mergekit import from_mergekit, is_mergekit_config
+
+    data = read_config_file(config)
+    if not is_mergekit_config(data):
+        return config, None
+    return None, from_mergekit(data, config)
+
+
 def merge(
     method: Optional[str] = typer.Option(None, "--method", help="Merge method (see `rlm plugins`)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model: HF directory or tiny[:SEED]."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: HF directory, tiny[:SEED] or smollm2-135m."),
     models: Optional[str] = typer.Option(None, "--models",
                                          help="Comma-separated expert directories (HF, or PEFT LoRA "
                                               "such as a LoRA run's final/)."),
@@ -61,7 +75,12 @@ def merge(
     preset: Optional[str] = typer.Option(None, "--preset", help="Named settings, e.g. paper."),
     vocab: Optional[str] = typer.Option(None, "--vocab", help="Vocabulary size mismatch: error|truncate|base."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker threads (0: inline)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON file of merge settings."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/TOML/JSON file of merge settings: rlm's "
+                                          "own, or a mergekit YAML (merge_method, base_model, models...)."),
+    device: Optional[str] = typer.Option(None, "--device", help="Torch device of the merge arithmetic: cpu "
+                                         "(default), cuda, cuda:1..."),
+    smoke: Optional[bool] = typer.Option(None, "--smoke/--no-smoke", help="After writing, generate from a few "
+                                         "fixed prompts and flag degenerate output (off by default)."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. params.normalize=false."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
 ) -> None:
@@ -71,10 +90,13 @@ def merge(
     from rlm.core.merge.engine import MergeRunConfig, merge_models
 
     flags: dict[str, object] = {"method": method, "base": base, "seed": seed, "preset": preset,
-                                "vocab": vocab, "workers": workers, "params.lambda": lam}
+                                "vocab": vocab, "workers": workers, "params.lambda": lam, "device": device,
+                                "smoke": smoke}
     if models is not None:
         flags["models"] = [m.strip() for m in models.split(",") if m.strip()]
-    run = _with_per_model(load_config(MergeRunConfig, file=config, sets=set_, flags=flags), weights, density)
+    file, translated = _config_source(config)
+    run = _with_per_model(load_config(MergeRunConfig, file=file, sets=set_, flags=flags, base=translated),
+                          weights, density)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

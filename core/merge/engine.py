@@ -12,6 +12,12 @@ passes over row blocks (``prepare_blocks``) above that, so peak memory depends o
 number of workers, not on the model size. Output goes to a temporary directory renamed into place when
 complete, with the base's config and tokenizer files and ``merge_manifest.json``.
 
+Before merging, the inputs must also belong together (:func:`_check_inputs`: configs, tokenizers, descent from
+the base by the cosine similarity of a few sampled matrices). ``run.device`` (:mod:`rlm.core.merge.device`) is
+where ``prepare``/``merge`` compute; reading and writing stay on the CPU. ``run.smoke`` generates from the
+written model (:mod:`rlm.core.merge.smoke`) and flags degenerate output. mergekit YAML configs are translated
+into a ``MergeRunConfig`` by :mod:`rlm.core.merge.mergekit`. See ``docs/merging.md``.
+
 Random masks use one generator per (seed, tensor name, model index) (:func:`rlm.core.contracts.tensor_seed`),
 so the output does not depend on tensor order or the number of worker threads.
 
@@ -65,6 +71,12 @@ class MergeRunConfig(PluginConfig):
     max_shard_bytes: int = Field(2 * 1024 ** 3, ge=1)
     check_finite: bool = Field(True, description="refuse NaN/Inf in any input tensor and in any merged tensor "
                                "(in the output dtype) before it is written, naming model and tensor")
+    check_descent: bool = Field(True, description="refuse a full model whose weights are not close to the base's "
+                                "(cosine similarity on a few sampled matrices; see docs/merging.md)")
+    device: str = Field("cpu", description="torch device of the merge arithmetic (cpu, cuda, cuda:1, ...); "
+                        "tensors are read and written on the CPU")
+    smoke: bool = Field(False, description="after writing, generate from a few fixed prompts and flag degenerate "
+                        "output in merge_manifest.json and on the terminal")
 
 
 #: the largest finite float32: a parameter beyond it overflows the fp32 merge arithmetic
@@ -80,12 +92,12 @@ SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "m
 
 
 def _resolve_path(spec: str) -> str:
-    """A model directory as given (it must exist), or ``tiny[:SEED]`` built in the cache."""
-    from rlm.core.models.hf import resolve_model, tiny_seed
+    """A model directory as given (it must exist), or ``tiny[:SEED]`` / ``smollm2-135m`` built in the cache."""
+    from rlm.core.models.hf import is_named_model, resolve_model
 
     text = str(spec)
     p = Path(text).expanduser()
-    if tiny_seed(text) is not None:
+    if is_named_model(text):
         return resolve_model(text)
     if not p.exists():
         raise ModelError(f"model path {text} does not exist")
@@ -260,6 +272,7 @@ class _Job:
         rows = blocks[0] if single else ((0, t.shape[0]) if t.vocab else None)
         base = self._base(rows)
         deltas = self._deltas(base, rows)
+        base, deltas = e.on_device(base), e.on_device(deltas)
         stats = []
         for i in range(len(deltas)):
             ctx.model_index = i
@@ -276,7 +289,7 @@ class _Job:
             def model_blocks(i: int = i) -> Any:
                 for rows in blocks:
                     assert rows is not None
-                    yield rows, self._deltas(self._base(rows), rows, only=i)
+                    yield rows, e.on_device(self._deltas(self._base(rows), rows, only=i))
 
             ctx.model_index = i
             stats.append(e.method.prepare_blocks(model_blocks, e.params[i], context=ctx))
@@ -294,6 +307,7 @@ class _Job:
             else:
                 base = self._base(rows)
                 deltas = self._deltas(base, rows)
+                base, deltas = e.on_device(base), e.on_device(deltas)
             ctx.rows = None if single else rows
             merged = e.method.merge(base, deltas, e.params, context=ctx)
             if tuple(merged.shape) != tuple(base.shape):
@@ -302,7 +316,7 @@ class _Job:
             merged = merged.to(out_dtype)
             if e.run.check_finite:
                 _check_output(merged, e.method.name, name)
-            e.writer.write(name, merged, rows_offset=0 if rows is None else rows[0])
+            e.writer.write(name, merged.cpu(), rows_offset=0 if rows is None else rows[0])
             del base, deltas, merged
 
     def run(self) -> None:
@@ -328,12 +342,20 @@ class _Engine:
     """The tensors of one planned merge, run inline or by ``run.workers`` threads (at most workers + 1 queued)."""
 
     def __init__(self, run: MergeRunConfig, method: MergeMethod, params: list[Any], base: Any, sources: list[Any],
-                 plan: Any, writer: Any, progress: Callable[[str], None] | None) -> None:
-        self.run, self.method, self.params = run, method, params
+                 plan: Any, writer: Any, progress: Callable[[str], None] | None, device: Any) -> None:
+        self.run, self.method, self.params, self.device = run, method, params, device
         self.base, self.sources, self.plan, self.writer = base, sources, plan, writer
         self.needs_prepare = type(method).prepare is not MergeMethod.prepare
         self._progress = progress
         self._lock = threading.Lock()
+
+    def on_device(self, tensor: Any) -> Any:
+        """``tensor`` (read on the CPU) on the merge's device."""
+        if self.device.type == "cpu":
+            return tensor
+        from rlm.core.merge import device
+
+        return device.to_device(tensor, self.device)
 
     def advance(self, name: str) -> None:
         if self._progress is not None:
@@ -369,19 +391,47 @@ class _Engine:
 # ------------------------------------------------------------------------------------------------------
 
 
+def _check_inputs(run: MergeRunConfig, base: Any, sources: list[Any], plan: Any, paths: list[str]) -> dict[str, Any]:
+    """The checks that the inputs belong together, beyond :func:`validate_models`: configs, tokenizers and
+    descent from the base (a few sampled rows read). ``tiny:SEED`` experts are independent random
+    initialisations by design and are not compared for descent. Returns what was checked and how long it took."""
+    from rlm.core.models.hf import tiny_seed
+    from rlm.core.models.validate import check_configs, check_descent, check_tokenizers
+
+    t0 = time.perf_counter()
+    check_configs(base, sources, vocab=run.vocab)
+    compared = check_tokenizers(base, sources, vocab=run.vocab)
+    descent = None
+    if run.check_descent:
+        descent = check_descent(base, sources, plan, skip=[i for i, p in enumerate(paths) if tiny_seed(p) is not None])
+    return {"configs": True, "tokenizers_compared": compared, "descent": descent,
+            "seconds": round(time.perf_counter() - t0, 4)}
+
+
 def plan_merge(run: MergeRunConfig, system: Any = None) -> dict[str, Any]:
-    """Resolve and validate everything (no tensor data read): method, params, readers, the tensor plan."""
+    """Resolve and validate everything before any tensor is merged: method, params, device, readers, the tensor
+    plan, and the checks that the inputs belong together (:func:`_check_inputs`)."""
+    from rlm.core.merge.device import resolve_device
     from rlm.core.models.lora import open_source
     from rlm.core.models.reader import ModelReader
     from rlm.core.models.validate import validate_models
 
     method, params, paths = build_method(run, system)
+    device = resolve_device(run.device)
     if not run.base:
         raise ConfigError("no base model: pass --base DIR")
     base = ModelReader(_resolve_path(run.base))
-    sources = [open_source(_resolve_path(p), base) for p in paths]
-    plan = validate_models(base, sources, vocab=run.vocab)
-    return {"method": method, "params": params, "base": base, "sources": sources, "plan": plan}
+    sources: list[Any] = []
+    try:
+        sources += [open_source(_resolve_path(p), base) for p in paths]
+        plan = validate_models(base, sources, vocab=run.vocab)
+        checks = _check_inputs(run, base, sources, plan, paths)
+    except BaseException:
+        for r in [base, *sources]:
+            r.close()
+        raise
+    return {"method": method, "params": params, "base": base, "sources": sources, "plan": plan, "device": device,
+            "checks": checks}
 
 
 def merge_models(run: MergeRunConfig, out: str | Path, *, overwrite: bool = False,
@@ -414,7 +464,7 @@ def _write_tensors(run: MergeRunConfig, tmp: Path, p: dict[str, Any],
     specs = [(t.name, t.shape, _out_dtype(run, t)) for t in p["plan"].tensors]
     writer = ShardedWriter(tmp, specs, max_shard_bytes=run.max_shard_bytes,
                            metadata={"merged_by": "rlm", "merge_method": p["method"].name})
-    engine = _Engine(run, p["method"], p["params"], p["base"], p["sources"], p["plan"], writer, progress)
+    engine = _Engine(run, p["method"], p["params"], p["base"], p["sources"], p["plan"], writer, progress, p["device"])
     old_threads = torch.get_num_threads()
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -450,9 +500,9 @@ def _copy_side_files(base: Path, out: Path, vocab_size: int | None, out_dtype: s
 
 
 def _write_merge_manifest(run: MergeRunConfig, tmp: Path, p: dict[str, Any], summary: dict[str, Any],
-                          command: list[str] | None) -> None:
+                          command: list[str] | None, smoke: dict[str, Any] | None) -> None:
     """``merge_manifest.json``: the run config, the inputs, the method's and each model's parameters, the
-    vocabulary policy, the seed rule and the result."""
+    vocabulary policy, the seed rule, the device, the input checks, the smoke test (when run) and the result."""
     from rlm.core.io.manifest import write_manifest
 
     method, params, base, sources, plan = p["method"], p["params"], p["base"], p["sources"], p["plan"]
@@ -466,6 +516,7 @@ def _write_merge_manifest(run: MergeRunConfig, tmp: Path, p: dict[str, Any], sum
                                 for s, mp in zip(sources, params)],
                "vocab_size": plan.vocab_size, "vocab_policy": plan.vocab_policy,
                "seed_rule": "torch.Generator per sha256(seed, tensor name, model index)",
+               "device": str(p["device"]), "checks": p["checks"], **({"smoke": smoke} if smoke is not None else {}),
                "result": summary})
 
 
@@ -477,6 +528,7 @@ def _merge_planned(run: MergeRunConfig, out: Path, p: dict[str, Any], t0: float,
     base, plan = p["base"], p["plan"]
     if on_plan is not None:
         on_plan(plan)
+    smoke = None
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             writer = _write_tensors(run, tmp, p, progress)
@@ -485,9 +537,20 @@ def _merge_planned(run: MergeRunConfig, out: Path, p: dict[str, Any], t0: float,
             seconds = time.perf_counter() - t0
             summary = {"tensors": len(plan.tensors), "bytes": writer.total_bytes, "shards": len(writer.files),
                        "seconds": round(seconds, 3)}
-            _write_merge_manifest(run, tmp, p, summary, command)
+            if run.smoke:
+                from rlm.core.merge.smoke import smoke_test
+
+                smoke = smoke_test(tmp, p["device"], base_dir=base.path)
+            _write_merge_manifest(run, tmp, p, summary, command, smoke)
     except OSError as exc:  # a write on a file descriptor (disk full) names no file: name the output
         if exc.filename is None and exc.errno is not None:
             raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from exc
         raise
+    if smoke is not None:
+        from rlm.core.merge.smoke import smoke_warning
+
+        warning = smoke_warning(smoke, out)
+        if warning:
+            print(warning, file=sys.stderr)
+        summary = {**summary, "smoke": smoke}
     return summary

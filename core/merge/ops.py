@@ -61,7 +61,7 @@ def magnitude_keep(delta: Any, cut: tuple[float, int] | None, context: MergeCont
     import torch
 
     if cut is None:
-        return torch.ones(delta.shape, dtype=torch.bool)
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     thr, last = cut
     a = delta.abs()
     start = 0
@@ -93,13 +93,14 @@ def magnitude_threshold_blocks(blocks: Callable[[], Any], numel: int, density: f
     def bits_of(block: Any) -> Any:
         return block.abs().reshape(-1).view(torch.int32)
 
-    hist = torch.zeros(1 << 15, dtype=torch.int64)
+    hist: Any = None  # on the blocks' device
     for _, block in blocks():
-        hist += torch.bincount(bits_of(block) >> 16, minlength=1 << 15)[: 1 << 15]
+        counts = torch.bincount(bits_of(block) >> 16, minlength=1 << 15)[: 1 << 15]
+        hist = counts if hist is None else hist.add_(counts)
     above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist  # entries in higher bins
     hi = int(torch.nonzero((above < k) & (above + hist >= k)).max())
     rank = k - int(above[hi])
-    low = torch.zeros(1 << 16, dtype=torch.int64)
+    low = torch.zeros(1 << 16, dtype=torch.int64, device=hist.device)
     for _, block in blocks():
         b = bits_of(block)
         sel = b[(b >> 16) == hi]
@@ -125,13 +126,16 @@ def magnitude_threshold_blocks(blocks: Callable[[], Any], numel: int, density: f
     return thr, last
 
 
-def dare_mask(shape: Sequence[int], density: float, generator: Any) -> Any:
-    """Bernoulli(density) keep-mask drawn from ``generator`` (a bool tensor of ``shape``)."""
+def dare_mask(shape: Sequence[int], density: float, generator: Any, device: Any = None) -> Any:
+    """Bernoulli(density) keep-mask drawn from ``generator`` (a bool tensor of ``shape``, on ``device``). The
+    draw is on the generator's device (the CPU's for :meth:`MergeContext.generator`), so the mask is the same
+    whatever device the merge runs on."""
     import torch
 
     if density >= 1:
-        return torch.ones(tuple(shape), dtype=torch.bool)
-    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) < density
+        return torch.ones(tuple(shape), dtype=torch.bool, device=device)
+    mask = torch.rand(tuple(shape), generator=generator, dtype=torch.float32) < density
+    return mask if device is None else mask.to(device)
 
 
 class SequentialMask:
@@ -147,18 +151,19 @@ class SequentialMask:
         self.generator = self.context.generator(self.model_index)
         self.position = 0
 
-    def take(self, shape: Sequence[int]) -> Any:
-        mask = dare_mask(shape, self.density, self.generator)
+    def take(self, shape: Sequence[int], device: Any = None) -> Any:
+        mask = dare_mask(shape, self.density, self.generator, device)
         self.position += math.prod(shape)
         return mask
 
-    def block(self, start_flat: int, shape: Sequence[int]) -> Any:
-        """The mask for ``shape`` entries starting at flat index ``start_flat`` (cheap when in order)."""
+    def block(self, start_flat: int, shape: Sequence[int], device: Any = None) -> Any:
+        """The mask for ``shape`` entries starting at flat index ``start_flat`` (cheap when in order), on
+        ``device``."""
         if start_flat != self.position:
             self.reset()
             while self.position < start_flat:  # skip ahead in bounded pieces
                 self.take((min(start_flat - self.position, 1 << 22),))
-        return self.take(shape)
+        return self.take(shape, device)
 
 
 def l1_scale_blocks(blocks: Callable[[], Any], keep_of: Callable[[tuple[int, int], Any], Any]) -> float:
@@ -183,7 +188,7 @@ def weights_of(params: Sequence[Any], like: Any) -> Any:
     """Per-model weights as a tensor broadcastable against stacked deltas ``like`` (n, *shape)."""
     import torch
 
-    w = torch.tensor([float(p.weight) for p in params], dtype=like.dtype)
+    w = torch.tensor([float(p.weight) for p in params], dtype=like.dtype, device=like.device)
     return w.view(-1, *([1] * (like.dim() - 1)))
 
 

@@ -222,7 +222,7 @@ class StudySteps:
         run = MergeRunConfig(method=c["method"], base=str(model_of(base)),
                              models=[str(model_of(e)) for e in experts], preset=c.get("preset"),
                              params=c.get("params") or {}, model_params=c.get("model_params") or {},
-                             seed=int(c.get("seed", 0)))
+                             seed=int(c.get("seed", 0)), smoke=True)  # flags a degenerate merge
         summary = merge_models(run, ctx.out / "model", command=list(sys.argv) + [f"[step {ctx.name}]"])
         return {"model": "model", "tasks": c["tasks"], "method": c["method"], "merge": summary}
 

@@ -22,14 +22,14 @@ class DareTies(MergeMethod):
     def prepare(self, delta, param, *, context):
         from rlm.core.merge.ops import dare_mask, l1_scale
 
-        mask = dare_mask(delta.shape, param.density, context.generator(context.model_index))
+        mask = dare_mask(delta.shape, param.density, context.generator(context.model_index), delta.device)
         return mask, (l1_scale(delta, mask) if self.config.rescale else 1.0)
 
     def prepare_blocks(self, blocks, param, *, context):
         from rlm.core.merge.ops import SequentialMask, l1_scale_blocks
 
         seq = SequentialMask(context, context.model_index, param.density)
-        scale = l1_scale_blocks(blocks, lambda rows, b: seq.take(b.shape)) if self.config.rescale else 1.0
+        scale = l1_scale_blocks(blocks, lambda rows, b: seq.take(b.shape, b.device)) if self.config.rescale else 1.0
         seq.reset()
         return seq, scale
 
@@ -42,7 +42,7 @@ class DareTies(MergeMethod):
         row = base.numel() // max(1, base.shape[0]) if base.dim() else 1
         for i, (mask, scale) in enumerate(context.stats):  # u_i = w_i · scale_i · dropped τ_i
             torch.mul(deltas[i], params[i].weight * scale, out=u[i])
-            keep = mask.block(context.rows[0] * row, u[i].shape) if isinstance(mask, SequentialMask) \
+            keep = mask.block(context.rows[0] * row, u[i].shape, u[i].device) if isinstance(mask, SequentialMask) \
                 else context.block(mask)
             u[i].mul_(keep)
         return combine(base, u, params, lam=self.config.lambda_, normalize=self.config.normalize,

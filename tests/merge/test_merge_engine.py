@@ -250,7 +250,7 @@ def test_vocab_policies(models, tmp_path):
     with pytest.raises(ModelError):
         merge_models(MergeRunConfig(method="task_arithmetic", base=str(models["base"]), models=[str(small)]), out)
     merge_models(MergeRunConfig(method="task_arithmetic", base=str(models["base"]), vocab="base",
-                                models=[str(small)]), out)
+                                models=[str(small)], check_descent=False), out)  # small is unrelated
     got, sm = load(out)["model.embed_tokens.weight"], load(small)["model.embed_tokens.weight"]
     torch.testing.assert_close(got[:60], sm, rtol=0, atol=1e-6)
     torch.testing.assert_close(got[60:], b["model.embed_tokens.weight"][60:], rtol=0, atol=0)
