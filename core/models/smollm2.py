@@ -2,7 +2,7 @@
 
 That package ships the model as one GGUF file (Q4_1 matrices, a Q8_0 token embedding, f32 norms). rlm finds the
 file without importing the package (its ``__init__`` imports ``llm`` and ``llama_cpp``, which rlm does not need)
-and converts it once, through :func:`rlm.core.models.hf.import_gguf`, into a cached HF directory
+and converts it once, through :func:`rlm.core.models.store.import_gguf`, into a cached HF directory
 ``$RLM_CACHE/smollm2-135m/<first 16 hex of the GGUF's sha256>/``: the weights dequantized to float32, the
 tokenizer with SmolLM2's chat template, and ``rlm_source.json`` saying where it came from. The directory appears
 under its final name only when complete; concurrent processes wait for one conversion.
@@ -65,7 +65,7 @@ def package_version() -> str | None:
 
 
 def smollm2_root() -> Path:
-    from rlm.core.models.hf import cache_dir
+    from rlm.core.models.store import cache_dir
 
     return cache_dir() / SMOLLM2_NAME
 
@@ -100,7 +100,7 @@ def smollm2_model_dir() -> Path:
 
 
 def is_converted(path: Path) -> bool:
-    from rlm.core.models.hf import is_model_dir
+    from rlm.core.models.store import is_model_dir
 
     return is_model_dir(path) and (path / SOURCE_FILE).is_file()
 
@@ -124,7 +124,7 @@ def _convert(file: Path, digest: str, out: Path) -> None:
     the import lost it, check the end-of-turn token, write ``rlm_source.json`` and rename it to ``out``. Call it
     holding the conversion lock: leftovers of killed conversions are removed first."""
     from rlm.core.models.gguf import gguf_metadata
-    from rlm.core.models.hf import import_gguf
+    from rlm.core.models.store import import_gguf
 
     for stale in out.parent.iterdir():  # a killed conversion's staging / partial dirs, an incomplete out
         if stale.is_dir() and (stale == out or stale.name.lstrip(".").startswith(f"{out.name}.")):
@@ -172,6 +172,6 @@ def source_manifest(file: Path, digest: str, meta: dict[str, Any], model_dir: Pa
         "dtype": config.get("dtype") or config.get("torch_dtype"),
         "chat_template": bool(tok.chat_template),
         "eos_token": tok.eos_token,
-        "converter": f"rlm.core.models.hf.import_gguf (transformers {transformers.__version__} GGUF loader)",
+        "converter": f"rlm.core.models.store.import_gguf (transformers {transformers.__version__} GGUF loader)",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -109,6 +109,15 @@ class StepOutput:
         return self.dir
 
 
+def model_of(output: StepOutput) -> Path:
+    """The model directory a finished step produced (``result["model"]``, relative to its directory)."""
+    res = output.result or {}
+    if "model" not in res:
+        raise RlmError(f"step {output.name} produced no model")
+    p = Path(res["model"])
+    return p if p.is_absolute() else output.dir / p
+
+
 @dataclass
 class StepContext:
     """What a step function receives. Write outputs under ``out`` (a temporary directory that becomes

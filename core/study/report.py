@@ -435,7 +435,7 @@ def write_report(cfg: Any, ctx: Any) -> dict[str, Any]:
 
 def _saved_weights(rep: _Report) -> dict[str, Any]:
     """:func:`rlm.core.study.summary.saved_weights` of θ0 (the warm-up's or init's model) and every expert."""
-    from rlm.core.study.steps import model_of
+    from rlm.core.study.graph import model_of
     from rlm.core.study.summary import saved_weights
 
     start = next(((n, model_of(rep.inputs[n])) for n in ("warmup", "init") if n in rep.inputs), None)

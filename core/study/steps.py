@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from rlm.core.contracts import Task
-from rlm.core.errors import RlmError
+from rlm.core.study.graph import model_of
 from rlm.core.study.mixture import MixtureTask, make_task
 
 #: bump a kind's version when its step function's output would change for the same config
@@ -44,15 +44,6 @@ STEP_VERSIONS = {"init": "1", "warmup": "1", "train": "1", "eval_expert": "1", "
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def model_of(output: Any) -> Path:
-    """The model directory a finished step produced (``result["model"]``, relative to its directory)."""
-    res = output.result or {}
-    if "model" not in res:
-        raise RlmError(f"step {output.name} produced no model")
-    p = Path(res["model"])
-    return p if p.is_absolute() else output.dir / p
-
-
 def _plugin_config(cls: Any, user: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
     """A plugin config from the user's overrides plus ``defaults`` for fields the config has and the user left
     unset (seed, progress, train_limit)."""
