@@ -1,4 +1,4 @@
-"""Base classes for the four kinds of plugin: Trainer, MergeMethod, Task and Metric.
+"""Base classes for the five kinds of plugin: Trainer, MergeMethod, Task, Metric and GenerationBackend.
 
 Each plugin class has a ``name`` (what users type), optional ``aliases`` and a nested pydantic ``Config``
 (``extra="forbid"``) holding every number it uses. The engines in ``rlm.core`` drive these classes; the issues
@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -281,3 +281,110 @@ class Metric(Plugin, abc.ABC):
         """A report section of this metric beyond its table cells (a curve, a table over kept rates), given the
         whole ``conflicts.json`` data; figures are written into ``out_dir``. Default: none."""
         return None
+
+
+@dataclass
+class Generation:
+    """One sampled completion of one prompt (what every :class:`GenerationBackend` returns)."""
+
+    prompt_index: int
+    sample_index: int
+    prompt: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (an eos token or a stop string was produced) or "length" (max_new_tokens reached)
+    #: with ``SamplingParams.logprobs``: log p of each token of ``completion_ids`` under the model's own
+    #: distribution (log-softmax of the raw logits: temperature 1, no top-p), one float per completion token
+    logprobs: list[float] | None = None
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.completion_ids)
+
+
+@dataclass
+class SamplingParams:
+    """What to generate; shared by every backend. ``stop``: strings that end a completion (the text is cut before
+    the first one, ``finish_reason`` is ``"stop"``); ``logprobs``: also return per-token log-probs."""
+
+    n: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch_size: int = 16
+    seed: int | None = None
+    progress: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        from rlm.core.errors import RlmError
+
+        if self.n < 1:
+            raise RlmError(f"n must be >= 1, got {self.n}")
+        if self.max_new_tokens < 1:
+            raise RlmError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise RlmError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RlmError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise RlmError(f"batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise RlmError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class GenerationBackend(Plugin, abc.ABC):
+    """An inference engine that turns chat-formatted prompt strings into :class:`Generation` objects.
+
+    The engines (``rlm eval``, RFT sampling, RL rollouts) use only the members below. Semantics every backend
+    keeps (the HF backend's, :mod:`rlm.core.eval.generation`): ``len(prompts) * params.n`` results, prompt-major
+    (``result[i * n + j]`` is sample ``j`` of prompt ``i``); ``temperature == 0`` is greedy and repeats the one
+    completion ``n`` times; sampling draws from softmax(logits / temperature) restricted to the top-p nucleus,
+    with no other decoding default of the model switched on; a completion ends at an eos token (kept in
+    ``completion_ids``), at a stop string (cut from ``text``) or after ``max_new_tokens``; ``text`` is decoded
+    without special tokens; a ``seed`` makes sampling reproducible."""
+
+    tokenizer: Any = None
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, model_path: str, *, device: str | None = None, dtype: str = "float32",
+             config: PluginConfig | dict[str, Any] | None = None) -> "GenerationBackend":
+        """Build the backend for the model in directory ``model_path`` (already resolved), weights in ``dtype``
+        (``float32``, ``bfloat16``, ``float16`` or ``auto``) on ``device``."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
+        """Return ``len(prompts) * params.n`` generations, prompt-major."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        """Receive new policy weights (``(parameter name, tensor)`` pairs in the policy's own names, e.g. after
+        an optimizer step); the next :meth:`generate` samples from them. Default: refused (an evaluation-only
+        backend), with one :class:`rlm.core.errors.RlmError` line."""
+        from rlm.core.errors import RlmError
+
+        raise RlmError(f"generation backend {self.name!r} cannot receive policy weights (evaluation only)")
+
+    def weights_checksum(self) -> float:
+        """A float64 checksum of the engine's weights (the sum of every element of every distinct parameter, so
+        it does not depend on how an engine fuses or names them), to compare with the policy's after a push.
+        Default: refused like :meth:`load_weights`."""
+        from rlm.core.errors import RlmError
+
+        raise RlmError(f"generation backend {self.name!r} cannot report a weights checksum (evaluation only)")
+
+    def sleep(self) -> None:
+        """Release accelerator memory between rollouts and an update (colocated training). Default: nothing."""
+
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep` before the next :meth:`generate`. Default: nothing."""

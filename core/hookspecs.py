@@ -52,5 +52,10 @@ def register_metrics(register: Register) -> None:
 
 
 @hookspec
+def register_generation_backends(register: Register) -> None:
+    """Register :class:`rlm.core.contracts.GenerationBackend` subclasses by calling ``register(cls)`` for each."""
+
+
+@hookspec
 def register_commands(app: typer.Typer) -> None:
     """Add commands to the ``rlm`` command line: decorate functions with ``@app.command()``."""

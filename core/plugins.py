@@ -29,6 +29,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "merge_methods": ("register_merge_methods", "merge method"),
     "tasks": ("register_tasks", "task"),
     "metrics": ("register_metrics", "metric"),
+    "generation_backends": ("register_generation_backends", "generation backend"),
 }
 
 KIND_ALIASES = {
@@ -37,6 +38,8 @@ KIND_ALIASES = {
     "merger": "merge_methods", "mergers": "merge_methods", "method": "merge_methods",
     "task": "tasks", "tasks": "tasks",
     "metric": "metrics", "metrics": "metrics",
+    "generation_backend": "generation_backends", "generation_backends": "generation_backends",
+    "generation-backend": "generation_backends", "backend": "generation_backends", "backends": "generation_backends",
 }
 
 
@@ -220,7 +223,7 @@ class PluginSystem:
         if key is None:
             close = difflib.get_close_matches(kind, list(KIND_ALIASES), n=2, cutoff=0.5)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise UnknownPluginError(f"unknown plugin kind {kind!r}{hint} (kinds: trainer, merge_method, task, metric)")
+            raise UnknownPluginError(f"unknown plugin kind {kind!r}{hint} (kinds: trainer, merge_method, task, metric, generation_backend)")
         return self.registries[key]
 
     def plugin_infos(self) -> list[PluginInfo]:
@@ -265,5 +268,6 @@ def registry(kind: str) -> Registry:
 
 
 def get_plugin(kind: str, name: str) -> Any:
-    """Look up a plugin class by kind (``trainer``, ``merge_method``, ``task``, ``metric``) and name."""
+    """Look up a plugin class by kind (``trainer``, ``merge_method``, ``task``, ``metric``,
+    ``generation_backend``) and name."""
     return get_system().registry(kind).get(name)

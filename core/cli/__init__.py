@@ -50,7 +50,7 @@ def plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
     from rich.table import Table
 
     console = Console()
-    for kind in ("trainers", "merge_methods", "tasks", "metrics"):
+    for kind in ("trainers", "merge_methods", "tasks", "metrics", "generation_backends"):
         console.print(f"[bold]{kind.replace('_', ' ')}[/bold]: {', '.join(data[kind]) or '(none)'}")
     table = Table(title="plugins")
     for col in ("plugin", "distribution", "version", "registered", "error"):
@@ -62,7 +62,7 @@ def plugins_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-read
 
 
 @config_app.command("schema")
-def config_schema(kind: str = typer.Argument(..., help="trainer | merge_method | task | metric"),
+def config_schema(kind: str = typer.Argument(..., help="trainer | merge_method | task | metric | generation_backend"),
                   name: str = typer.Argument(..., help="Registered plugin name.")) -> None:
     """Print a plugin's config as JSON schema."""
     from rlm.core.plugins import get_plugin

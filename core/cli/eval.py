@@ -30,14 +30,29 @@ def _print_summary(summary: dict) -> None:
 
 def _run_lm_eval(model: str, task: list[str], tasks: str | None, out: Path, data: list[str], *, limit: int | None,
                  batch_size: int, max_new_tokens: int, num_fewshot: int | None, chat: bool, device: str | None,
-                 overwrite: bool) -> dict:
+                 overwrite: bool, backend: str, dtype: str, model_args: str | None, gen_kwargs: str | None,
+                 system_prompt: str | None) -> dict:
     """``rlm eval --harness lm-eval``: the lm-eval task names come from ``--tasks`` (or ``--task``)."""
     from rlm.core.eval.lm_eval import run_lm_eval
 
     names = [t.strip() for t in (tasks or ",".join(task)).split(",") if t.strip()]
     return run_lm_eval(model, names, out, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                        num_fewshot=num_fewshot, data_dir=data[0] if data else None, apply_chat_template=chat,
-                       device=device, overwrite=overwrite)
+                       device=device, overwrite=overwrite, backend=backend, dtype=dtype, model_args=model_args,
+                       gen_kwargs=gen_kwargs, system_instruction=system_prompt)
+
+
+def _backend_config(text: str | None) -> dict | None:
+    """``--backend-config '{"gpu_memory_utilization": 0.5}'`` -> a dict (the backend's Config checks it)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RlmError(f"--backend-config: not JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise RlmError("--backend-config: give a JSON object, e.g. '{\"gpu_memory_utilization\": 0.5}'")
+    return value
 
 
 def eval(
@@ -55,25 +70,47 @@ def eval(
     harness: str = typer.Option("rlm", "--harness", help="rlm (the task plugins) or lm-eval."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks, comma-separated (--harness lm-eval)."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: few-shot examples."),
-    chat: bool = typer.Option(False, "--chat-template", help="lm-eval: apply the model's chat template."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    backend: str = typer.Option("hf", "--backend", help="Generation backend: hf or vllm (rlm plugins lists all)."),
+    backend_config: Optional[str] = typer.Option(None, "--backend-config", help="The backend's config as JSON."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16, float16 or auto."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass."),
+    n: int = typer.Option(1, "--n", help="Samples per example (needs --temperature > 0 when above 1)."),
+    pass_k: Optional[str] = typer.Option(None, "--pass-k", help="k values of pass@k, e.g. 1,10 (default: 1 and "
+                                         "--n when --n > 1)."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="System message (replaces the "
+                                                "task's; lm-eval: its system_instruction)."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Format prompts "
+                                                 "with the tokenizer's chat template (default: on; lm-eval: off)."),
+    model_args: Optional[str] = typer.Option(None, "--model-args", help="lm-eval: extra model_args, "
+                                             "k=v,k=v (appended to rlm's)."),
+    gen_kwargs: Optional[str] = typer.Option(None, "--gen-kwargs", help="lm-eval: gen_kwargs, k=v,k=v."),
 ) -> None:
-    """Generate greedily on task test examples and score them (summary.json, records.jsonl, manifest)."""
+    """Generate on task test examples and score them (summary.json, records.jsonl, manifest); greedy unless
+    --temperature > 0; with --n > 1, pass@k."""
     if harness not in ("rlm", "lm-eval"):
         raise RlmError(f"unknown harness {harness!r} (harnesses: rlm, lm-eval)")
     with run_lock(out):
         if harness == "lm-eval":
             summary = _run_lm_eval(model, task, tasks, out, data, limit=limit, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, num_fewshot=num_fewshot, chat=chat, device=device,
-                                   overwrite=overwrite)
+                                   max_new_tokens=max_new_tokens, num_fewshot=num_fewshot,
+                                   chat=bool(chat_template), device=device, overwrite=overwrite,
+                                   backend=backend, dtype=dtype, model_args=model_args, gen_kwargs=gen_kwargs,
+                                   system_prompt=system_prompt)
         else:
+            if model_args or gen_kwargs:
+                raise RlmError("--model-args and --gen-kwargs apply to --harness lm-eval only")
             if tasks and not task:
                 task = [t.strip() for t in tasks.split(",") if t.strip()]
-            from rlm.core.eval.engine import evaluate
+            from rlm.core.eval.engine import Decoding, evaluate
 
-            summary = evaluate(model, task, out, data=data, limit=limit, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, seed=seed, progress=progress, overwrite=overwrite,
-                               device=device)
+            decoding = Decoding(backend=backend, dtype=dtype, backend_config=_backend_config(backend_config),
+                                temperature=temperature, top_p=top_p, n=n, pass_k=pass_k,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
+                                chat_template=chat_template is not False)
+            summary = evaluate(model, task, out, data=data, limit=limit, seed=seed, progress=progress,
+                               overwrite=overwrite, device=device, decoding=decoding)
     _print_summary(summary)
     typer.echo(f"wrote {out}")
 

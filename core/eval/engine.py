@@ -6,7 +6,8 @@ Output directory layout (written atomically, with ``manifest.json``)::
     records.jsonl   one line per example: task, id, prompt, completion, scores (+ finish_reason, tokens)
     errors.jsonl    (``rlm score`` only, when there were any) lines that could not be matched or read
 
-``evaluate`` generates greedily with :func:`rlm.core.eval.generation.generate` (batched, progress bar) and scores
+``evaluate`` generates through a registered generation backend (``hf`` by default; greedy unless sampling is
+asked for, then pass@k by :mod:`rlm.core.eval.pass_at_k`) and scores
 with ``Task.score_batch``/``Task.metrics``; ``score_completions`` does the same for given completions. Used by
 ``rlm eval`` and ``rlm score`` (:mod:`rlm.core.cli.eval`); ``load_task`` also by the study's evaluation steps.
 ``rlm eval --harness lm-eval`` goes through the lm-evaluation-harness bridge, :mod:`rlm.core.eval.lm_eval`.
@@ -109,14 +110,87 @@ def _write_run(out: Path, summary: dict[str, Any], records: list[dict[str, Any]]
     return out
 
 
+@dataclass
+class Decoding:
+    """How ``rlm eval`` generates: the backend, its weights' dtype and config, sampling and prompt settings."""
+
+    backend: str = "hf"
+    dtype: str = "float32"
+    backend_config: dict[str, Any] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    pass_k: str | None = None
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    system_prompt: str | None = None
+    chat_template: bool = True
+
+    def check(self) -> list[int]:
+        """Refuse contradictory settings; returns the k of pass@k to report."""
+        from rlm.core.eval.pass_at_k import parse_ks
+
+        if self.n < 1:
+            raise RlmError(f"--n must be >= 1, got {self.n}")
+        if self.n > 1 and self.temperature == 0:
+            raise RlmError(f"--n {self.n} with greedy decoding (--temperature 0) repeats one completion; "
+                           "give --temperature > 0")
+        return parse_ks(self.pass_k, self.n)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items()}
+
+
+def load_backend(name: str, model_path: str, *, device: str | None, dtype: str,
+                 config: dict[str, Any] | None = None) -> Any:
+    """The registered generation backend ``name`` built on ``model_path``."""
+    from rlm.core.plugins import get_plugin
+
+    cls = get_plugin("generation_backend", name)
+    return cls.load(model_path, device=device, dtype=dtype, config=config)
+
+
+def _prompt(tok: Any, run: TaskRun, text: str, decoding: Decoding) -> str:
+    from rlm.core.eval.generation import chat_prompt
+
+    system = decoding.system_prompt if decoding.system_prompt is not None else run.task.system_prompt
+    if decoding.chat_template:
+        return chat_prompt(tok, text, system=system)
+    return f"{system}\n\n{text}\n" if system else f"{text}\n"
+
+
+def binary_keys(scores: list[dict[str, Any]]) -> list[str]:
+    """Score keys whose every value is 0 or 1 (pass/fail verdicts): the ones pass@k is reported for."""
+    keys = [k for k, v in scores[0].items() if isinstance(v, (bool, int, float))] if scores else []
+    return [k for k in keys if all(s.get(k) in (0, 1, True, False) for s in scores)]
+
+
+def _sampled_summary(task: Task, scores: list[dict[str, Any]], n_examples: int, n: int,
+                     ks: list[int]) -> dict[str, Any]:
+    """Metrics over every sample (their mean is pass@1), pass@k of each binary score key, example count."""
+    from rlm.core.eval.pass_at_k import mean_pass_at_k
+
+    entry = {**{k: float(v) for k, v in task.metrics(scores).items()}}
+    for key in binary_keys(scores):
+        correct = [sum(int(bool(s[key])) for s in scores[i * n:(i + 1) * n]) for i in range(n_examples)]
+        for k, v in mean_pass_at_k(n, correct, ks).items():
+            entry[f"{key}@{k}"] = v
+    return {**entry, "n": n_examples, **({"samples_per_example": n} if n > 1 else {})}
+
+
 def evaluate(model: str, tasks: list[str], out: str | Path, *, data: list[str] | None = None,
              limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0,
-             progress: bool = True, overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
-    """Generate greedily for every task's test examples and score them; returns the summary."""
-    from rlm.core.eval.generation import chat_prompt, generate
+             progress: bool = True, overwrite: bool = False, device: str | None = None,
+             decoding: Decoding | None = None) -> dict[str, Any]:
+    """Generate for every task's test examples (greedily unless ``decoding`` says otherwise) and score them;
+    returns the summary. With ``decoding.n > 1`` every example gets ``n`` samples, one record each, and the
+    summary adds pass@k for every k of ``decoding.pass_k``."""
+    from rlm.core.eval.generation import SamplingParams
     from rlm.core.io.atomic import prepare_output_dir
-    from rlm.core.models.hf import load_model, resolve_model
+    from rlm.core.models.hf import resolve_model
 
+    decoding = decoding or Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ks = decoding.check()
     if not tasks:
         raise RlmError("give at least one --task")
     prepare_output_dir(out, overwrite)
@@ -125,33 +199,49 @@ def evaluate(model: str, tasks: list[str], out: str | Path, *, data: list[str] |
     model_path = resolve_model(model)
     if device is None:
         device = default_device()
-    lm, tok = load_model(model_path, device=device)
+    backend = load_backend(decoding.backend, str(model_path), device=device, dtype=decoding.dtype,
+                           config=decoding.backend_config)
+    params = SamplingParams(n=decoding.n, max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature,
+                            top_p=decoding.top_p, batch_size=decoding.batch_size, seed=seed, progress=progress)
     summary: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
     timing: dict[str, Any] = {}
     for run in runs:
-        prompts = [chat_prompt(tok, ex.prompt, system=run.task.system_prompt) for ex in run.examples]
+        prompts = [_prompt(backend.tokenizer, run, ex.prompt, decoding) for ex in run.examples]
         t0 = time.perf_counter()
-        gens = generate(lm, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                        progress=progress)
+        gens = backend.generate(prompts, params)
         t1 = time.perf_counter()
-        completions = [g.text for g in gens]
-        scores = run.task.score_batch(run.examples, completions, progress=progress)
+        examples = [ex for ex in run.examples for _ in range(decoding.n)]
+        scores = run.task.score_batch(examples, [g.text for g in gens], progress=progress)
         t2 = time.perf_counter()
-        summary[run.label] = _summary_entry(run.task, scores)
+        summary[run.label] = (_summary_entry(run.task, scores) if decoding.n == 1 and not ks
+                              else _sampled_summary(run.task, scores, len(run.examples), decoding.n, ks))
         timing[run.label] = {"generation_s": t1 - t0, "scoring_s": t2 - t1,
                              "examples_per_s": len(prompts) / max(t2 - t0, 1e-9)}
-        for ex, g, s in zip(run.examples, gens, scores):
-            records.append({"task": run.label, "id": ex.id, "prompt": g.prompt, "completion": g.text, "scores": s,
-                            "finish_reason": g.finish_reason, "completion_tokens": len(g.completion_ids)})
+        records.extend(_records(run.label, examples, gens, scores, decoding.n))
     _write_run(Path(out), summary, records, overwrite=overwrite,
                manifest=dict(command=list(sys.argv), seed=seed,
-                             config={"tasks": tasks, "limit": limit, "batch_size": batch_size,
-                                     "max_new_tokens": max_new_tokens, "device": device, "decoding": "greedy",
+                             config={"tasks": tasks, "limit": limit, "batch_size": decoding.batch_size,
+                                     "max_new_tokens": decoding.max_new_tokens, "device": device,
+                                     "decoding": "greedy" if decoding.temperature == 0 else "sampling",
+                                     "generation": decoding.as_dict(), "pass_k": ks,
                                      "task_configs": {r.label: r.task.config.model_dump(mode="json") for r in runs}},
                              inputs={"model": model_path, **{f"data:{t}": p for t, p in paths.items() if p}},
                              extra={"timing": timing}))
     return summary
+
+
+def _records(label: str, examples: list[Example], gens: list[Any], scores: list[dict[str, Any]],
+             n: int) -> list[dict[str, Any]]:
+    """One record per completion; with ``n > 1`` each names its sample index."""
+    out = []
+    for ex, g, s in zip(examples, gens, scores):
+        rec = {"task": label, "id": ex.id, "prompt": g.prompt, "completion": g.text, "scores": s,
+               "finish_reason": g.finish_reason, "completion_tokens": len(g.completion_ids)}
+        if n > 1:
+            rec["sample"] = g.sample_index
+        out.append(rec)
+    return out
 
 
 def _example_index(examples: list[Example]) -> dict[str, int]:

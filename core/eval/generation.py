@@ -12,10 +12,11 @@ Usage::
 (``gens[i * n + j]`` is sample ``j`` of prompt ``i``). Prompts are final strings (already chat-formatted, see
 :func:`chat_prompt`); they are tokenized without adding special tokens a second time.
 
-Backends. All work goes through a :class:`GenerationBackend`; :class:`HFBackend` wraps a transformers causal
-LM (left padding, batches sorted by prompt length, ``model.generate`` with a KV cache). A vLLM backend can
-implement the same one method (``generate(prompts, params) -> list[Generation]``) later; pass a backend
-object as ``model`` to :func:`generate` and it is used as is.
+Backends. All work goes through a :class:`rlm.core.contracts.GenerationBackend` (a plugin kind, registered
+with ``register_generation_backends``); :class:`HFBackend` (``hf``, the default) wraps a transformers causal
+LM (left padding, batches sorted by prompt length, ``model.generate`` with a KV cache); the ``vllm`` backend
+is :mod:`rlm.core.eval.vllm_backend`. Pass a backend object as ``model`` to :func:`generate` and it is used
+as is.
 
 Semantics (every backend must keep them):
 
@@ -23,7 +24,11 @@ Semantics (every backend must keep them):
   from softmax(logits / temperature) restricted to the top-p nucleus, nothing else: decoding defaults in a
   model's ``generation_config`` (top-k, repetition penalty, min-p, ...) are switched off.
 - Generation stops at the first end-of-sequence token (the tokenizer's eos plus any eos ids in the model's
-  generation config) or after ``max_new_tokens``. ``finish_reason`` is ``"stop"`` or ``"length"``.
+  generation config), at the first stop string (``SamplingParams.stop``: ``text`` ends before it,
+  ``completion_ids`` end with the token that completed it) or after ``max_new_tokens``. ``finish_reason`` is
+  ``"stop"`` or ``"length"``.
+- ``SamplingParams.logprobs``: ``Generation.logprobs[t]`` is log p(completion_ids[t]) under
+  log-softmax(raw logits) — temperature 1, no top-p, as vLLM's default ``raw_logprobs``.
 - ``completion_ids`` never contain padding; they end with the eos token when one was produced.
 - ``text`` is the completion decoded without special tokens.
 - ``seed`` makes sampling reproducible: batch ``b`` samples under ``torch.manual_seed(seed + b)`` inside a
@@ -32,70 +37,30 @@ Semantics (every backend must keep them):
 
 from __future__ import annotations
 
-import abc
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+from rlm.core.contracts import Generation, GenerationBackend, PluginConfig, SamplingParams
 from rlm.core.io.progress import progress_bar
 
+__all__ = ["Generation", "GenerationBackend", "HFBackend", "SamplingParams", "chat_prompt", "generate"]
 
-@dataclass
-class Generation:
-    """One sampled completion of one prompt."""
-
-    prompt_index: int
-    sample_index: int
-    prompt: str
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (an eos token was produced) or "length" (max_new_tokens reached)
-
-    @property
-    def num_completion_tokens(self) -> int:
-        return len(self.completion_ids)
+#: ``--dtype`` names -> torch dtype attribute names (``auto``: the checkpoint's own dtype)
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "auto": "auto"}
 
 
-@dataclass
-class SamplingParams:
-    """What to generate; shared by every backend."""
-
-    n: int = 1
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    batch_size: int = 16
-    seed: int | None = None
-    progress: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
+def torch_dtype(name: str) -> Any:
+    """The torch dtype (or ``"auto"``) for a ``--dtype`` name; an unknown name is one :class:`RlmError` line."""
+    key = DTYPES.get(str(name).lower())
+    if key is None:
         from rlm.core.errors import RlmError
 
-        if self.n < 1:
-            raise RlmError(f"n must be >= 1, got {self.n}")
-        if self.max_new_tokens < 1:
-            raise RlmError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise RlmError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RlmError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1:
-            raise RlmError(f"batch_size must be >= 1, got {self.batch_size}")
+        raise RlmError(f"unknown dtype {name!r} (dtypes: float32, bfloat16, float16, auto)")
+    if key == "auto":
+        return "auto"
+    import torch
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-class GenerationBackend(abc.ABC):
-    """Turns prompt strings into :class:`Generation` objects. Implement this for a new inference engine."""
-
-    tokenizer: Any
-
-    @abc.abstractmethod
-    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
-        """Return ``len(prompts) * params.n`` generations, prompt-major."""
+    return getattr(torch, key)
 
 
 def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
@@ -118,9 +83,15 @@ NEUTRAL_SAMPLING: dict[str, Any] = dict(top_k=0, typical_p=1.0, min_p=0.0, epsil
 
 
 class HFBackend(GenerationBackend):
-    """Generation with a transformers causal LM (``model.generate``), left padding, length-sorted batches."""
+    """Generation with a transformers causal LM (``model.generate``), left padding, length-sorted batches.
+    Built from a model directory by :meth:`load` (``rlm eval --backend hf``) or around a model already in memory
+    (``HFBackend(model, tokenizer)``: the trainers' policy, whose weights it then shares)."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    name = "hf"
+    Config = PluginConfig
+
+    def __init__(self, model: Any, tokenizer: Any, config: PluginConfig | dict[str, Any] | None = None) -> None:
+        super().__init__(config)
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = eos_token_ids(tokenizer, model)
@@ -130,6 +101,37 @@ class HFBackend(GenerationBackend):
             raise RlmError("the tokenizer has no eos token; generation cannot know where to stop")
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+
+    @classmethod
+    def load(cls, model_path: str, *, device: str | None = None, dtype: str = "float32",
+             config: PluginConfig | dict[str, Any] | None = None) -> "HFBackend":
+        from rlm.core.models.hf import load_model
+        from rlm.core.models.lora import is_adapter_only
+
+        wanted = torch_dtype(dtype)
+        if wanted == "auto" and is_adapter_only(model_path):
+            wanted = None  # an adapter merges in float32
+        model, tok = load_model(model_path, dtype=wanted, device=device)
+        return cls(model, tok, config)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        import torch
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    from rlm.core.errors import RlmError
+
+                    raise RlmError(f"load_weights: the model has no parameter {name!r}")
+                if params[name].data_ptr() != tensor.data_ptr():
+                    params[name].copy_(tensor)
+
+    def weights_checksum(self) -> float:
+        import torch
+
+        with torch.no_grad():
+            return float(sum(p.detach().double().sum().item() for p in self.model.parameters()))
 
     def _encode(self, prompts: Sequence[str]) -> list[list[int]]:
         enc = self.tokenizer(list(prompts), add_special_tokens=False)
@@ -158,7 +160,11 @@ class HFBackend(GenerationBackend):
         """``model.generate`` settings besides the inputs: length, stop tokens, greedy or nucleus sampling."""
         kwargs: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, eos_token_id=self.eos_ids,
                                       pad_token_id=self.pad_id, num_return_sequences=n_draw,
-                                      return_dict_in_generate=False)
+                                      return_dict_in_generate=params.logprobs)
+        if params.logprobs:
+            kwargs["output_logits"] = True  # raw logits, before temperature / top-p
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         # neutralise decoding defaults a hub model's generation_config may carry (transformers fills
         # every unset value from it): the distribution is exactly softmax(logits / T) with top-p
         kwargs.update(NEUTRAL)
@@ -169,9 +175,32 @@ class HFBackend(GenerationBackend):
         kwargs.update(params.extra)
         return kwargs
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
+    @staticmethod
+    def _token_logprobs(step_logits: Sequence[Any], tokens: Any) -> list[list[float]]:
+        """log-softmax(raw logits) of each row's generated token at every step: ``[row][step]``."""
         import torch
 
+        cols = [torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, t:t + 1]).squeeze(1)
+                for t, logits in enumerate(step_logits)]
+        return torch.stack(cols, dim=1).tolist() if cols else [[] for _ in range(tokens.shape[0])]
+
+    def _run_batch(self, input_ids: Any, attn: Any, width: int, decoding: dict[str, Any], device: Any,
+                   seed: int | None) -> tuple[list[list[int]], list[list[float]] | None]:
+        """One ``model.generate`` call under a forked RNG: the new tokens of each row (and their log-probs)."""
+        import torch
+
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.inference_mode():
+                out = self.model.generate(**{"input_ids": input_ids.to(device), "attention_mask": attn.to(device),
+                                             **decoding})
+                if not decoding.get("return_dict_in_generate"):
+                    return out[:, width:].tolist(), None
+                new = out.sequences[:, width:]
+                return new.tolist(), self._token_logprobs(out.logits, new)
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
         prompts = list(prompts)
         if not prompts:
             return []
@@ -190,16 +219,13 @@ class HFBackend(GenerationBackend):
             with progress_bar(len(prompts), params.progress, "generating") as bar:
                 for b, idx in enumerate(batches):
                     input_ids, attn, width = self._left_padded([encoded[i] for i in idx])
-                    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-                        if params.seed is not None:
-                            torch.manual_seed(params.seed + b)
-                        with torch.inference_mode():
-                            out = self.model.generate(**{"input_ids": input_ids.to(device),
-                                                         "attention_mask": attn.to(device), **decoding})
-                    new = out[:, width:].tolist()
+                    new, logprobs = self._run_batch(input_ids, attn, width, decoding, device,
+                                                    None if params.seed is None else params.seed + b)
                     for r, i in enumerate(idx):
-                        gens = [self._make(i, j, prompts[i], encoded[i], new[r * n_draw + j], params.max_new_tokens)
-                                for j in range(n_draw)]
+                        rows = range(r * n_draw, (r + 1) * n_draw)
+                        gens = [self._make(i, j, prompts[i], encoded[i], new[row], params,
+                                           logprobs[row] if logprobs is not None else None)
+                                for j, row in enumerate(rows)]
                         if n_draw < params.n:  # greedy: every sample is the same completion
                             gens = [self._copy(gens[0], j) for j in range(params.n)]
                         results[i] = gens
@@ -209,11 +235,12 @@ class HFBackend(GenerationBackend):
                 self.model.train()
         return [g for i in range(len(prompts)) for g in results[i]]
 
-    def _make(self, i: int, j: int, prompt: str, prompt_ids: list[int], new: list[int], max_new: int) -> Generation:
+    def _make(self, i: int, j: int, prompt: str, prompt_ids: list[int], new: list[int], params: SamplingParams,
+              logprobs: list[float] | None = None) -> Generation:
         eos = set(self.eos_ids)
         completion: list[int] = []
         finish = "length"
-        for t in new[:max_new]:
+        for t in new[:params.max_new_tokens]:
             completion.append(int(t))
             if t in eos:
                 finish = "stop"
@@ -223,17 +250,38 @@ class HFBackend(GenerationBackend):
             while completion and completion[-1] == self.pad_id and self.pad_id not in eos:
                 completion.pop()
         text = self.tokenizer.decode(completion, skip_special_tokens=True)
-        return Generation(i, j, prompt, list(prompt_ids), completion, text, finish)
+        if params.stop:
+            cut = self._cut_at_stop(completion, text, params.stop)
+            if cut is not None:
+                completion, text, finish = cut[0], cut[1], "stop"
+        lps = [float(x) for x in logprobs[:len(completion)]] if logprobs is not None else None
+        return Generation(i, j, prompt, list(prompt_ids), completion, text, finish, lps)
+
+    def _cut_at_stop(self, completion: list[int], text: str, stop: tuple[str, ...]) -> tuple[list[int], str] | None:
+        """``(ids up to the token that completed the first stop string, text before it)``, or ``None``."""
+        hits = [(text.find(s), s) for s in stop if s in text]
+        if not hits:
+            return None
+        at = min(h[0] for h in hits)
+
+        def has_stop(k: int) -> bool:
+            return any(s in self.tokenizer.decode(completion[:k], skip_special_tokens=True) for s in stop)
+
+        lo, hi = 1, len(completion)  # the shortest prefix that holds a stop string (monotone in k)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if has_stop(mid) else (mid + 1, hi)
+        return completion[:lo], text[:at]
 
     @staticmethod
     def _copy(g: Generation, j: int) -> Generation:
         return Generation(g.prompt_index, j, g.prompt, list(g.prompt_ids), list(g.completion_ids), g.text,
-                          g.finish_reason)
+                          g.finish_reason, None if g.logprobs is None else list(g.logprobs))
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], *, n: int = 1, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, seed: int | None = None,
-             progress: bool = False) -> list[Generation]:
+             progress: bool = False, stop: Sequence[str] = (), logprobs: bool = False) -> list[Generation]:
     """Generate ``n`` completions for each chat-formatted prompt string.
 
     ``model`` is a transformers causal LM (wrapped in :class:`HFBackend`) or any :class:`GenerationBackend`
@@ -243,7 +291,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], *, n: int = 1, max_
     was produced), the completion text without special tokens and the finish reason (``"stop"``/``"length"``).
     """
     params = SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            batch_size=batch_size, seed=seed, progress=progress)
+                            batch_size=batch_size, seed=seed, progress=progress, stop=tuple(stop),
+                            logprobs=logprobs)
     backend = model if isinstance(model, GenerationBackend) else HFBackend(model, tokenizer)
     return backend.generate(prompts, params)
 

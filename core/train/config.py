@@ -106,6 +106,18 @@ class SFTConfig(TrainConfig):
     max_response_tokens: int = Field(512, ge=1)
 
 
+class GenerationSettings(PluginConfig):
+    """Which generation backend RL rollouts sample from (:mod:`rlm.core.train.rollout_backend`)."""
+
+    backend: str = Field("hf", description="a registered generation backend (rlm plugins): hf samples from the "
+                                           "policy itself; vllm from its own engine, synced after every update")
+    dtype: str = Field("auto", description="the engine's weights dtype (external backends)")
+    config: dict[str, Any] = Field(default_factory=dict, description="the backend's config, e.g. "
+                                                                    "{gpu_memory_utilization: 0.3}")
+    checksum_rtol: float = Field(1e-3, ge=0, description="relative tolerance of the engine-vs-policy weights "
+                                                          "checksum after a push (a lower-precision engine rounds)")
+
+
 class RLConfig(TrainConfig):
     """Fields of every RL trainer. Research defaults (verl GRPO / the paper: lr 1e-6, 512 prompts × G = 8,
     KL 1e-3 with k3 in the loss, temperature 1, top-p 1, ε = 0.2, one epoch per batch) scaled for a tiny CPU
@@ -157,6 +169,7 @@ class RLConfig(TrainConfig):
     value_clip: float = Field(0.5, gt=0)
     critic_warmup_steps: int = Field(0, ge=0, description="PPO: steps that train only the critic")
     disable_dropout: bool = Field(True, description="dropout off in policy and critic (old log-probs stay exact)")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
 
 
 class RFTConfig(SFTConfig):

@@ -56,6 +56,10 @@ class RLEngine:
         if cfg.disable_dropout:
             self._disable_dropout()
         self.pad_id = pad_token_id(self.sess.tokenizer)
+        from rlm.core.train.rollout_backend import RolloutBackend
+
+        self.rollouts = RolloutBackend(self.sess, cfg)
+        self.rollout_stats: dict[str, float] = {}
 
     # -- setup --------------------------------------------------------------------------------------------
     def _check_batch_split(self) -> None:
@@ -109,8 +113,10 @@ class RLEngine:
     def make_experience(self, step: int) -> Experience:
         """Sample and score the step's completions, run the no-grad passes and compute the advantages."""
         cfg, s = self.cfg, self.sess
-        ro = sample_rollout(s, cfg, self.run.task, self.examples, self.prompts, self.pad_id, step)
+        ro = sample_rollout(s, cfg, self.run.task, self.examples, self.prompts, self.pad_id, step,
+                            backend=self.rollouts if self.rollouts.external else None)
         old_logp, ref_logp = old_and_reference_logprobs(s, cfg, ro.batch)
+        self.rollout_stats = self._rollout_diagnostics(ro)
         values = no_grad_pass(s, ro.batch, cfg.micro_batch_size, self.critic) if self.critic is not None else None
         kl = None
         if cfg.kl_in == "reward" and cfg.kl_coef > 0:
@@ -124,6 +130,15 @@ class RLEngine:
             adv = algorithms.positive_only(adv, ro.rewards, cfg.correct_threshold, cfg.positive_mode)
         return Experience(**vars(ro), advantages=adv.detach(), returns=ret.detach(), old_logp=old_logp,
                           ref_logp=ref_logp, values=values, kl=kl)
+
+    def _rollout_diagnostics(self, ro: Any) -> dict[str, float]:
+        """An external rollout engine's log-probs against the trainer's own at temperature 1 (none for hf)."""
+        if not self.rollouts.external:
+            return {}
+        s = self.sess
+        logp = no_grad_pass(s, ro.batch, self.cfg.micro_batch_size,
+                            lambda u: forward_response(s.model, u, temperature=1.0)[0])
+        return self.rollouts.diagnostics(logp, ro.mask)
 
     # -- updates ------------------------------------------------------------------------------------------
     def _mini_batches(self, exp: Experience, step: int) -> Iterator[list[int]]:
@@ -190,7 +205,9 @@ class RLEngine:
             stats.entropy += float((ent.detach() * m).sum())
             stats.tok += ntok_m
         s.check_finite(float(s.reduce_sum(stats.pg_loss)), step)
-        return s.optimizer_step(step)
+        grad_norm = s.optimizer_step(step)
+        self.rollouts.push()  # an external rollout engine gets the updated weights (checksum-checked)
+        return grad_norm
 
     def _kl_penalty(self, logp: Any, ref_logp: Any, mask: Any, agg_kw: dict[str, Any], stats: UpdateStats) -> Any:
         """The KL term of the loss (``kl_in == "loss"``; else None); adds the logged KL to ``stats``: always k3
@@ -214,7 +231,7 @@ class RLEngine:
         stats = self.update(exp, step, critic_only)
         t2 = time.perf_counter()
         out = self.step_metrics(exp, stats, n_tok, critic_only)
-        out.update(gen_time=exp.gen_time, rollout_time=t1 - t0, update_time=t2 - t1)
+        out.update(gen_time=exp.gen_time, rollout_time=t1 - t0, update_time=t2 - t1, **self.rollout_stats)
         if self.critic is not None:
             updates = self.cfg.ppo_epochs * self.cfg.mini_batches
             out["vf_loss"] = float(self.sess.reduce_sum(self.critic.loss_sum)) / updates

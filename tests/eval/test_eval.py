@@ -80,12 +80,20 @@ def test_backend_interface_and_chat_fallback(lm):
     model, tok = lm
 
     class Echo(GenerationBackend):
+        name = "echo"
+
+        @classmethod
+        def load(cls, model_path, *, device=None, dtype="float32", config=None):
+            return cls(config)
+
         def generate(self, prompts, params):
             from rlm.core.eval.generation import Generation
 
             return [Generation(i, j, p, [], [], p[::-1], "stop") for i, p in enumerate(prompts) for j in range(params.n)]
 
     assert [g.text for g in generate(Echo(), None, ["ab", "cd"], n=2)] == ["ba", "ba", "dc", "dc"]
+    with pytest.raises(Exception, match="'echo' cannot receive policy weights"):
+        Echo().load_weights([])
     assert isinstance(HFBackend(model, tok), GenerationBackend)
     assert chat_prompt(tok, "Q").endswith("<|im_start|>assistant\n")
 

@@ -19,7 +19,8 @@ def test_version(capsys):
 def test_plugins_json_contract(capsys):
     assert main(["plugins", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"trainers", "merge_methods", "tasks", "metrics", "plugins"}
+    assert set(data) == {"trainers", "merge_methods", "tasks", "metrics", "generation_backends", "plugins"}
+    assert data["generation_backends"] == ["hf", "vllm"]
     for p in data["plugins"]:
         assert set(p) == {"name", "distribution", "version", "registered", "error"}
         assert p["error"] is None, p

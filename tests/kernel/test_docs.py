@@ -21,10 +21,10 @@ def signature_text(fn) -> str:
     return f"{fn.__name__}({params}) -> {sig.return_annotation}"
 
 
-def test_there_are_five_hooks_each_with_a_docstring():
+def test_there_are_six_hooks_each_with_a_docstring():
     hooks = hook_functions()
     assert set(hooks) == {"register_trainers", "register_merge_methods", "register_tasks", "register_metrics",
-                          "register_commands"}
+                          "register_generation_backends", "register_commands"}
     for fn in hooks.values():
         assert fn.__doc__ and fn.__doc__.strip()
 

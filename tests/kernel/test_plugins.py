@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rlm.core.contracts import MergeMethod, Metric, PluginConfig, Task, Trainer
+from rlm.core.contracts import GenerationBackend, MergeMethod, Metric, PluginConfig, Task, Trainer
 from rlm.core.errors import DuplicatePluginError, UnknownPluginError
 from rlm.core.hookspecs import hookimpl
 from rlm.core.plugins import PluginSystem
@@ -57,7 +57,22 @@ class FakeMetric(Metric):
         return {}
 
 
+class FakeBackend(GenerationBackend):
+    name = "fake_backend"
+
+    @classmethod
+    def load(cls, model_path, *, device=None, dtype="float32", config=None):
+        return cls(config)
+
+    def generate(self, prompts, params):
+        return []
+
+
 class FakePlugin:
+    @hookimpl
+    def register_generation_backends(self, register):
+        register(FakeBackend, aliases=["fb"])
+
     @hookimpl
     def register_merge_methods(self, register):
         register(FakeMerge)
@@ -94,10 +109,13 @@ def test_every_register_hook_fills_its_registry(system):
     assert system.registry("task").get("ft_alias") is FakeTask
     assert system.registry("trainer").get("fake_trainer") is FakeTrainer
     assert system.registry("metric").get("fake_metric") is FakeMetric
+    assert system.registry("generation_backend").get("fb") is FakeBackend
     data = system.as_json()
+    assert data["generation_backends"] == ["fake_backend"]
     assert data["merge_methods"] == ["fake_ties"]
     assert data["plugins"] == [{"name": "fake", "distribution": "fake-dist", "version": "1.0",
-                                "registered": ["fake_trainer", "fake_ties", "fake_task", "fake_metric"],
+                                "registered": ["fake_trainer", "fake_ties", "fake_task", "fake_metric",
+                                               "fake_backend"],
                                 "error": None}]
 
 

@@ -1,0 +1,1 @@
+"""Built-in generation backends: ``hf`` (transformers) and ``vllm`` (vLLM's offline engine)."""
