@@ -4,7 +4,8 @@
 installed plugins, plans its steps and runs them in ``DIR`` (default ``runs/NAME`` or ``runs/NAME-quick``).
 Finished steps are reused (their directory name holds a hash of their config and inputs), so rerunning after
 an interruption or a failure redoes only what is unfinished or changed. The report goes to ``DIR/report/``
-and Table 1 is printed at the end.
+and Table 1 is printed at the end. ``--executor ray [--ray-address ADDR]`` runs every ready step as a Ray task
+(:mod:`rlm.core.study.executors`) with the same step directories, so either executor can resume the other's run.
 
 ``rlm merge-eval --base DIR --experts SPEC --methods M1,M2 --out DIR`` does the merging half of a study on
 experts trained elsewhere: SPEC is ``GROUP:TASK=DIR,...`` (e.g. ``sft:math=runs/a,sft:code=runs/b,
@@ -35,6 +36,12 @@ def _print_table1(out: Path) -> None:
     typer.echo(f"report: {out / 'report' / 'report.md'}")
 
 
+_EXECUTOR_HELP = ("local: one step at a time in this process; ray: every ready step as a Ray task with the "
+                  "resources of the config's `resources` section (docs/study.md)")
+_RAY_ADDRESS_HELP = ("Ray cluster to use with --executor ray (auto, HOST:6379, ray://HOST:10001; default: start a "
+                     "local one). The run directory must be on storage every node mounts at the same path.")
+
+
 def experiment_run(
     config: str = typer.Argument(..., help="Experiment config file (YAML/TOML/JSON) or preset name "
                                            "(cpu-tiny, micro, smollm2-135m, paper)."),
@@ -43,20 +50,24 @@ def experiment_run(
     set_: list[str] = typer.Option([], "--set", help="Override a field, e.g. tasks.math.eval_size=16."),
     force: list[str] = typer.Option([], "--force", help="Rerun this step even if finished (repeatable)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the step progress bar."),
+    executor: str = typer.Option("local", "--executor", help=_EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=_RAY_ADDRESS_HELP),
 ) -> None:
     """Run a study; finished steps are reused, so rerunning resumes. Prints Table 1 at the end."""
     import time
 
     from rlm.core.study.check import check_plugins
+    from rlm.core.study.executors import make_executor
     from rlm.core.study.presets import load_experiment
     from rlm.core.study.run import run_study
 
     cfg = load_experiment(config, quick=quick, sets=set_)
     check_plugins(cfg)
+    runner = make_executor(executor, cfg, address=ray_address)
     out = out or Path("runs") / (cfg.name + ("-quick" if quick else ""))
     t0 = time.perf_counter()
     with run_lock(out):
-        run_study(cfg, out, progress=progress, force=force)
+        run_study(cfg, out, progress=progress, force=force, executor=runner)
     _print_table1(out)
     typer.echo(f"wall time: {time.perf_counter() - t0:.0f} s", err=True)
 
@@ -116,11 +127,14 @@ def merge_eval(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (1 is fastest for "
                                                                   "small models on a busy CPU)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    executor: str = typer.Option("local", "--executor", help=_EXECUTOR_HELP),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help=_RAY_ADDRESS_HELP),
 ) -> None:
     """Evaluate experts, merge every pair within each group with every method, evaluate the merged models
     on both tasks and write Table 1 (Markdown/CSV/JSON), the curve and the landscape."""
     from rlm.core.plugins import get_system
     from rlm.core.study.check import check_plugins
+    from rlm.core.study.executors import make_executor
     from rlm.core.study.run import merge_eval_config, parse_experts, parse_task_map, plan_given_experts, run_study
 
     spec = parse_experts(experts)
@@ -135,8 +149,9 @@ def merge_eval(
                             batch_size=batch_size, landscape=landscape, curve=curve,
                             sets=([f"threads={threads}"] if threads else []) + list(set_))
     check_plugins(cfg, trainers=False)
+    runner = make_executor(executor, cfg, address=ray_address)
     with run_lock(out):
-        run_study(cfg, out, plan=plan_given_experts(cfg, spec), progress=progress)
+        run_study(cfg, out, plan=plan_given_experts(cfg, spec), progress=progress, executor=runner)
     _print_table1(out)
 
 

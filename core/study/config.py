@@ -194,6 +194,42 @@ class ReportConfig(PluginConfig):
                                                        "groups (None: no Table 3)")
 
 
+class StepResources(PluginConfig):
+    """What one step asks of a Ray cluster (``--executor ray``); the local executor ignores it."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPU cores reserved for the step's Ray task")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs reserved for the step's Ray task (None: 1 on a "
+                                                           "cluster with GPUs, else 0)")
+
+
+def _cpu_only() -> StepResources:
+    return StepResources(num_cpus=1.0, num_gpus=0.0)
+
+
+class ResourcesConfig(PluginConfig):
+    """Ray resources per step kind (``rlm experiment run --executor ray``). Training, evaluation and the
+    landscape get a GPU where the cluster has any; init, merge, conflicts and the report run on CPUs. A
+    training step that needs several GPUs asks for them here (``train.num_gpus: 4``) and launches them through
+    accelerate inside its task (docs/study.md). Resources never change step keys."""
+
+    init: StepResources = Field(default_factory=_cpu_only)
+    warmup: StepResources = Field(default_factory=StepResources)
+    train: StepResources = Field(default_factory=StepResources)
+    eval_expert: StepResources = Field(default_factory=StepResources)
+    merge: StepResources = Field(default_factory=_cpu_only)
+    eval_merged: StepResources = Field(default_factory=StepResources)
+    conflicts: StepResources = Field(default_factory=_cpu_only)
+    landscape: StepResources = Field(default_factory=StepResources)
+    report: StepResources = Field(default_factory=_cpu_only)
+    max_retries: int = Field(1, ge=0, description="times Ray reruns a step whose worker process died (killed, "
+                                                  "out of memory); a step that raises is not retried")
+
+    def of(self, kind: str | None) -> StepResources:
+        """The resources of a step kind (CPU-only defaults for a kind this section does not name)."""
+        value = getattr(self, kind, None) if kind and kind in type(self).model_fields else None
+        return value if isinstance(value, StepResources) else _cpu_only()
+
+
 def _unique(ids: list[str], what: str) -> None:
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
@@ -251,6 +287,7 @@ class ExperimentConfig(PluginConfig):
     landscape: LandscapeConfig = Field(default_factory=LandscapeConfig)
     curve: CurveConfig = Field(default_factory=CurveConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads for the whole run (None: torch's "
                                                         "default; 1 is fastest for the tiny model on a busy CPU)")

@@ -20,6 +20,11 @@ its dependents are not run (status ``blocked``); independent steps still run (``
 default). Rerunning the graph skips every finished step and redoes only failed, interrupted, blocked or
 changed ones. ``RUN/graph.json`` holds the status of every step of the latest run.
 
+Who runs a step is an executor (:mod:`rlm.core.study.executors`): :meth:`Graph.run` hands it every step whose
+inputs are ready, as a :class:`StepJob`, and records the :class:`StepOutcome` it reports; the local executor
+(the default) runs one step at a time in this process, the Ray executor runs ready steps as Ray tasks. Both call
+:func:`execute_step`, so the keys, directories and records above do not depend on the executor.
+
 Usage::
 
     g = Graph()
@@ -42,6 +47,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from rich.markup import escape as rich_escape
 
 from rlm.core.errors import RlmError
 from rlm.core.io.atomic import atomic_dir, atomic_write_json
@@ -173,6 +180,32 @@ class Step:
 
 
 @dataclass
+class StepJob:
+    """One step to execute, as an executor receives it (picklable with its function: it may cross to another
+    process). ``log`` is the console of an in-process executor (None elsewhere: the step prints)."""
+
+    step: Step
+    key: str
+    final: Path
+    run_dir: Path
+    inputs: dict[str, StepOutput]
+    log: Callable[[str], None] | None = None
+
+
+@dataclass
+class StepOutcome:
+    """What an executor reports for a step: ``done`` (result, seconds), ``failed`` (error; ``log``: the file
+    holding the step's output, where the executor keeps one) or ``interrupted``."""
+
+    name: str
+    status: str
+    result: Any = None
+    seconds: float | None = None
+    error: str | None = None
+    log: Path | None = None
+
+
+@dataclass
 class StepStatus:
     name: str
     key: str
@@ -181,10 +214,14 @@ class StepStatus:
     seconds: float | None = None
     error: str | None = None
     result: Any = None
+    log: Path | None = None  # the step's output where the executor keeps one (Ray)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "key": self.key, "status": self.status,
-                "dir": f"{STEPS_DIR}/{self.dir.name}" if self.dir else None, "seconds": self.seconds, "error": self.error}
+        out = {"name": self.name, "key": self.key, "status": self.status,
+               "dir": f"{STEPS_DIR}/{self.dir.name}" if self.dir else None, "seconds": self.seconds, "error": self.error}
+        if self.log is not None:
+            out["log"] = str(self.log)
+        return out
 
 
 @dataclass
@@ -225,7 +262,7 @@ class RunSummary:
         lines = []
         for s in bad:
             if s.status == FAILED:
-                lines.append(f"  {s.name}: failed: {s.error}")
+                lines.append(f"  {s.name}: failed: {s.error}" + (f" (log: {s.log})" if s.log else ""))
             elif s.status == INTERRUPTED:
                 lines.append(f"  {s.name}: interrupted")
         n_blocked = sum(s.status == BLOCKED for s in bad)
@@ -368,71 +405,117 @@ class Graph:
 
     # -- running -----------------------------------------------------------------------------------------
     def run(self, run_dir: str | Path, *, targets: Iterable[str] | None = None, force: Iterable[str] = (),
-            keep_going: bool = True, progress: bool = True, console: Any = None) -> RunSummary:
+            keep_going: bool = True, progress: bool = True, console: Any = None, executor: Any = None) -> RunSummary:
         """Run every step (or only ``targets`` and their ancestors) whose output is not already finished.
 
         ``force`` reruns the named steps even if finished (their dependents rerun only if their own output is
         missing, since keys do not change). ``keep_going=False`` stops at the first failure. A
         ``KeyboardInterrupt`` inside a step removes its partial output, records ``interrupted`` in
-        ``graph.json`` and is re-raised.
+        ``graph.json`` and is re-raised. ``executor`` runs the steps whose inputs are ready
+        (:mod:`rlm.core.study.executors`; default: one at a time in this process); the scheduling (caching,
+        blocking, pruning, ``graph.json``, progress) is this method's whatever the executor.
         """
         plan, summary = self._plan_run(Path(run_dir).resolve(), targets, set(force))
-        run_dir, keys, dependents = plan.run_dir, plan.keys, plan.dependents
+        run_dir = plan.run_dir
         from rich.console import Console
 
         console = console or Console(stderr=True)
         log = (lambda msg: console.print(msg, highlight=False)) if progress else (lambda msg: None)
+        executor = executor if executor is not None else LocalExecutor()
         with _run_lock(run_dir), _progress(console, progress, len(plan.wanted)) as bar:
             (run_dir / STEPS_DIR).mkdir(parents=True, exist_ok=True)
             self._write_graph_json(run_dir, summary)
-            stop = False
-            for n in plan.order:
-                st = summary.steps[n]
-                if st.status == SKIPPED:
-                    continue
-                if stop:
-                    st.status = BLOCKED
-                    continue
-                step = self.steps[n]
-                final = self.step_dir(run_dir, n, keys[n])
-                st.dir = final
-                bad_deps = [d for d in step.deps if summary.steps[d].status not in (DONE, CACHED)]
-                if bad_deps:
-                    st.status = BLOCKED
-                    st.error = f"not run: dependency {bad_deps[0]!r} did not finish"
-                    log(f"[yellow]-[/yellow] {n} [dim](blocked by {bad_deps[0]})[/dim]")
-                    bar.advance()
-                    continue
-                cached = read_step_json(final)
-                if cached is not None and n not in plan.force and n not in plan.revive:
-                    st.status, st.result, st.seconds = CACHED, cached.get("result"), cached.get("seconds")
-                    bar.advance()
-                    self._prune_finished(step.deps, dependents, summary)
-                    continue
-                inputs = {d: summary.output(d) for d in step.deps}
-                bar.describe(n)
-                try:
-                    st.result, st.seconds = self._execute(step, keys[n], final, run_dir, inputs, log)
-                    st.status = DONE
-                    log(f"[green]✓[/green] {n} [dim]{st.seconds:.1f}s[/dim]")
-                except KeyboardInterrupt:
-                    st.status = INTERRUPTED
-                    self._write_graph_json(run_dir, summary)
-                    raise
-                except Exception as exc:
-                    st.status = FAILED
-                    st.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                    log(f"[red]✗ {n}[/red]: {st.error}")
-                    if not keep_going:
-                        stop = True
-                bar.advance()
-                self._prune_finished(step.deps, dependents, summary)
-                self._write_graph_json(run_dir, summary)
+            executor.start(run_dir)
+            try:
+                self._schedule(plan, summary, executor, keep_going, log, bar)
+            finally:
+                executor.close()
             self._write_graph_json(run_dir, summary)
         counts = {k: len(summary.names(k)) for k in (DONE, CACHED, FAILED, BLOCKED)}
         log(f"steps: {counts[DONE]} run, {counts[CACHED]} cached, {counts[FAILED]} failed, {counts[BLOCKED]} blocked"
             f" [dim]({run_dir})[/dim]")
         return summary
+
+    def _schedule(self, plan: _RunPlan, summary: RunSummary, executor: Any, keep_going: bool,
+                  log: Callable[[str], None], bar: Any) -> None:
+        """Hand every step whose inputs are ready to ``executor`` (in graph order, as many as it takes at
+        once) and record what comes back, until nothing is left to run."""
+        todo = [n for n in plan.order if summary.steps[n].status == PENDING]
+        running: set[str] = set()
+        stop = False
+        while todo or running:
+            if stop:
+                for n in todo:
+                    summary.steps[n].status = BLOCKED
+                todo = []
+            else:
+                todo = self._dispatch(todo, running, plan, summary, executor, log, bar)
+            if not running:
+                continue
+            try:
+                outcomes = executor.wait()
+            except KeyboardInterrupt:
+                for n in running:
+                    summary.steps[n].status = INTERRUPTED
+                self._write_graph_json(plan.run_dir, summary)
+                raise
+            for outcome in outcomes:
+                running.discard(outcome.name)
+                self._record(outcome, summary, log)
+                stop = stop or (outcome.status == FAILED and not keep_going)
+                bar.advance()
+                self._prune_finished(self.steps[outcome.name].deps, plan.dependents, summary)
+            self._write_graph_json(plan.run_dir, summary)
+
+    def _dispatch(self, todo: list[str], running: set[str], plan: _RunPlan, summary: RunSummary, executor: Any,
+                  log: Callable[[str], None], bar: Any) -> list[str]:
+        """Settle every step of ``todo`` whose dependencies have settled (blocked, cached or submitted to the
+        executor while it has room); returns the steps still waiting."""
+        waiting: list[str] = []
+        for n in todo:
+            st, step = summary.steps[n], self.steps[n]
+            bad_deps = [d for d in step.deps if summary.steps[d].status in (FAILED, BLOCKED, INTERRUPTED)]
+            if bad_deps:
+                st.status = BLOCKED
+                st.error = f"not run: dependency {bad_deps[0]!r} did not finish"
+                log(f"[yellow]-[/yellow] {n} [dim](blocked by {bad_deps[0]})[/dim]")
+                bar.advance()
+                continue
+            if any(summary.steps[d].status not in (DONE, CACHED) for d in step.deps):
+                waiting.append(n)
+                continue
+            final = self.step_dir(plan.run_dir, n, plan.keys[n])
+            st.dir = final
+            cached = read_step_json(final)
+            if cached is not None and n not in plan.force and n not in plan.revive:
+                st.status, st.result, st.seconds = CACHED, cached.get("result"), cached.get("seconds")
+                bar.advance()
+                self._prune_finished(step.deps, plan.dependents, summary)
+                continue
+            if executor.slots is not None and len(running) >= executor.slots:
+                waiting.append(n)
+                continue
+            inputs = {d: summary.output(d) for d in step.deps}
+            executor.submit(StepJob(step=step, key=plan.keys[n], final=final, run_dir=plan.run_dir, inputs=inputs,
+                                    log=log if executor.in_process else None))
+            running.add(n)
+            bar.describe(n if len(running) == 1 else f"{n} (+{len(running) - 1} running)")
+        return waiting
+
+    def _record(self, outcome: StepOutcome, summary: RunSummary, log: Callable[[str], None]) -> None:
+        """Put an executor's outcome into the summary and say so on the console."""
+        st = summary.steps[outcome.name]
+        st.status, st.log = outcome.status, outcome.log
+        if outcome.status == DONE:
+            st.result, st.seconds = outcome.result, outcome.seconds
+            log(f"[green]✓[/green] {outcome.name} [dim]{(outcome.seconds or 0.0):.1f}s[/dim]")
+            return
+        st.error, st.seconds = outcome.error, outcome.seconds
+        log(f"[red]✗ {outcome.name}[/red]: {outcome.error}")
+        if outcome.log is not None:
+            log(f"  [dim]log: {outcome.log}[/dim]")
+            for line in _tail(outcome.log, 15):
+                log(f"  [dim]| {rich_escape(line)}[/dim]")
 
     def _plan_run(self, run_dir: Path, targets: Iterable[str] | None, force: set[str]) -> tuple[_RunPlan, RunSummary]:
         """What :meth:`run` will look at: the steps in order with their keys, the wanted ones, their
@@ -457,34 +540,6 @@ class Graph:
                   and any(c in must_run for c in dependents[n])}
         return _RunPlan(run_dir, order, keys, wanted, force, dependents, revive), summary
 
-    def _execute(self, step: Step, key: str, final: Path, run_dir: Path, inputs: dict[str, StepOutput],
-                 log: Callable[[str], None]) -> tuple[Any, float]:
-        _remove_leftovers(final)
-        failed_file = final.with_name(final.name + ".failed.json")
-        started = _now()
-        t0 = time.perf_counter()
-        record = {"name": step.name, "kind": step.kind, "key": key, "version": step.version,
-                  "config": step.config, "inputs": {d: {"key": o.key, "dir": _rel(o.dir, run_dir)} for d, o in inputs.items()},
-                  "started": started}
-        try:
-            with atomic_dir(final, overwrite=True) as tmp:
-                ctx = StepContext(name=step.name, key=key, config=step.config, out=tmp, final_dir=final,
-                                  run_dir=run_dir, inputs=inputs, log=log)
-                result = step.fn(ctx)
-                seconds = time.perf_counter() - t0
-                record.update(status=DONE, finished=_now(), seconds=round(seconds, 3), result=_plain_result(result))
-                atomic_write_json(tmp / STEP_FILE, record)
-        except Exception as exc:
-            record.update(status=FAILED, finished=_now(), seconds=round(time.perf_counter() - t0, 3),
-                          error="".join(traceback.format_exception_only(type(exc), exc)).strip(),
-                          traceback=traceback.format_exc())
-            atomic_write_json(failed_file, record)
-            raise
-        with contextlib.suppress(FileNotFoundError):
-            failed_file.unlink()
-        shutil.rmtree(run_dir / STEPS_DIR / WORK_DIR / final.name, ignore_errors=True)
-        return record["result"], record["seconds"]
-
     def _prune_finished(self, names: Iterable[str], dependents: Mapping[str, list[str]], summary: RunSummary) -> None:
         """Delete the output files of ephemeral steps among ``names`` whose dependents have all finished."""
         for d in names:
@@ -505,6 +560,50 @@ class Graph:
                 "steps": [{**s.as_dict(), "kind": self.steps[n].kind, "deps": list(self.steps[n].deps)}
                           for n, s in summary.steps.items()]}
         atomic_write_json(run_dir / GRAPH_FILE, data)
+
+
+def execute_step(job: StepJob, log: Callable[[str], None] = print) -> tuple[Any, float]:
+    """Run one step into its final directory (the same in every executor): remove what an interrupted
+    attempt left, call the function on a temporary directory, write ``step.json`` and rename it into place.
+    A failure writes ``NAME-KEY.failed.json`` (error, traceback) and re-raises. Returns (result, seconds)."""
+    step, key, final, run_dir, inputs = job.step, job.key, job.final, job.run_dir, job.inputs
+    _remove_leftovers(final)
+    failed_file = final.with_name(final.name + ".failed.json")
+    t0 = time.perf_counter()
+    record = {"name": step.name, "kind": step.kind, "key": key, "version": step.version,
+              "config": step.config, "inputs": {d: {"key": o.key, "dir": _rel(o.dir, run_dir)} for d, o in inputs.items()},
+              "started": _now()}
+    try:
+        with atomic_dir(final, overwrite=True) as tmp:
+            ctx = StepContext(name=step.name, key=key, config=step.config, out=tmp, final_dir=final,
+                              run_dir=run_dir, inputs=inputs, log=job.log or log)
+            result = step.fn(ctx)
+            seconds = time.perf_counter() - t0
+            record.update(status=DONE, finished=_now(), seconds=round(seconds, 3), result=_plain_result(result))
+            atomic_write_json(tmp / STEP_FILE, record)
+    except Exception as exc:
+        record.update(status=FAILED, finished=_now(), seconds=round(time.perf_counter() - t0, 3),
+                      error=error_line(exc), traceback=traceback.format_exc())
+        atomic_write_json(failed_file, record)
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        failed_file.unlink()
+    shutil.rmtree(run_dir / STEPS_DIR / WORK_DIR / final.name, ignore_errors=True)
+    return record["result"], record["seconds"]
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: message`` of an exception, as step failures are reported."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` non-empty lines of a text file (none when it is unreadable)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [ln for ln in text.splitlines() if ln.strip()][-lines:]
 
 
 def _rel(p: Path, root: Path) -> str:
@@ -575,3 +674,31 @@ def stale_step_dirs(graph: Graph, run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in keep)
+
+
+class LocalExecutor:
+    """One step at a time, in this process (``--executor local``)."""
+
+    slots: int | None = 1
+    in_process = True
+
+    def __init__(self) -> None:
+        self._queue: list[StepJob] = []
+
+    def start(self, run_dir: Path) -> None:
+        self._queue = []
+
+    def submit(self, job: StepJob) -> None:
+        self._queue.append(job)
+
+    def wait(self) -> list[StepOutcome]:
+        job = self._queue.pop(0)
+        name = job.step.name
+        try:
+            result, seconds = execute_step(job)
+        except Exception as exc:  # noqa: BLE001 - a failing step is an outcome; the graph goes on
+            return [StepOutcome(name, FAILED, error=error_line(exc))]
+        return [StepOutcome(name, DONE, result=result, seconds=seconds)]
+
+    def close(self) -> None:
+        self._queue = []

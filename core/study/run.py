@@ -18,9 +18,9 @@ from rlm.core.study.presets import load_experiment
 
 def run_study(cfg: ExperimentConfig, out: str | Path, *, plan: Sequence[PlannedStep] | None = None,
               progress: bool = True, functions: dict[str, Any] | None = None, force: Sequence[str] = (),
-              command: list[str] | None = None, console: Any = None) -> Any:
+              command: list[str] | None = None, console: Any = None, executor: Any = None) -> Any:
     """Plan (unless given), build the graph with the real step functions (or ``functions``), run it in
-    ``out`` and copy the report step's folder to ``out/report``. Returns the graph's RunSummary; raises
+    ``out`` with ``executor`` (:mod:`rlm.core.study.executors`; default: one step at a time here) and copy the report step's folder to ``out/report``. Returns the graph's RunSummary; raises
     :class:`rlm.core.study.graph.StepFailed` naming failed steps (after running everything it could)."""
     from rlm.core.io.atomic import atomic_dir, atomic_write_json
     from rlm.core.io.manifest import write_manifest
@@ -42,7 +42,7 @@ def run_study(cfg: ExperimentConfig, out: str | Path, *, plan: Sequence[PlannedS
     write_manifest(out, command=command if command is not None else list(sys.argv), config=cfg,
                    seed=cfg.seeds[0] if len(cfg.seeds) == 1 else None,
                    extra={"kind": "experiment", "steps": len(plan)})
-    summary = graph.run(out, force=force, progress=progress, console=console)
+    summary = graph.run(out, force=force, progress=progress, console=console, executor=executor)
     if "report" in summary.steps and summary.steps["report"].status in ("done", "cached"):
         src = summary.output("report").dir
         with atomic_dir(out / "report", overwrite=True) as tmp:
