@@ -286,7 +286,7 @@ def test_merge_eval_defaults_and_preset(third_party, tiny_model_dir, tmp_path, m
     spec = f"g:math={tiny_model_dir},g:code={tiny_model_dir}"
     options = dict(base=str(tiny_model_dir), experts=spec, tasks=None, out=tmp_path / "me", limit=2,
                    max_new_tokens=4, batch_size=2, landscape=False, curve=False, set_=[], threads=None,
-                   progress=False)
+                   progress=False, executor="local", ray_address=None)
     merge_eval(methods=None, preset="paper", **options)
     cfg = seen["cfg"]
     assert [(m.name, m.preset) for m in cfg.methods] == [("scaled", "paper"), ("signed", "paper")]
