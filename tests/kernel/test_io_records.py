@@ -18,7 +18,7 @@ def test_shared_data_beside_the_repository_is_found_without_the_variable(monkeyp
     monkeypatch.delenv("RLM_SHARED_DATA", raising=False)
     assert shared_data_dir().resolve() == beside.resolve()  # ../shared may be a link
     some = next(p for p in beside.iterdir() if p.is_file())
-    assert shared_data_file(some.name) == str(beside.resolve() / some.name)
+    assert Path(shared_data_file(some.name)).resolve() == beside.resolve() / some.name
 
 
 def test_the_variable_wins_and_a_missing_folder_is_none(monkeypatch, tmp_path):
