@@ -21,6 +21,7 @@ never refused for it. A model without a tokenizer, or one that fails to load or 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -62,19 +63,35 @@ def _generate(model: Any, tok: Any, prompt: str, device: Any) -> tuple[list[int]
     return new, tok.decode(new, skip_special_tokens=True)
 
 
-def _continuations(model_dir: Path, device: Any) -> list[dict[str, str]]:
+def _generations(model_dir: Path, device: Any) -> list[tuple[list[int], str]]:
+    """(new token ids, text) of the model in ``model_dir`` for each of ``SMOKE_PROMPTS``."""
     import torch
 
     from rlm.core.models.hf import load_model
 
     model, tok = load_model(str(model_dir), dtype=torch.float32, device=device)
     model.eval()
-    rows = []
-    for prompt in SMOKE_PROMPTS:
-        ids, text = _generate(model, tok, prompt, device)
-        rows.append({"prompt": prompt, "output": text, "verdict": judge_continuation(ids, text)})
+    out = [_generate(model, tok, prompt, device) for prompt in SMOKE_PROMPTS]
     del model
-    return rows
+    return out
+
+
+def _judged(generations: Any) -> list[dict[str, str]]:
+    return [{"prompt": prompt, "output": text, "verdict": judge_continuation(ids, text)}
+            for prompt, (ids, text) in zip(SMOKE_PROMPTS, generations)]
+
+
+def _stamp(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
+    """Names, sizes and mtimes of a model directory's files: a changed base is generated from again."""
+    return tuple(sorted((p.name, st.st_size, st.st_mtime_ns) for p in model_dir.iterdir()
+                        if p.is_file() for st in [p.stat()]))
+
+
+@functools.lru_cache(maxsize=4)
+def _base_generations(model_dir: str, device: str, stamp: tuple) -> tuple[tuple[list[int], str], ...]:
+    """The base's generations, once per base (and device) in a process: a study smoke-tests every merge
+    against the same base."""
+    return tuple(_generations(Path(model_dir), device))
 
 
 def smoke_test(model_dir: str | Path, device: Any = "cpu", base_dir: str | Path | None = None) -> dict[str, Any]:
@@ -87,13 +104,13 @@ def smoke_test(model_dir: str | Path, device: Any = "cpu", base_dir: str | Path 
         return {"ran": False, "reason": "the model has no tokenizer"}
     t0 = time.perf_counter()
     try:  # the merge itself is done and written: a model that cannot even generate is reported, not raised
-        rows = _continuations(path, device)
+        rows = _judged(_generations(path, device))
     except Exception as exc:  # noqa: BLE001 - reported in the manifest; the written merge stands
         return {"ran": False, "reason": f"the merged model cannot generate: {type(exc).__name__}: {exc}"}
     base_rows = None
     if base_dir is not None and any((Path(base_dir) / f).is_file() for f in TOKENIZER_FILES):
         try:
-            base_rows = _continuations(Path(base_dir), device)
+            base_rows = _judged(_base_generations(str(Path(base_dir).resolve()), str(device), _stamp(Path(base_dir))))
         except Exception:  # noqa: BLE001 - then every degenerate continuation counts
             base_rows = None
     for i, r in enumerate(rows):

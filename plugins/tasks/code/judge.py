@@ -194,10 +194,12 @@ class CodeJudge:
         got = self._reference(example)
         return None if got is None else got[0]
 
-    def _reference(self, example: Example) -> tuple[bytes, Any] | None:
+    def _reference(self, example: Example, rspec: dict[str, Any] | None = None) -> tuple[bytes, Any] | None:
+        """(channel text, parsed) of the reference run for ``example``; ``rspec``: its spec when the caller has
+        it already (building one encodes every input)."""
         import hashlib
 
-        rspec = self._reference_spec(example)
+        rspec = rspec if rspec is not None else self._reference_spec(example)
         if rspec is None:
             return None
         script = REFERENCE_SCRIPT if rspec["kind"] == "io" else RECORD_SCRIPT
@@ -232,12 +234,12 @@ class CodeJudge:
 
     def _io_verdicts(self, example: Example, solution: str) -> dict[str, bool] | None:
         """evalplus-style: the candidate's outputs on the base and plus inputs against the reference's."""
-        ref = self._reference(example)
+        rspec = self._reference_spec(example)
+        ref = self._reference(example, rspec)
         if ref is None:
             return None
         spec, (_, suites) = example.answer, ref
         ds, ep = spec.get("dataset"), spec["entry_point"]
-        rspec = self._reference_spec(example)
         cspec = {k: rspec[k] for k in ("entry_point", "base_input", "plus_input", "not_none", "digest_bytes")}
         cspec["limits"] = {k: suites[k][1] for k in SUITES}
         wall = sum(sum(lims) for _, lims in suites.values()) + OVERHEAD_SECONDS
@@ -250,7 +252,8 @@ class CodeJudge:
 
     def _test_verdict(self, example: Example, solution: str) -> bool:
         """Test programs: the candidate's outputs on the recorded calls, replayed through the test (trusted)."""
-        ref = self._reference(example)
+        rspec = self._reference_spec(example)
+        ref = self._reference(example, rspec)
         if ref is None:
             return False
         calls = ref[1]
@@ -262,7 +265,6 @@ class CodeJudge:
         outs = suite_values(records, "call")[0]
         if len(outs) != len(calls):
             return False
-        rspec = self._reference_spec(example)
         replay = {k: rspec[k] for k in ("canonical", "test", "names", "timeout", "digest_bytes")}
         replay.update(calls=calls, outputs=[canonical_text(v) for v in outs])
         return self._run(REPLAY_SCRIPT, replay) == [["pass"]]

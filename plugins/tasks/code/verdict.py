@@ -19,6 +19,7 @@ one included, because the ``continue`` after its oracle skips the bookkeeping th
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -69,6 +70,7 @@ def canonical_text(v: Any) -> str:
     return encode(v)
 
 
+@functools.cache
 def _evalplus():
     """evalplus's comparison pieces (imported on first use: ``evalplus.eval`` loads numpy and psutil)."""
     from evalplus.eval import _special_oracle as oracle
