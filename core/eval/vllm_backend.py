@@ -18,7 +18,9 @@
   is an error.
 
 vLLM is an optional extra (``pip install 'rlm[vllm]'``); in this repository the backend is tested against a
-fake ``vllm`` module (``tests/fakes/vllm``) that implements exactly the calls made here.
+fake ``vllm`` module (``tests/fakes/vllm``) that implements exactly the calls made here. Each call was checked
+against vLLM's documentation and source (``logprobs_mode`` is ``ModelConfig.logprobs_mode``, whose default is
+``raw_logprobs``; the sources are listed in docs/generation_backends.md).
 """
 
 from __future__ import annotations

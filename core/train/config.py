@@ -107,7 +107,7 @@ class SFTConfig(TrainConfig):
 
 
 class GenerationSettings(PluginConfig):
-    """Which generation backend RL rollouts sample from (:mod:`rlm.core.train.rollout_backend`)."""
+    """Which generation backend RL rollouts and RFT sampling draw from (:mod:`rlm.core.train.rollout_backend`)."""
 
     backend: str = Field("hf", description="a registered generation backend (rlm plugins): hf samples from the "
                                            "policy itself; vllm from its own engine, synced after every update")
@@ -186,6 +186,7 @@ class RFTConfig(SFTConfig):
     max_per_prompt: int | None = Field(None, ge=1, description="keep at most this many samples per prompt")
     max_rounds: int = Field(3, ge=1, description="sampling rounds at most when steps is set (each samples more "
                                                  "prompts until the steps have enough kept samples)")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,11 @@ are done; with ``steps`` unset one round samples the whole pool and the steps fo
 error; fewer than the target is a warning. A resumed run reads the kept samples back from ``rft_data.jsonl``
 (and the sampling counts from ``rft_sampling.json``) instead of sampling again.
 
+Sampling goes through the generation backend of ``generation.backend``
+(:class:`rlm.core.train.rollout_backend.RolloutBackend`, as RL rollouts do): ``hf`` samples from the policy
+itself exactly as before; an external engine (``vllm``) is loaded on the start model at the first round, given
+the policy's weights before every round (checksum-checked) and let go once sampling is over, before training.
+
 Used by the ``rft`` trainer plugin. This module does not import torch at import time.
 """
 
@@ -26,6 +31,7 @@ from rlm.core.contracts import Example, Task
 from rlm.core.errors import RlmError
 from rlm.core.train.config import RFTConfig, TrainRun
 from rlm.core.train.data import load_examples, sample_seed, take
+from rlm.core.train.rollout_backend import RolloutBackend
 from rlm.core.train.session import Session
 from rlm.core.train.sft import Pairs, run_sft
 
@@ -144,30 +150,38 @@ def sample_correct(sess: Session, cfg: RFTConfig, run: TrainRun,
     min_round = sess.world * max(1, cfg.generation_batch_size // k)  # one generation batch on every process
     sizes: list[int] = []
     kept: Pairs = []
-    while size := plan_round(n, target, sizes, len(kept), per_prompt=per_prompt, min_round=min_round,
-                             max_rounds=cfg.max_rounds):
-        start = sum(sizes)
-        chosen = [examples[i] for i in take(n, cfg.seed, start, size)]
-        kept += sample_round(sess, cfg, run, chosen, len(sizes))
-        sizes.append(size)
+    sampler = RolloutBackend(sess, cfg)
+    try:
+        while size := plan_round(n, target, sizes, len(kept), per_prompt=per_prompt, min_round=min_round,
+                                 max_rounds=cfg.max_rounds):
+            start = sum(sizes)
+            chosen = [examples[i] for i in take(n, cfg.seed, start, size)]
+            kept += sample_round(sess, cfg, run, chosen, len(sizes), sampler)
+            sizes.append(size)
+    finally:
+        sampler.close()
     stats = {"rft_target": target, "rft_rounds": len(sizes), "rft_prompts_sampled": sum(sizes),
              "rft_generated": sum(sizes) * k, "rft_kept": len(kept)}
     return kept, stats
 
 
-def sample_round(sess: Session, cfg: RFTConfig, run: TrainRun, chosen: list[Example], rnd: int) -> Pairs:
-    """One round: every process samples its share of ``chosen`` under ``sample_seed(seed, rnd, rank)`` and keeps
-    the correct completions; returns the kept (prompt, response) pairs of all processes in the order of
-    ``chosen``."""
-    from rlm.core.eval.generation import chat_prompt, generate
+def sample_round(sess: Session, cfg: RFTConfig, run: TrainRun, chosen: list[Example], rnd: int,
+                 sampler: RolloutBackend) -> Pairs:
+    """One round: every process samples its share of ``chosen`` under ``sample_seed(seed, rnd, rank)`` through
+    ``sampler`` (a :class:`rlm.core.train.rollout_backend.RolloutBackend`, given the policy's current weights
+    first) and keeps the correct completions; returns the kept (prompt, response) pairs of all processes in the
+    order of ``chosen``."""
+    from rlm.core.eval.generation import SamplingParams, chat_prompt
 
     mine = list(range(sess.rank, len(chosen), sess.world))
     prompts = [chat_prompt(sess.tokenizer, chosen[i].prompt, system=cfg.system_prompt) for i in mine]
     k = cfg.samples_per_prompt
+    params = SamplingParams(n=k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            batch_size=cfg.generation_batch_size, seed=sample_seed(cfg.seed, rnd, sess.rank),
+                            progress=cfg.progress and sess.is_main)
     with sess.generation():
-        gens = generate(sess.policy, sess.tokenizer, prompts, n=k, max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size,
-                        seed=sample_seed(cfg.seed, rnd, sess.rank), progress=cfg.progress and sess.is_main)
+        sampler.sync()
+        gens = sampler.generate(prompts, params)
     local: list[tuple[int, str, str]] = []
     for j, i in enumerate(mine):
         comps = [g.text for g in gens[j * k:(j + 1) * k]]

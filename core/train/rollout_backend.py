@@ -1,21 +1,23 @@
-"""The generation backend RL rollouts sample from (config ``generation.backend``), its weight sync and the
-rollout-vs-trainer diagnostics.
+"""The generation backend RL rollouts and RFT sampling draw from (config ``generation.backend``), its weight sync
+and the rollout-vs-trainer diagnostics.
 
-- ``hf`` (default): the policy itself through :class:`rlm.core.eval.generation.HFBackend`, built around the live
-  model for every rollout exactly as :func:`rlm.core.eval.generation.generate` does — results are unchanged and
-  nothing needs syncing.
+- ``hf`` (default): the policy itself through :func:`rlm.core.eval.generation.generate` (an
+  :class:`rlm.core.eval.generation.HFBackend` built around the live model for every call) — results are unchanged
+  and nothing needs syncing.
 - any other backend (``vllm``): its own engine, loaded once on the start model (``generation.dtype``,
-  ``generation.config``), given the policy's weights at the start and after every optimizer update
-  (:meth:`RolloutBackend.push`); after each push the engine's weights checksum must equal the policy's (within
-  ``generation.checksum_rtol``, for a lower-precision engine) or the run stops — a rollout engine silently
-  sampling from stale weights is the failure TRL and OpenRLHF users report most. The engine sleeps between a
-  rollout and the update when its config allows (``enable_sleep_mode``).
+  ``generation.config``) and given the policy's weights when it is loaded, after every RL optimizer update
+  (:meth:`RolloutBackend.push`) and before every RFT sampling round (:meth:`RolloutBackend.sync`); after each push
+  the engine's weights checksum must equal the policy's (within ``generation.checksum_rtol``, for a
+  lower-precision engine) or the run stops — a rollout engine silently sampling from stale weights is the failure
+  TRL and OpenRLHF users report most. The engine sleeps between a rollout and the update when its config allows
+  (``enable_sleep_mode``); :meth:`RolloutBackend.close` lets it go once sampling is over (RFT).
 
 Old log-probs for the PPO ratio still come from the trainer's own forward pass, not from the engine: the engine
 differs from the trainer in kernels, precision and batching, and a ratio against its log-probs would not be 1 at
 the first update even with identical weights. :meth:`RolloutBackend.diagnostics` measures that gap every step
 (``rollout_logp_diff_mean``/``_max``: |Δ log p| over sampled tokens between the engine's log-probs and the
-trainer's at temperature 1, the definition both use; ``rollout_ratio_mean``: the mean of exp(trainer − engine)).
+trainer's at temperature 1, the definition both use; ``rollout_ratio_mean``: the mean of exp(trainer − engine);
+``rollout_checksum_rel_diff``: the engine-vs-policy checksum difference of the push before the rollout).
 Sampling settings are the config's on both sides by construction (one :class:`SamplingParams`).
 """
 
@@ -28,7 +30,8 @@ from rlm.core.errors import RlmError
 
 
 class RolloutBackend:
-    """Where an RL run's rollouts come from; ``external`` when it is not the policy itself."""
+    """Where an RL run's rollouts (an RFT run's samples) come from; ``external`` when it is not the policy
+    itself."""
 
     def __init__(self, sess: Any, cfg: Any) -> None:
         self.sess = sess
@@ -36,11 +39,13 @@ class RolloutBackend:
         self.external = self.settings.backend not in ("hf", "transformers")
         self._engine: Any = None
         self.pushes = 0
+        #: |engine − policy| / max(1, |policy|) of the weights checksums after the last push
+        self.checksum_rel_diff: float | None = None
         self.last: list[Generation] = []
         if self.external:
             if sess.world > 1:
-                raise RlmError(f"generation.backend {self.settings.backend!r}: rollouts through an external engine "
-                               "run in one process only")
+                raise RlmError(f"generation.backend {self.settings.backend!r}: sampling through an external engine "
+                               "runs in one process only")
             if cfg.lora.enabled:
                 raise RlmError(f"generation.backend {self.settings.backend!r}: LoRA policies sample with the hf "
                                "backend (the engine takes full weights in checkpoint names)")
@@ -58,18 +63,50 @@ class RolloutBackend:
         return self._engine
 
     def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
+        """``len(prompts) * params.n`` generations, prompt-major; through the engine (log-probs included) or, for
+        ``hf``, from the policy itself exactly as :func:`rlm.core.eval.generation.generate` samples."""
         if not self.external:
-            from rlm.core.eval.generation import HFBackend
+            from rlm.core.eval import generation
 
-            return HFBackend(self.sess.policy, self.sess.tokenizer).generate(prompts, params)
+            if params.extra:
+                return generation.HFBackend(self.sess.policy, self.sess.tokenizer).generate(prompts, params)
+            return generation.generate(  # looked up at call time: the function RFT and RL called before backends
+                self.sess.policy, self.sess.tokenizer, list(prompts), n=params.n,
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+                batch_size=params.batch_size, seed=params.seed, progress=params.progress, stop=params.stop,
+                logprobs=params.logprobs)
         engine = self.engine
         engine.wake_up()
         self.last = engine.generate(prompts, SamplingParams(**{**vars(params), "logprobs": True}))
         engine.sleep()
         return self.last
 
+    def sync(self) -> None:
+        """Before a sampling round: give the engine the policy's current weights (checksum-checked), loading it
+        first when this is the first round (the load pushes them). Nothing for ``hf``."""
+        if not self.external:
+            return
+        if self._engine is None:
+            _ = self.engine  # loads and pushes
+        else:
+            self.push()
+
+    def close(self) -> None:
+        """Let the engine go (RFT, once sampling is over, so training gets its memory back)."""
+        if self._engine is None:
+            return
+        self._engine = None
+        import gc
+
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def push(self) -> None:
-        """Send the policy's weights to the engine and check the engine's checksum against the policy's."""
+        """Send the policy's weights to the engine and check the engine's checksum against the policy's (nothing
+        before the engine is loaded: loading pushes)."""
         if not self.external or self._engine is None:
             return
         import torch
@@ -79,7 +116,9 @@ class RolloutBackend:
             self._engine.load_weights([(n, p.detach()) for n, p in policy.named_parameters()])
             want = float(sum(p.detach().double().sum().item() for p in policy.parameters()))
         got = self._engine.weights_checksum()
-        tol = self.settings.checksum_rtol * max(1.0, abs(want))
+        scale = max(1.0, abs(want))
+        tol = self.settings.checksum_rtol * scale
+        self.checksum_rel_diff = abs(got - want) / scale
         if not abs(got - want) <= tol:
             raise RlmError(f"generation.backend {self.settings.backend!r}: after weight push {self.pushes + 1} the "
                            f"engine's weights checksum is {got!r}, the policy's {want!r} (tolerance {tol:.3g}); "
@@ -88,7 +127,8 @@ class RolloutBackend:
 
     def diagnostics(self, trainer_logp: Any, mask: Any) -> dict[str, float]:
         """|Δ log p| and the mean ratio between the trainer's (B, T) log-probs at temperature 1 and the engine's
-        of the last rollout, over response tokens."""
+        of the last rollout, over response tokens, and the relative weights-checksum difference of the push that
+        rollout followed."""
         import torch
 
         if not self.external or not self.last:
@@ -102,5 +142,8 @@ class RolloutBackend:
         diff = (trainer_logp.float() - engine)[m]
         if diff.numel() == 0:
             return {}
-        return {"rollout_logp_diff_mean": float(diff.abs().mean()), "rollout_logp_diff_max": float(diff.abs().max()),
-                "rollout_ratio_mean": float(diff.exp().mean())}
+        out = {"rollout_logp_diff_mean": float(diff.abs().mean()), "rollout_logp_diff_max": float(diff.abs().max()),
+               "rollout_ratio_mean": float(diff.exp().mean())}
+        if self.checksum_rel_diff is not None:  # of the push the rollout sampled after
+            out["rollout_checksum_rel_diff"] = self.checksum_rel_diff
+        return out

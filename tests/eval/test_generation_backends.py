@@ -220,6 +220,7 @@ def test_rl_rollouts_through_vllm_push_weights_after_every_update(fake_vllm, tin
     for row in rows:
         assert row["rollout_logp_diff_mean"] >= 0 and row["rollout_logp_diff_max"] >= row["rollout_logp_diff_mean"]
         assert row["rollout_ratio_mean"] > 0
+        assert 0 <= row["rollout_checksum_rel_diff"] <= 1e-3  # the push before the rollout: the policy's weights
     final, _ = load_model(out / "final")
     engine = {n: p for n, p in fake_vllm.INSTANCES[-1].worker.model_runner.model.hf.named_parameters()}
     for name, p in final.named_parameters():

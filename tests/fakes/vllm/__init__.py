@@ -1,8 +1,10 @@
 """A fake ``vllm`` for tests without a GPU: exactly the API surface rlm's vllm backend uses, with vLLM's documented
 argument names and result shapes (``LLM``, ``SamplingParams``, ``RequestOutput``, ``CompletionOutput``,
-``Logprob``; ``LLM.generate/sleep/wake_up/collective_rpc/reset_prefix_cache``), recording every call in
-``CALLS``. Completions are deterministic pseudo-random tokens (a function of prompt, sample index and seed); the
-worker holds the real Hugging Face model of the directory so weight pushes and checksums act on real tensors.
+``Logprob``; ``LLM.generate/sleep/wake_up/collective_rpc/reset_prefix_cache``; a worker with ``model_runner`` and
+``get_model()`` into which the ``worker_extension_cls`` is mixed, refused when it shadows a worker attribute, as
+vLLM does), recording every call in ``CALLS``. Completions are deterministic pseudo-random tokens (a function of
+prompt, sample index and seed); the worker holds the real Hugging Face model of the directory so weight pushes and
+checksums act on real tensors.
 Put ``tests/fakes`` on ``sys.path`` to import it as ``vllm``.
 """
 
@@ -75,6 +77,15 @@ class _Runner:
         self.model = _Model(model)
 
 
+class _Worker:
+    """vLLM's worker (``WorkerBase``): ``model_runner`` and ``get_model()``; rlm's extension is mixed into it."""
+
+    model_runner: _Runner
+
+    def get_model(self) -> Any:
+        return self.model_runner.model
+
+
 class _Model:
     """vLLM's model: ``load_weights(weights=...)`` takes (name, tensor) pairs in HF checkpoint names."""
 
@@ -105,7 +116,11 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(kwargs["model"])
         module, _, cls_name = kwargs["worker_extension_cls"].rpartition(".")
         extension = getattr(importlib.import_module(module), cls_name)
-        worker_cls = type("FakeWorker", (extension,), {})
+        for attr in dir(extension):  # vLLM refuses an extension that shadows anything of the worker's
+            if not attr.startswith("__") and hasattr(_Worker, attr):
+                raise AssertionError(f"Worker class already has an attribute {attr}, which conflicts with the "
+                                     f"worker extension class {extension}.")
+        worker_cls = type("FakeWorker", (_Worker, extension), {})  # as vLLM: the extension joins the worker's bases
         self.worker = worker_cls()
         self.worker.model_runner = _Runner(AutoModelForCausalLM.from_pretrained(kwargs["model"]))
         self.sleep_level: int | None = None
