@@ -138,7 +138,9 @@ class SandboxResult:
 
 
 GUARD = r'''
-import os as _os, sys as _sys
+import os as _os, sys as _sys, site as _site
+_sys.path.extend(_p for _p in {site_dirs!r} if _p not in _sys.path)
+_site.setquit(), _site.setcopyright(), _site.sethelper()
 _WD = _os.path.realpath(_os.getcwd())
 _STRICT = {strict!r}
 _NOFORK = {nofork!r}
@@ -242,6 +244,16 @@ def _count_user_processes(uid: int) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=1)
+def _site_dirs() -> tuple[str, ...]:
+    """The interpreter's site-packages directories. The guard runs with ``-S`` and puts them on ``sys.path``
+    itself: ``site`` would also run every ``.pth`` file there (editable-install finders, namespace shims),
+    which took two thirds of a sandboxed program's start (0.16 s against 0.05 s on 2 busy cores)."""
+    import site
+
+    return tuple(p for p in site.getsitepackages() if os.path.isdir(p))
+
+
 def _write_program(wd: Path, code: str, files: dict[str, str | bytes] | None, *, strict: bool,
                    nofork: bool) -> None:
     """``main.py``, the given ``files`` and the guard that starts the program, in the working directory."""
@@ -251,8 +263,8 @@ def _write_program(wd: Path, code: str, files: dict[str, str | bytes] | None, *,
             (wd / name).write_bytes(content)
         else:
             (wd / name).write_text(content, encoding="utf-8")
-    (wd / "_rlm_guard.py").write_text(GUARD.format(strict=strict, nofork=nofork, channel_fd=CHANNEL_FD),
-                                      encoding="utf-8")
+    guard = GUARD.format(strict=strict, nofork=nofork, channel_fd=CHANNEL_FD, site_dirs=_site_dirs())
+    (wd / "_rlm_guard.py").write_text(guard, encoding="utf-8")
 
 
 def _rlimits(cfg: SandboxConfig, nproc: int | None) -> Callable[[], None]:
@@ -376,7 +388,7 @@ class _Channel:
 def _prepare(cfg: SandboxConfig, work: Path, use_ns: bool, collect: tuple[str, ...],
              chan: _Channel | None) -> tuple[list[str], dict[str, str]]:
     """The command line and environment that start the guard (inside the sealed root under ``use_ns``)."""
-    cmd = [sys.executable, "-I", "-B", "_rlm_guard.py"]
+    cmd = [sys.executable, "-I", "-B", "-S", "_rlm_guard.py"]
     home = str(work / "wd")
     if use_ns:
         home = sr.INNER_WORKDIR

@@ -52,6 +52,18 @@ def test_normal_program_and_exit_codes(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_site_builtins_and_installed_packages(mode):
+    """The guard starts Python with -S (no .pth files run) but keeps what a program expects of `site`: the
+    exit/quit builtins and the interpreter's installed packages on sys.path."""
+    r = run_python("import pluggy\nprint(pluggy.__name__)\nexit(4)", config=cfg(mode))
+    assert r.stdout.strip() == "pluggy" and r.returncode == 4, r.stderr
+    r = run_python("quit()", config=cfg(mode))
+    assert r.returncode == 0, r.stderr
+    r = run_python("import sys\nprint(sys.flags.no_site)", config=cfg(mode))
+    assert r.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_infinite_loop_cpu_and_wall(mode):
     t0 = time.monotonic()
     r = run_python("while True:\n    pass\n", config=cfg(mode, cpu_seconds=1, wall_seconds=5))
