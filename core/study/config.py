@@ -195,11 +195,26 @@ class ReportConfig(PluginConfig):
 
 
 class StepResources(PluginConfig):
-    """What one step asks of a Ray cluster (``--executor ray``); the local executor ignores it."""
+    """What one step asks of a Ray cluster (``--executor ray``; the local executor ignores ``num_cpus`` and
+    ``num_gpus``), and for training steps how many processes train (under either executor)."""
 
     num_cpus: float = Field(1.0, ge=0, description="CPU cores reserved for the step's Ray task")
     num_gpus: float | None = Field(None, ge=0, description="GPUs reserved for the step's Ray task (None: 1 on a "
                                                            "cluster with GPUs, else 0)")
+    num_processes: int | None = Field(None, ge=1, description="train and warmup only: train on this many processes "
+                                                              "through accelerate launch, under either executor "
+                                                              "(None: num_gpus when it is a whole number above 1, "
+                                                              "else 1 process, the trainer in the step's own)")
+    config_file: str | None = Field(None, description="train and warmup only: accelerate config file of that launch "
+                                                      "(e.g. configs/accelerate/fsdp.yaml for FSDP2; None: DDP); "
+                                                      "a relative path is taken from where the study is loaded")
+
+    @field_validator("config_file")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        from pathlib import Path
+
+        return str(Path(v).expanduser().resolve()) if v else v
 
 
 def _cpu_only() -> StepResources:
@@ -209,8 +224,9 @@ def _cpu_only() -> StepResources:
 class ResourcesConfig(PluginConfig):
     """Ray resources per step kind (``rlm experiment run --executor ray``). Training, evaluation and the
     landscape get a GPU where the cluster has any; init, merge, conflicts and the report run on CPUs. A
-    training step that needs several GPUs asks for them here (``train.num_gpus: 4``) and launches them through
-    accelerate inside its task (docs/study.md). Resources never change step keys."""
+    training step that needs several GPUs asks for them here (``train.num_gpus: 4``): its trainer then runs on
+    that many processes through ``accelerate launch`` inside the step (``num_processes``, ``config_file``;
+    :mod:`rlm.core.study.train_launch`, docs/study.md). Resources never change step keys."""
 
     init: StepResources = Field(default_factory=_cpu_only)
     warmup: StepResources = Field(default_factory=StepResources)
@@ -223,6 +239,17 @@ class ResourcesConfig(PluginConfig):
     report: StepResources = Field(default_factory=_cpu_only)
     max_retries: int = Field(1, ge=0, description="times Ray reruns a step whose worker process died (killed, "
                                                   "out of memory); a step that raises is not retried")
+
+    @model_validator(mode="after")
+    def _launch_only_for_training(self) -> "ResourcesConfig":
+        for kind in type(self).model_fields:
+            res = getattr(self, kind)
+            if kind in ("train", "warmup") or not isinstance(res, StepResources):
+                continue
+            if (res.num_processes or 1) > 1 or res.config_file:
+                raise ValueError(f"resources.{kind}: num_processes and config_file apply to train and warmup "
+                                 f"steps only")
+        return self
 
     def of(self, kind: str | None) -> StepResources:
         """The resources of a step kind (CPU-only defaults for a kind this section does not name)."""

@@ -11,7 +11,9 @@ at least one submitted step has finished and returns their outcomes) and ``close
 :class:`LocalExecutor` (the default) runs one step at a time in this process. :class:`RayExecutor` turns every
 ready step into a Ray task with the CPUs and GPUs its kind asks for (:class:`rlm.core.study.config.
 ResourcesConfig`); each task writes its output to ``RUN/logs/NAME-KEY.log``, which a failure report names and
-quotes. A task whose worker process dies (killed, out of memory) is rerun by Ray up to ``max_retries`` times,
+quotes. A training step whose resources ask for several processes launches them with ``accelerate launch``
+inside its task (:mod:`rlm.core.study.train_launch`; the launch's own log is ``RUN/logs/NAME-KEY.launch.log``).
+A task whose worker process dies (killed, out of memory) is rerun by Ray up to ``max_retries`` times,
 then reported as failed; a step that raises is reported at once. The run directory must be on a filesystem
 every Ray node mounts at the same path: with ``address`` this is checked up front (:func:`check_shared_run_dir`).
 
@@ -57,9 +59,10 @@ class RayExecutor:
     """Every ready step as a Ray task (``--executor ray``).
 
     ``resources`` is the study's :class:`~rlm.core.study.config.ResourcesConfig` (per step kind; a ``num_gpus``
-    of None means one GPU where the cluster has GPUs). ``address``: a running cluster (``auto``,
-    ``ray://HOST:10001``, ``HOST:6379``); without it a local Ray instance with ``num_cpus`` cores (None: all)
-    is started and shut down again. An already initialised Ray session is used as it is (and left running).
+    of None means one GPU, or ``num_processes`` GPUs for a training step, where the cluster has GPUs).
+    ``address``: a running cluster (``auto``, ``ray://HOST:10001``, ``HOST:6379``); without it a local Ray
+    instance with ``num_cpus`` cores (None: all) is started and shut down again. An already initialised Ray
+    session is used as it is (and left running).
     ``threads``: torch CPU threads in each task (None: the step's ``num_cpus``).
     """
 
@@ -101,7 +104,9 @@ class RayExecutor:
 
     def _options(self, kind: str | None) -> dict[str, Any]:
         res = self.resources.of(kind)
-        gpus = res.num_gpus if res.num_gpus is not None else (1.0 if self._cluster_gpus > 0 else 0.0)
+        # unset: one GPU per training process (one for every other step) where the cluster has GPUs
+        gpus = res.num_gpus if res.num_gpus is not None else \
+            (float(getattr(res, "num_processes", None) or 1) if self._cluster_gpus > 0 else 0.0)
         return {"num_cpus": res.num_cpus, "num_gpus": gpus, "max_retries": self.max_retries,
                 "retry_exceptions": False}
 

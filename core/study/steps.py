@@ -9,7 +9,9 @@ What each step writes (paths relative to its step directory) and returns (its ``
                  is saved in ``precision.save_dtype`` (a local directory in another dtype is copied)
 ``warmup``       ``run/`` (an ``rlm train`` run directory on the task mixture; ``run/final`` is θ0)
 ``train``        ``run/`` (one expert; ``run/metrics.jsonl`` feeds the training curves) or, for given experts
-                 (``merge-eval``), nothing -> ``{"model": DIR}``
+                 (``merge-eval``), nothing -> ``{"model": DIR}``. ``train`` and ``warmup`` train in the step's
+                 process, or on several through ``accelerate launch`` when the kind's resources ask for more
+                 than one process (:mod:`rlm.core.study.train_launch`; the same outputs and result)
 ``merge``        ``model/`` (``merge_manifest.json`` inside); the method's ``preset``, ``params`` and
                  ``model_params`` go to the merge engine as written, which resolves the preset
 ``eval_*``       ``summary.json``, ``records.jsonl`` (prompt, completion, scores per example) ->
@@ -34,9 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from rlm.core.contracts import Task
 from rlm.core.study.graph import model_of
-from rlm.core.study.mixture import MixtureTask, make_task
 
 #: bump a kind's version when its step function's output would change for the same config
 STEP_VERSIONS = {"init": "1", "warmup": "1", "train": "1", "eval_expert": "1", "merge": "1", "eval_merged": "1",
@@ -44,12 +44,18 @@ STEP_VERSIONS = {"init": "1", "warmup": "1", "train": "1", "eval_expert": "1", "
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def _plugin_config(cls: Any, user: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
-    """A plugin config from the user's overrides plus ``defaults`` for fields the config has and the user left
-    unset (seed, progress, train_limit)."""
+def _plugin_data(cls: Any, user: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's overrides plus ``defaults`` for fields the plugin's config has and the user left unset (seed,
+    progress, train_limit): the data :func:`_plugin_config` validates."""
     fields = getattr(cls.Config, "model_fields", {})
     data = {k: v for k, v in defaults.items() if k in fields and k not in user}
     data.update(user)
+    return data
+
+
+def _plugin_config(cls: Any, user: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
+    """A plugin config from the user's overrides plus ``defaults`` (:func:`_plugin_data`)."""
+    data = _plugin_data(cls, user, defaults)
     from rlm.core.config import validate
 
     return validate(cls.Config, data, f"config of {getattr(cls, 'name', cls.__name__)!r}")
@@ -159,33 +165,58 @@ class StudySteps:
         return {"model": "model", "kind": "local-copy" if p.is_dir() else "hub", "id": spec}
 
     # training ------------------------------------------------------------------------------------------------
-    def _train(self, ctx: Any, trainer_name: str, user_cfg: Mapping[str, Any], task: Task, subset: str | None,
-               data_path: str | None, start: Path, train_limit: int | None) -> dict[str, Any]:
+    def _train(self, ctx: Any, kind: str, trainer_name: str, user_cfg: Mapping[str, Any],
+               task_spec: Mapping[str, Any], subset: str | None, data_path: str | None, start: Path,
+               train_limit: int | None) -> dict[str, Any]:
+        """Train ``ctx.work_dir/run`` and move it into the step. ``task_spec``: ``{"mixture": [specs]}`` or
+        ``{"task": spec}``. With more than one process in the step kind's resources the trainer runs under
+        ``accelerate launch`` (:mod:`rlm.core.study.train_launch`); the step's outputs are the same."""
         from rlm.core.plugins import get_plugin
-        from rlm.core.train.config import TrainRun
+        from rlm.core.study.train_launch import launch_processes, training_task
 
         cls = get_plugin("trainer", trainer_name)
         defaults: dict[str, Any] = {"seed": int(ctx.config.get("seed", 0)), "progress": self.progress,
                                     **(ctx.config.get("defaults") or {})}  # the study's precision section
         if train_limit:
             defaults["train_limit"] = int(train_limit)
-        cfg = _plugin_config(cls, dict(user_cfg), defaults)
         work = ctx.work_dir / "run"
         resume = work.is_dir() and (work / "manifest.json").is_file()
-        run = TrainRun(model=str(start), task=task, out=work, subset=subset, data_path=data_path, resume=resume,
-                       overwrite=not resume, command=list(sys.argv) + [f"[step {ctx.name}]"])
-        final = Path(cls(cfg).train(run))
+        command = list(sys.argv) + [f"[step {ctx.name}]"]
+        resources = self._resources(kind)
+        processes = launch_processes(resources)
+        if processes > 1:
+            from rlm.core.study.executors import LOGS_DIR
+            from rlm.core.study.train_launch import run_launch, train_spec
+
+            spec = train_spec(trainer=trainer_name, config=_plugin_data(cls, dict(user_cfg), defaults),
+                              model=str(start), task=task_spec, out=work, subset=subset, data_path=data_path,
+                              resume=resume, command=command)
+            final = run_launch(spec, work.parent, processes=processes, config_file=resources.config_file,
+                               log_path=Path(ctx.run_dir) / LOGS_DIR / f"{ctx.final_dir.name}.launch.log",
+                               step=ctx.name, log=ctx.log)
+        else:
+            from rlm.core.train.config import TrainRun
+
+            cfg = _plugin_config(cls, dict(user_cfg), defaults)
+            run = TrainRun(model=str(start), task=training_task(task_spec), out=work, subset=subset,
+                           data_path=data_path, resume=resume, overwrite=not resume, command=command)
+            final = Path(cls(cfg).train(run))
         shutil.move(str(work), str(ctx.out / "run"))
         rel = final.resolve().relative_to(work.resolve()) if final.resolve().is_relative_to(work.resolve()) \
             else Path("final")
         metrics = _last_metrics(ctx.out / "run" / "metrics.jsonl")
         return {"model": str(Path("run") / rel), "run": "run", "resumed": resume, "final_metrics": metrics}
 
+    def _resources(self, kind: str) -> Any:
+        """The study's resources of a step kind (None without a resources section)."""
+        res = getattr(self.cfg, "resources", None)
+        return res.of(kind) if res is not None else None
+
     def warmup(self, ctx: Any) -> dict[str, Any]:
         c = ctx.config
         start = model_of(next(iter(ctx.inputs.values())))
-        task = MixtureTask({"tasks": c["tasks"]})
-        return self._train(ctx, c["trainer"], c.get("config") or {}, task, None, None, start, None)
+        return self._train(ctx, "warmup", c["trainer"], c.get("config") or {}, {"mixture": c["tasks"]}, None, None,
+                           start, None)
 
     def train(self, ctx: Any) -> dict[str, Any]:
         c = ctx.config
@@ -193,7 +224,7 @@ class StudySteps:
             return {"model": c["given"]["path"], "given": True}
         start = model_of(next(iter(ctx.inputs.values())))
         t = c["task"]
-        return self._train(ctx, c["trainer"], c.get("config") or {}, make_task(t), t.get("subset"),
+        return self._train(ctx, "train", c["trainer"], c.get("config") or {}, {"task": t}, t.get("subset"),
                            t.get("path"), start, t.get("size"))
 
     # evaluation ------------------------------------------------------------------------------------------------
