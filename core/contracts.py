@@ -179,6 +179,11 @@ class Task(Plugin, abc.ABC):
         Default: ``{"reward": self.reward(example, completion)}``."""
         return {"reward": self.reward(example, completion)}
 
+    def reward_batch(self, examples: list[Example], completions: list[str]) -> list[float]:
+        """:meth:`reward` of each (example, completion) pair, in order; RL rollouts score a whole batch through
+        it. Override to run them in parallel (e.g. sandboxed code); the results must equal :meth:`reward`'s."""
+        return [self.reward(e, c) for e, c in zip(examples, completions)]
+
     def score_batch(self, examples: list[Example], completions: list[str], *,
                     progress: bool = False) -> list[dict[str, Any]]:
         """:meth:`score` for many examples; override to run them in parallel (e.g. sandboxed code)."""

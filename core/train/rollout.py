@@ -48,14 +48,14 @@ class Experience(Rollout):
 
 
 def score_completions(task: Task, examples: list[Example], texts: list[str]) -> list[float]:
-    """The task's reward of each completion; a task that raises fails the run with its name."""
-    rewards = []
-    for ex, text in zip(examples, texts):
-        try:
-            r = float(task.reward(ex, text))
-        except Exception as exc:
-            raise RlmError(f"task {task.name!r} failed to score a completion: {exc}") from exc
-        rewards.append(r)
+    """The task's reward of each completion (one ``Task.reward_batch`` call, which a task may run in parallel);
+    a task that raises, or returns the wrong number of rewards, fails the run with its name."""
+    try:
+        rewards = [float(r) for r in task.reward_batch(examples, texts)]
+    except Exception as exc:
+        raise RlmError(f"task {task.name!r} failed to score a completion: {exc}") from exc
+    if len(rewards) != len(texts):
+        raise RlmError(f"task {task.name!r} returned {len(rewards)} rewards for {len(texts)} completions")
     return rewards
 
 

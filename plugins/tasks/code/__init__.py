@@ -90,6 +90,14 @@ class CodeTask(Task):
         s = self.score(example, completion)
         return s.get("pass_plus", s.get("pass", 0.0))
 
+    def reward_batch(self, examples, completions):
+        """:meth:`reward` of each pair on ``workers`` sandbox threads (RL rollouts)."""
+        from rlm.plugins.tasks.code.judge import score_in_parallel
+
+        scored = score_in_parallel(lambda e, c: {"reward": self.reward(e, c)}, examples, completions,
+                                   workers=self.config.workers)
+        return [s["reward"] for s in scored]
+
     def score_batch(self, examples, completions, *, progress=False):
         from rlm.plugins.tasks.code.judge import score_in_parallel
 

@@ -1,0 +1,43 @@
+"""RL rollouts score a batch through ``Task.reward_batch``: the default is ``reward`` pair by pair, the code task
+runs the sandboxed tests on its worker threads, and both give exactly what ``reward`` gives."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlm.core.contracts import Example
+from rlm.core.errors import RlmError
+from rlm.core.train.rollout import score_completions
+from rlm.plugins.tasks.code import CodeTask
+from rlm.plugins.tasks.math import MathTask
+
+
+def test_default_reward_batch_is_reward_in_order():
+    task = MathTask(MathTask.Config())
+    exs = task.examples("gen", limit=6)
+    texts = [f"#### {e.answer}" if i % 2 else "#### -1" for i, e in enumerate(exs)]
+    assert task.reward_batch(exs, texts) == [task.reward(e, t) for e, t in zip(exs, texts)] == [0.0, 1.0] * 3
+    assert score_completions(task, exs, texts) == [0.0, 1.0] * 3
+
+
+def test_code_reward_batch_runs_in_parallel_and_equals_reward():
+    task = CodeTask(CodeTask.Config(workers=3))
+    exs = task.examples("gen", split="test", limit=8)
+    wrong = "```python\ndef f(x):\n    return None\n```"
+    texts = [e.reference if i % 3 else wrong for i, e in enumerate(exs)]
+    expected = [task.reward(e, t) for e, t in zip(exs, texts)]
+    assert expected == [0.0 if i % 3 == 0 else 1.0 for i in range(8)]
+    assert task.reward_batch(exs, texts) == expected
+    assert score_completions(task, exs, texts) == expected
+
+
+class _Broken(MathTask):
+    def reward_batch(self, examples, completions):
+        return [1.0]
+
+
+def test_a_short_reward_batch_fails_the_run_naming_the_task():
+    task = _Broken(MathTask.Config())
+    exs = [Example(id="a", prompt="p", answer="1"), Example(id="b", prompt="p", answer="2")]
+    with pytest.raises(RlmError, match="'math' returned 1 rewards for 2 completions"):
+        score_completions(task, exs, ["#### 1", "#### 2"])
