@@ -1,7 +1,9 @@
-"""Build of the one compiled part of rlm: the fused task-conflict kernels (``rlm.core.conflicts._kernels``).
+"""Build of the compiled parts of rlm: the fused task-conflict kernels (``rlm.core.conflicts._kernels``) and the
+fused merge kernels (``rlm.core.merge._kernels``).
 
-Everything else is declared in pyproject.toml. The extension is optional: without a C compiler the install
-still succeeds and ``rlm conflicts`` runs its eager torch engine instead.
+Everything else is declared in pyproject.toml. The extensions are optional: without a C compiler the install
+still succeeds and ``rlm conflicts`` / ``rlm merge`` run their torch engines instead. The merge kernels must
+match torch's float32 arithmetic operation by operation: no contraction into fused multiply-adds.
 """
 
 from setuptools import Extension, setup
@@ -13,6 +15,12 @@ setup(
             sources=["core/conflicts/_kernels.c"],
             extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", "-std=c11"],
             optional=True,
-        )
+        ),
+        Extension(
+            "rlm.core.merge._kernels",
+            sources=["core/merge/_kernels.c"],
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11"],
+            optional=True,
+        ),
     ]
 )

@@ -1,4 +1,4 @@
-"""Benchmark of ``rlm merge`` against mergekit on the same TIES merge, with the I/O floor and peak RSS.
+"""Benchmark of ``rlm merge`` against mergekit on the same merges (TIES by default), with the I/O floor and peak RSS.
 
 Generates synthetic HF-layout bf16 Llama-shaped models (a base and N experts, sharded safetensors with an
 index and a config.json that mergekit accepts), then for each size runs, each in a fresh subprocess (wall time
@@ -6,16 +6,21 @@ and peak RSS from ``os.wait4``):
 
 * ``io_floor``: every input tensor read once (``ModelReader.get``) and one output model written
   (``ShardedWriter``), no arithmetic: what any merge must pay;
-* ``rlm``: ``rlm merge --method ties --preset paper`` (weight 0.5, density 0.8; fp32 compute, bf16 output);
-* ``mergekit``: ``mergekit-yaml`` with the same TIES settings (``dtype: float32``, ``out_dtype: bfloat16``),
-  once with torch's default threads and once with ``OMP_NUM_THREADS=1``; the faster run is compared.
+* ``rlm``: ``rlm merge --method METHOD --preset paper`` (TIES and DARE-TIES: weight 0.5, density 0.8; task
+  arithmetic: weight 1, λ 0.7; fp32 compute, bf16 output), per ``--engines`` entry (``auto``: the fused kernels;
+  ``torch``: the torch path; with several, the outputs must be bit-identical, which is reported);
+* ``mergekit``: ``mergekit-yaml`` with the same settings (``dtype: float32``, ``out_dtype: bfloat16``), with
+  torch's default threads and/or ``OMP_NUM_THREADS=1`` (``--mergekit-threads``); the faster run is compared.
 
 The page cache is warmed by a read pass first, so all three see the inputs in memory. This process imports
 neither torch nor rlm (generation and comparison run in helper processes), so a measured child's peak RSS is
 its own (Linux starts a forked child's high-water mark from its parent's). The two outputs are
 compared (max |diff| and the share of entries that differ, which come from ties at the magnitude cut).
 
-    python benchmarks/merge_bench.py --params 400 200 [--experts 2] [--workdir DIR] [--keep] [--json FILE]
+    python benchmarks/merge_bench.py --params 400 200 [--methods ties dare_ties task_arithmetic]
+        [--engines auto torch] [--mergekit-threads default 1] [--experts 2] [--workdir DIR] [--keep] [--json FILE]
+
+Prints, per method, the time ratios against mergekit's faster run and against the I/O floor, and peak RSS.
 """
 
 from __future__ import annotations
@@ -164,7 +169,8 @@ def _helper(*args: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def bench_size(workdir: Path, params_m: float, experts: int, run_mergekit: bool) -> dict:
+def bench_size(workdir: Path, params_m: float, experts: int, methods: list[str], mergekit_threads: list[str],
+               engines: list[str]) -> dict:
     sizedir = workdir / f"p{int(params_m)}"
     t0 = time.perf_counter()
     gen = _helper("_generate", str(sizedir), str(params_m), str(experts))
@@ -172,34 +178,82 @@ def bench_size(workdir: Path, params_m: float, experts: int, run_mergekit: bool)
     gen_s = time.perf_counter() - t0
     nparams = sum(math.prod(s) for s in llama_shapes(params_m)[1].values())
     py = sys.executable
-    res: dict = {"params_m": round(nparams / 1e6, 1), "experts": experts, "generate_s": round(gen_s, 1)}
+    res: dict = {"params_m": round(nparams / 1e6, 1), "experts": experts, "generate_s": round(gen_s, 1),
+                 "load_average": os.getloadavg()}
     subprocess.run([py, "-c", WARM_CODE, str(base), *map(str, models)], check=True)
-    for d in ("floor_out", "rlm_out", "mergekit_out"):
+    for d in ("floor_out", "mergekit_out"):
         shutil.rmtree(sizedir / d, ignore_errors=True)
     res["io_floor"] = measure([py, "-c", FLOOR_CODE, str(base), str(sizedir / "floor_out"), *map(str, models)],
                               "io floor")
     shutil.rmtree(sizedir / "floor_out", ignore_errors=True)
-    res["rlm"] = measure([py, "-c", "from rlm.core.cli import run; run()", "merge", "--method", "ties",
-                          "--preset", "paper", "--base", str(base), "--models", ",".join(map(str, models)),
-                          "--out", str(sizedir / "rlm_out")], "rlm merge")
-    if run_mergekit:
-        cfg = {"merge_method": "ties", "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
-               "models": [{"model": str(m), "parameters": {"weight": 0.5, "density": 0.8}} for m in models]}
+    for method in methods:
+        res[method] = bench_method(sizedir, base, models, method, res["io_floor"], mergekit_threads, engines)
+    return res
+
+
+def bench_method(sizedir: Path, base: Path, models: list[Path], method: str, floor: dict,
+                 mergekit_threads: list[str], engines: list[str]) -> dict:
+    """One method: ``rlm merge`` (per engine: ``auto``, the fused kernels, and/or ``torch``) and mergekit (per
+    threading setting) on the same inputs, with the time ratios and the outputs' agreement."""
+    py = sys.executable
+    res: dict = {}
+    for engine in engines:
+        out = sizedir / f"rlm_{engine}_out"
+        shutil.rmtree(out, ignore_errors=True)
+        res[f"rlm_{engine}"] = measure([py, "-c", "from rlm.core.cli import run; run()", "merge", "--method", method,
+                                        "--preset", "paper", "--base", str(base), "--models",
+                                        ",".join(map(str, models)), "--set", f"engine={engine}", "--out", str(out)],
+                                       f"rlm merge ({engine})")
+        res[f"rlm_{engine}"]["over_io_floor"] = round(res[f"rlm_{engine}"]["wall_s"] / floor["wall_s"], 2)
+    rlm = res[f"rlm_{engines[0]}"]
+    if len(engines) > 1:
+        res["engines_identical"] = _helper("_identical", *(str(sizedir / f"rlm_{e}_out") for e in engines))
+    if mergekit_threads:
+        paper = MERGEKIT_PAPER[method]
+        cfg = {"merge_method": method, "base_model": str(base), "dtype": "float32", "out_dtype": "bfloat16",
+               "parameters": paper.get("parameters", {}),
+               "models": [{"model": str(m), "parameters": paper["model"]} for m in models]}
         (sizedir / "mergekit.yml").write_text(json.dumps(cfg))
         exe = str(Path(py).parent / "mergekit-yaml")
         mk = [exe, str(sizedir / "mergekit.yml"), str(sizedir / "mergekit_out"), "--quiet", "--no-copy-tokenizer",
               "--no-write-model-card"]
-        # mergekit twice: torch's default threads, and one thread (faster on a busy machine); the faster counts
-        res["mergekit_default_threads"] = measure(mk, "mergekit")
-        shutil.rmtree(sizedir / "mergekit_out", ignore_errors=True)
-        res["mergekit_1_thread"] = measure(mk, "mergekit", env={"OMP_NUM_THREADS": "1"})
-        res["mergekit"] = min(res["mergekit_default_threads"], res["mergekit_1_thread"], key=lambda r: r["wall_s"])
-        res["speedup_vs_mergekit"] = round(res["mergekit"]["wall_s"] / res["rlm"]["wall_s"], 2)
-        res["cpu_ratio_mergekit_over_rlm"] = round(res["mergekit"]["cpu_s"] / res["rlm"]["cpu_s"], 2)
-        res["rss_ratio_mergekit_over_rlm"] = round(res["mergekit"]["peak_rss_mb"] / res["rlm"]["peak_rss_mb"], 2)
-        res["agreement"] = _helper("_compare", str(sizedir / "rlm_out"), str(sizedir / "mergekit_out"))
-    res["rlm_over_io_floor"] = round(res["rlm"]["wall_s"] / res["io_floor"]["wall_s"], 2)
+        # torch's default threads and/or one thread (faster on a busy machine); the faster counts
+        for threads in mergekit_threads:
+            shutil.rmtree(sizedir / "mergekit_out", ignore_errors=True)
+            env = {"OMP_NUM_THREADS": "1"} if threads == "1" else None
+            res[f"mergekit_{threads}_thread{'s' if threads != '1' else ''}"] = measure(mk, "mergekit", env=env)
+        mk_runs = [v for k, v in res.items() if k.startswith("mergekit_")]
+        res["mergekit"] = min(mk_runs, key=lambda r: r["wall_s"])
+        res["speedup_vs_mergekit"] = round(res["mergekit"]["wall_s"] / rlm["wall_s"], 2)
+        res["cpu_ratio_mergekit_over_rlm"] = round(res["mergekit"]["cpu_s"] / rlm["cpu_s"], 2)
+        res["rss_ratio_mergekit_over_rlm"] = round(res["mergekit"]["peak_rss_mb"] / rlm["peak_rss_mb"], 2)
+        res["agreement"] = _helper("_compare", str(sizedir / f"rlm_{engines[0]}_out"), str(sizedir / "mergekit_out"))
+    res["rlm_over_io_floor"] = rlm["over_io_floor"]
     return res
+
+
+#: the paper preset of each benchmarked method, in mergekit's terms
+MERGEKIT_PAPER = {
+    "ties": {"model": {"weight": 0.5, "density": 0.8}},
+    "dare_ties": {"model": {"weight": 0.5, "density": 0.8}},
+    "task_arithmetic": {"model": {"weight": 1.0}, "parameters": {"lambda": 0.7}},
+    "linear": {"model": {"weight": 1.0}},
+}
+
+
+def identical(*paths: str) -> dict:
+    """Whether the models at ``paths`` hold bit-identical tensors (the first differing tensor, if any)."""
+    import torch
+
+    from rlm.core.models.reader import ModelReader
+
+    readers = [ModelReader(p) for p in paths]
+    for n in readers[0].tensor_names():
+        ref = readers[0].get(n)
+        for r in readers[1:]:
+            if not torch.equal(ref.view(torch.uint8), r.get(n).view(torch.uint8)):
+                return {"identical": False, "first_difference": n}
+    return {"identical": True}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,19 +265,26 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_compare":
         print(json.dumps(compare(Path(argv[1]), Path(argv[2]))))
         return 0
+    if argv and argv[0] == "_identical":
+        print(json.dumps(identical(*argv[1:])))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=float, nargs="+", default=[400.0, 200.0], help="model sizes, millions")
     ap.add_argument("--experts", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=["ties"], choices=sorted(MERGEKIT_PAPER))
+    ap.add_argument("--engines", nargs="+", default=["auto"], choices=["auto", "fused", "torch"],
+                    help="rlm engines to time (the first is compared with mergekit; several: outputs must agree)")
+    ap.add_argument("--mergekit-threads", nargs="*", default=["default", "1"], choices=["default", "1"],
+                    help="mergekit runs: torch's default threads and/or OMP_NUM_THREADS=1 (none: skip mergekit)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the generated models")
-    ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rlm-merge-bench-"))
     results = []
     try:
         for p in args.params:
-            res = bench_size(workdir, p, args.experts, not args.no_mergekit)
+            res = bench_size(workdir, p, args.experts, args.methods, args.mergekit_threads, args.engines)
             results.append(res)
             print(json.dumps(res), flush=True)
             if not args.keep:
@@ -231,18 +292,29 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n{'params':>8} {'run':>24} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12}")
-    for r in results:
-        for tool in ("io_floor", "rlm", "mergekit_default_threads", "mergekit_1_thread"):
-            if tool in r:
-                print(f"{r['params_m']:>7}M {tool:>24} {r[tool]['wall_s']:>8} {r[tool]['cpu_s']:>8} "
-                      f"{r[tool]['peak_rss_mb']:>12}")
-        if "speedup_vs_mergekit" in r:
-            print(f"{'':>8} rlm is {r['speedup_vs_mergekit']}x faster, mergekit uses "
-                  f"{r['rss_ratio_mergekit_over_rlm']}x the memory; agreement {r['agreement']}")
+    report(results, args.methods)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
+
+
+def report(results: list[dict], methods: list[str]) -> None:
+    print(f"\n{'params':>8} {'method':>16} {'run':>22} {'wall s':>8} {'CPU s':>8} {'peak RSS MB':>12} {'x floor':>8}")
+    for r in results:
+        f = r["io_floor"]
+        print(f"{r['params_m']:>7}M {'':>16} {'io_floor':>22} {f['wall_s']:>8} {f['cpu_s']:>8} {f['peak_rss_mb']:>12}")
+        for method in methods:
+            m = r[method]
+            for tool, v in m.items():
+                if isinstance(v, dict) and "wall_s" in v and tool != "mergekit":
+                    print(f"{'':>8} {method:>16} {tool:>22} {v['wall_s']:>8} {v['cpu_s']:>8} {v['peak_rss_mb']:>12} "
+                          f"{round(v['wall_s'] / f['wall_s'], 2):>8}")
+            if "speedup_vs_mergekit" in m:
+                print(f"{'':>8} {method:>16} rlm is {m['speedup_vs_mergekit']}x faster than mergekit's faster run, "
+                      f"{m['rlm_over_io_floor']}x the I/O floor; mergekit uses {m['rss_ratio_mergekit_over_rlm']}x "
+                      f"the memory; agreement {m['agreement']}")
+            if "engines_identical" in m:
+                print(f"{'':>8} {method:>16} rlm engines bit-identical: {m['engines_identical']}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ where ``prepare``/``merge`` compute; reading and writing stay on the CPU. ``run.
 written model (:mod:`rlm.core.merge.smoke`) and flags degenerate output. mergekit YAML configs are translated
 into a ``MergeRunConfig`` by :mod:`rlm.core.merge.mergekit`. See ``docs/merging.md``.
 
+On the CPU the built-in methods run in compiled kernels (:mod:`rlm.core.merge.fused`, ``run.engine``) that give
+the same bytes as the torch path described above; ``result.engine`` in the manifest says which path merged what.
+
 Random masks use one generator per (seed, tensor name, model index) (:func:`rlm.core.contracts.tensor_seed`),
 so the output does not depend on tensor order or the number of worker threads.
 
@@ -75,6 +78,9 @@ class MergeRunConfig(PluginConfig):
                                 "(cosine similarity on a few sampled matrices; see docs/merging.md)")
     device: str = Field("cpu", description="torch device of the merge arithmetic (cpu, cuda, cuda:1, ...); "
                         "tensors are read and written on the CPU")
+    engine: Literal["auto", "fused", "torch"] = Field("auto", description="auto: the compiled kernels "
+                                                      "(rlm.core.merge.fused) where they apply, else torch; fused: "
+                                                      "refuse a merge they can't run; torch: always torch")
     smoke: bool = Field(False, description="after writing, generate from a few fixed prompts and flag degenerate "
                         "output in merge_manifest.json and on the terminal")
 
@@ -348,6 +354,22 @@ class _Engine:
         self.needs_prepare = type(method).prepare is not MergeMethod.prepare
         self._progress = progress
         self._lock = threading.Lock()
+        from rlm.core.merge.fused import FusedMerge, unavailable_reason
+
+        self.torch_because = unavailable_reason(run, method, base, sources, device)
+        if self.torch_because is not None and run.engine == "fused":
+            raise ConfigError(f"engine 'fused' cannot run this merge: {self.torch_because}")
+        self.fused = (FusedMerge(self, lambda t: _Job(self, t).run(), lambda t: _out_dtype(run, t))
+                      if self.torch_because is None else None)
+
+    def summary(self) -> dict[str, Any]:
+        """Which path merged the tensors and why (``engine`` in ``merge_manifest.json``)."""
+        if self.fused is not None:
+            return self.fused.summary()
+        return {"path": "torch", "because": self.torch_because}
+
+    def job(self, t: Any) -> Callable[[], None]:
+        return (lambda: self.fused.run_tensor(t)) if self.fused is not None else _Job(self, t).run
 
     def on_device(self, tensor: Any) -> Any:
         """``tensor`` (read on the CPU) on the merge's device."""
@@ -366,7 +388,7 @@ class _Engine:
         tensors = self.plan.tensors
         if self.run.workers <= 0:
             for t in tensors:
-                _Job(self, t).run()
+                self.job(t)()
             return
         pool = ThreadPoolExecutor(max_workers=self.run.workers, thread_name_prefix="rlm-merge")
         pending: set[Future] = set()
@@ -376,7 +398,7 @@ class _Engine:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                     for f in done:
                         f.result()
-                pending.add(pool.submit(_Job(self, t).run))
+                pending.add(pool.submit(self.job(t)))
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for f in done:
                 f.result()
@@ -454,9 +476,9 @@ def merge_models(run: MergeRunConfig, out: str | Path, *, overwrite: bool = Fals
 
 
 def _write_tensors(run: MergeRunConfig, tmp: Path, p: dict[str, Any],
-                   progress: Callable[[str], None] | None) -> Any:
+                   progress: Callable[[str], None] | None) -> tuple[Any, dict[str, Any]]:
     """Merge every planned tensor into shards under ``tmp`` (``run.threads`` torch threads meanwhile); returns
-    the closed writer (aborted on any error)."""
+    the closed writer (aborted on any error) and which path merged the tensors."""
     import torch
 
     from rlm.core.models.writer import ShardedWriter
@@ -476,7 +498,7 @@ def _write_tensors(run: MergeRunConfig, tmp: Path, p: dict[str, Any],
         raise
     finally:
         torch.set_num_threads(old_threads)
-    return writer
+    return writer, engine.summary()
 
 
 def _copy_side_files(base: Path, out: Path, vocab_size: int | None, out_dtype: str | None) -> None:
@@ -531,12 +553,12 @@ def _merge_planned(run: MergeRunConfig, out: Path, p: dict[str, Any], t0: float,
     smoke = None
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            writer = _write_tensors(run, tmp, p, progress)
+            writer, engine = _write_tensors(run, tmp, p, progress)
             _copy_side_files(base.path, tmp, plan.vocab_size if plan.vocab_size != base.vocab_size else None,
                              None if run.dtype == "base" else run.dtype)
             seconds = time.perf_counter() - t0
             summary = {"tensors": len(plan.tensors), "bytes": writer.total_bytes, "shards": len(writer.files),
-                       "seconds": round(seconds, 3)}
+                       "seconds": round(seconds, 3), "engine": engine}
             if run.smoke:
                 from rlm.core.merge.smoke import smoke_test
 
