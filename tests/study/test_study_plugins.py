@@ -34,7 +34,9 @@ def test_preset_methods_resolve_to_todays_settings(name):
     registry = get_system().registry("merge_method")
     for quick in (False, True):
         cfg = load_experiment(name, quick=quick)
-        assert [m.name for m in cfg.methods] == list(TODAY)
+        names = [m.name for m in cfg.methods]
+        # cpu-tiny --quick keeps two of the four (averaging and TIES) to fit make demo's time budget
+        assert names == (["averaging", "ties"] if (name, quick) == ("cpu-tiny", True) else list(TODAY))
         for m in cfg.methods:
             assert m.preset == "paper" and not m.params and not m.model_params
             cls = registry.get(m.name)

@@ -31,7 +31,8 @@ class CodeConfig(PluginConfig):
     n_train: int = 1000
     n_test: int = 100
     max_constant: int = 9
-    workers: int = 2
+    workers: int = 4  # sandbox runs wait on process start-up as much as on the CPU: 4 scored 200 gen examples
+                      # in 13 s on 2 cores against 20 s with 2 and 33 s with 1
     program_timeout: float = 10.0      # test-script programs (HumanEval, asserts): wall seconds in the harness
     min_time_limit: float = 1.0        # evalplus-style inputs: per-input limit max(min, factor x reference time)
     time_limit_factor: float = 4.0
