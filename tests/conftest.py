@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+FAKES = REPO / "tests" / "fakes"
 
 
 def shared_file(name: str) -> Path:
@@ -41,3 +43,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "model"
     init_tiny(out, seed=0)
     return out
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """``import vllm`` gives the recording fake under tests/fakes (its call log cleared)."""
+    monkeypatch.syspath_prepend(str(FAKES))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    import vllm
+
+    assert Path(vllm.__file__).is_relative_to(FAKES)
+    vllm.CALLS.clear()
+    vllm.INSTANCES.clear()
+    return vllm

@@ -28,6 +28,8 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "../_kernels_io.h"
+
 #define SUB 2048
 #define READ (32 * SUB) /* elements read per input at a time: 128 KiB of bf16 */
 #define ABS_MASK 0x7FFFFFFFu
@@ -46,11 +48,6 @@ static inline float bf16_to_f32(uint16_t x) {
     return f;
 }
 
-static inline uint32_t f32_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* buffers                                                                                                */
@@ -110,18 +107,12 @@ static int get_inputs(PyObject *fds, Py_buffer *offsets, int width, Inputs *in) 
 /* Read elements [start, start + count) of every input into its buffer (GIL released); 0 or -1 on error. */
 static int read_inputs(Inputs *in, Py_ssize_t start, Py_ssize_t count) {
     for (Py_ssize_t i = 0; i < in->n; i++) {
-        char *dst = in->data + (size_t)in->width * READ * i;
-        size_t want = (size_t)in->width * (size_t)count, done = 0;
-        off_t at = (off_t)(in->offset[i] + in->width * (int64_t)start);
-        while (done < want) {
-            ssize_t got = pread(in->fd[i], dst + done, want - done, at + (off_t)done);
-            if (got < 0 && errno == EINTR) continue;
-            if (got <= 0) {
-                in->err = got < 0 ? errno : -1;
-                in->failed = i;
-                return -1;
-            }
-            done += (size_t)got;
+        int err = pread_full(in->fd[i], in->data + (size_t)in->width * READ * i, (size_t)in->width * (size_t)count,
+                             (off_t)(in->offset[i] + in->width * (int64_t)start));
+        if (err) {
+            in->err = err;
+            in->failed = i;
+            return -1;
         }
     }
     return 0;
@@ -142,14 +133,6 @@ static PyObject *read_error(Inputs *in) {
     } else
         PyErr_Format(PyExc_EOFError, "input %zd ends before the block's data", in->failed);
     return NULL;
-}
-
-static int need(Py_buffer *b, Py_ssize_t nbytes, const char *what) {
-    if (b->len < nbytes) {
-        PyErr_Format(PyExc_ValueError, "%s has %zd bytes, at least %zd needed", what, b->len, nbytes);
-        return -1;
-    }
-    return 0;
 }
 
 static int check_pairs(const int64_t *pairs, Py_ssize_t n_pairs, Py_ssize_t n_models) {
@@ -310,9 +293,9 @@ static PyObject *stats_block(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "histogram rows of %zd entries cannot hold %zd bins", stride, n_bins);
         goto done;
     }
-    if (need(&hist, (Py_ssize_t)sizeof(int32_t) * m * copies * stride, "hist") < 0 ||
-        need(&ss, 8 * m, "ss") < 0 || need(&pair, 16 * n_pairs, "pair") < 0 ||
-        need(&above, 8 * m * n_thr, "above") < 0 || need(&lohi, 16 * m, "lohi") < 0 ||
+    if (need_len(&hist, (Py_ssize_t)sizeof(int32_t) * m * copies * stride, "hist") < 0 ||
+        need_len(&ss, 8 * m, "ss") < 0 || need_len(&pair, 16 * n_pairs, "pair") < 0 ||
+        need_len(&above, 8 * m * n_thr, "above") < 0 || need_len(&lohi, 16 * m, "lohi") < 0 ||
         check_pairs((const int64_t *)pairs.buf, n_pairs, m) < 0)
         goto done;
     scratch_f = PyMem_RawMalloc(sizeof(double) * SUB * (m + 1)); /* tau: float32, or float64 for float32 inputs */
@@ -416,8 +399,8 @@ static PyObject *fold_histogram(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "fold_histogram: empty histogram");
         goto done;
     }
-    if (need(&seg, 8 * width, "seg") < 0 ||
-        (glob.len && need(&glob, 8 * (width ? hi + 1 : 1), "glob") < 0))
+    if (need_len(&seg, 8 * width, "seg") < 0 ||
+        (glob.len && need_len(&glob, 8 * (width ? hi + 1 : 1), "glob") < 0))
         goto done;
     {
         int32_t *h = (int32_t *)hist.buf;
@@ -624,8 +607,8 @@ static PyObject *topk_block(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t t_len = tables.len / itemsize / m, len = (Py_ssize_t)(span * span * 2);
-    if (t_len < 2 || t_len * m * itemsize != tables.len || need(&lo_buf, 8 * m, "lo") < 0 ||
-        need(&joint, 8 * 4 * len * n_pairs, "joint") < 0 || check_pairs((const int64_t *)pairs.buf, n_pairs, m) < 0)
+    if (t_len < 2 || t_len * m * itemsize != tables.len || need_len(&lo_buf, 8 * m, "lo") < 0 ||
+        need_len(&joint, 8 * 4 * len * n_pairs, "joint") < 0 || check_pairs((const int64_t *)pairs.buf, n_pairs, m) < 0)
         goto done;
     if (table_max(tables.buf, itemsize, t_len * m) >= span) { /* every entry must be a valid digit */
         PyErr_Format(PyExc_ValueError, "table entry %lld outside [0, %lld)",

@@ -32,6 +32,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../_kernels_io.h"
+
 #define SUB 2048
 #define READ (16 * SUB) /* elements read per input at a time */
 #define MAX_MODELS 64
@@ -48,17 +50,6 @@
 #define HOT
 #endif
 
-static inline float bits_f32(uint32_t u) {
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint32_t f32_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* inputs                                                                                                 */
@@ -112,18 +103,12 @@ static int get_inputs(PyObject *fds, Py_buffer *offsets, Py_buffer *widths, Inpu
 
 static int read_inputs(Inputs *in, int64_t start, Py_ssize_t count) {
     for (Py_ssize_t i = 0; i < in->n; i++) {
-        char *dst = in->data + (size_t)4 * READ * i;
-        size_t want = (size_t)in->width[i] * (size_t)count, done = 0;
-        off_t at = (off_t)(in->offset[i] + in->width[i] * start);
-        while (done < want) {
-            ssize_t got = pread(in->fd[i], dst + done, want - done, at + (off_t)done);
-            if (got < 0 && errno == EINTR) continue;
-            if (got <= 0) {
-                in->err = got < 0 ? errno : -1;
-                in->failed = i;
-                return -1;
-            }
-            done += (size_t)got;
+        int err = pread_full(in->fd[i], in->data + (size_t)4 * READ * i, (size_t)in->width[i] * (size_t)count,
+                             (off_t)(in->offset[i] + in->width[i] * start));
+        if (err) {
+            in->err = err;
+            in->failed = i;
+            return -1;
         }
     }
     return 0;
@@ -161,14 +146,6 @@ HOT static int form_tau(const float *theta, const float *base, Py_ssize_t w, flo
         bad |= (uint32_t)((f32_bits(t) & EXP_MASK) == EXP_MASK);
     }
     return (int)bad;
-}
-
-static int need_len(Py_buffer *b, Py_ssize_t nbytes, const char *what) {
-    if (b->len < nbytes) {
-        PyErr_Format(PyExc_ValueError, "%s has %zd bytes, at least %zd needed", what, b->len, nbytes);
-        return -1;
-    }
-    return 0;
 }
 
 static int check_range(int64_t start, Py_ssize_t count) {

@@ -48,15 +48,20 @@ def select_correct(examples: list[Example], completions: list[list[str]], task: 
                    dedupe: bool = True, max_per_prompt: int | None = None) -> list[tuple[Example, str]]:
     """RFT's filter: for each example, its completions whose reward is at least ``min_reward``, duplicates
     (same text after stripping surrounding whitespace) removed, in sampling order."""
+    from rlm.core.train.rollout import score_completions
+
+    # every completion scored in one batch (a task may run it in parallel: the code task's sandbox threads)
+    rewards = iter(score_completions(task, [ex for ex, comps in zip(examples, completions) for _ in comps],
+                                     [text for comps in completions for text in comps]))
     kept: list[tuple[Example, str]] = []
     for ex, comps in zip(examples, completions):
         seen: set[str] = set()
         n = 0
-        for text in comps:
+        scored = [(text, next(rewards)) for text in comps]
+        for text, r in scored:
             key = text.strip()
             if dedupe and key in seen:
                 continue
-            r = float(task.reward(ex, text))
             if math.isnan(r) or r < min_reward:  # NaN never passes
                 continue
             seen.add(key)

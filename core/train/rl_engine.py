@@ -114,7 +114,7 @@ class RLEngine:
         """Sample and score the step's completions, run the no-grad passes and compute the advantages."""
         cfg, s = self.cfg, self.sess
         ro = sample_rollout(s, cfg, self.run.task, self.examples, self.prompts, self.pad_id, step,
-                            backend=self.rollouts if self.rollouts.external else None)
+                            backend=self.rollouts)
         old_logp, ref_logp = old_and_reference_logprobs(s, cfg, ro.batch)
         self.rollout_stats = self._rollout_diagnostics(ro)
         values = no_grad_pass(s, ro.batch, cfg.micro_batch_size, self.critic) if self.critic is not None else None

@@ -60,13 +60,13 @@ def score_completions(task: Task, examples: list[Example], texts: list[str]) -> 
 
 
 def sample_rollout(sess: Session, cfg: RLConfig, task: Task, examples: list[Example], prompts: list[str],
-                   pad_id: int, step: int, backend: Any = None) -> Rollout:
+                   pad_id: int, step: int, backend: Any) -> Rollout:
     """Sample and score this process's share of the ``prompts_per_step`` prompts of ``step`` (a seeded
     permutation of ``prompts``, chat-formatted, parallel to ``examples``) through ``backend`` (a
-    :class:`rlm.core.train.rollout_backend.RolloutBackend`; ``None``: the policy itself)."""
+    :class:`rlm.core.train.rollout_backend.RolloutBackend`: the policy itself for ``hf``)."""
     import torch
 
-    from rlm.core.eval.generation import SamplingParams, generate
+    from rlm.core.eval.generation import SamplingParams
 
     local_prompts = cfg.prompts_per_step // sess.world
     global_idx = take(len(examples), cfg.seed, (step - 1) * cfg.prompts_per_step, cfg.prompts_per_step)
@@ -74,14 +74,9 @@ def sample_rollout(sess: Session, cfg: RLConfig, task: Task, examples: list[Exam
     mine = global_idx[start:start + local_prompts]
     t0 = time.perf_counter()
     with sess.generation():
-        if backend is None:
-            gens = generate(sess.policy, sess.tokenizer, [prompts[i] for i in mine], n=cfg.group_size,
-                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                            batch_size=cfg.generation_batch_size, seed=sample_seed(cfg.seed, step, sess.rank))
-        else:
-            gens = backend.generate([prompts[i] for i in mine], SamplingParams(
-                n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                batch_size=cfg.generation_batch_size, seed=sample_seed(cfg.seed, step, sess.rank)))
+        gens = backend.generate([prompts[i] for i in mine], SamplingParams(
+            n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+            batch_size=cfg.generation_batch_size, seed=sample_seed(cfg.seed, step, sess.rank)))
     gen_time = time.perf_counter() - t0
     chosen = [examples[mine[g.prompt_index]] for g in gens]
     texts = [g.text for g in gens]

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from fractions import Fraction
 from math import comb
-from pathlib import Path
 
 import pytest
 
@@ -18,19 +16,6 @@ from rlm.core.errors import RlmError
 from rlm.core.eval.pass_at_k import mean_pass_at_k, parse_ks, pass_at_k
 from rlm.core.plugins import get_plugin
 
-FAKES = Path(__file__).resolve().parents[1] / "fakes"
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    monkeypatch.syspath_prepend(str(FAKES))
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    import vllm
-
-    assert Path(vllm.__file__).is_relative_to(FAKES)
-    vllm.CALLS.clear()
-    vllm.INSTANCES.clear()
-    return vllm
 
 
 @pytest.fixture(scope="module")

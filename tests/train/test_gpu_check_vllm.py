@@ -14,7 +14,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-FAKES = ROOT / "tests" / "fakes"
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +22,6 @@ def gpu_check():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    monkeypatch.syspath_prepend(str(FAKES))
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    import vllm
-
-    assert Path(vllm.__file__).is_relative_to(FAKES)
-    vllm.CALLS.clear()
-    vllm.INSTANCES.clear()
-    return vllm
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -6,7 +6,6 @@ are kept prompt-major in sample-index order."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +17,6 @@ from rlm.core.errors import RlmError
 from rlm.core.hookspecs import hookimpl
 from rlm.core.train.data import sample_seed, take
 
-FAKES = Path(__file__).resolve().parents[1] / "fakes"
 FAST = ["--set", "num_threads=1", "--no-progress"]
 POOL = 12
 # the prompts HalfTask rewards: every other one of the seed-0 order RFT samples in
@@ -64,18 +62,6 @@ def cli():
     system.add_plugin(Tasks(), name="rlm-test-rft-backend-tasks")
     with rlm_cli(system) as run:
         yield run
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    monkeypatch.syspath_prepend(str(FAKES))
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    import vllm
-
-    assert Path(vllm.__file__).is_relative_to(FAKES)
-    vllm.CALLS.clear()
-    vllm.INSTANCES.clear()
-    return vllm
 
 
 def kept_pairs(out: Path) -> list[tuple[str, str]]:
