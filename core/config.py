@@ -107,6 +107,24 @@ def validate(model: type[M], data: Mapping[str, Any], source: str = "config") ->
         raise ConfigError(f"invalid {source} for {model.__name__}:\n" + "\n".join(lines)) from None
 
 
+def task_config_sets(tasks: Sequence[str], sets: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``--task-set`` items -> config overrides per task name. An item is ``TASK.FIELD=VALUE``, or
+    ``FIELD=VALUE`` when only one task is given; a task named in an item must be one of ``tasks``."""
+    names = list(dict.fromkeys(tasks))
+    out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for item in sets:
+        path, value = parse_set(item)
+        if path[0] in out and len(path) > 1:
+            name, path = path[0], path[1:]
+        elif len(names) == 1:
+            name = names[0]
+        else:
+            raise ConfigError(f"--task-set {item!r}: name the task first (TASK.FIELD=VALUE; tasks: "
+                              f"{', '.join(names)})")
+        apply_set(out[name], path, value)
+    return {n: v for n, v in out.items() if v}
+
+
 def load_config(model: type[M], file: str | Path | None = None, sets: Sequence[str] = (),
                 flags: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None) -> M:
     """Build a validated config of type ``model`` from defaults, a file, ``--set`` overrides and flags."""

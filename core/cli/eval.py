@@ -61,6 +61,8 @@ def eval(
     data: list[str] = typer.Option([], "--data", help="Data file/dir/dataset name; with several tasks "
                                    "TASK[:SUBSET]=PATH (repeatable)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="First N examples of each task."),
+    task_set: list[str] = typer.Option([], "--task-set", help="Override a task config field: TASK.FIELD=VALUE "
+                                                             "(FIELD=VALUE with one task), e.g. math.solution=answer."),
     batch_size: int = typer.Option(16, "--batch-size", help="Prompts per generation batch."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Completion length limit."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
@@ -93,6 +95,9 @@ def eval(
         raise RlmError(f"unknown harness {harness!r} (harnesses: rlm, lm-eval)")
     with run_lock(out):
         if harness == "lm-eval":
+            if task_set:
+                raise RlmError("--task-set applies to --harness rlm only (lm-eval tasks take --model-args / "
+                               "--gen-kwargs)")
             summary = _run_lm_eval(model, task, tasks, out, data, limit=limit, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, num_fewshot=num_fewshot,
                                    chat=bool(chat_template), device=device, overwrite=overwrite,
@@ -109,8 +114,12 @@ def eval(
                                 temperature=temperature, top_p=top_p, n=n, pass_k=pass_k,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, system_prompt=system_prompt,
                                 chat_template=chat_template is not False)
+            from rlm.core.config import task_config_sets
+            from rlm.core.eval.engine import parse_task_spec
+
+            task_config = task_config_sets([parse_task_spec(t)[0] for t in task], task_set)
             summary = evaluate(model, task, out, data=data, limit=limit, seed=seed, progress=progress,
-                               overwrite=overwrite, device=device, decoding=decoding)
+                               overwrite=overwrite, device=device, decoding=decoding, task_config=task_config)
     _print_summary(summary)
     typer.echo(f"wrote {out}")
 

@@ -22,6 +22,8 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (overrides the config)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Trainer config file (YAML/TOML/JSON)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. lr=1e-5 or lora.enabled=true."),
+    task_set: list[str] = typer.Option([], "--task-set", help="Override a task config field, e.g. "
+                                                             "solution=answer or max_operand=99."),
     data: Optional[str] = typer.Option(None, "--data", help="Path of the task's training data, if it loads any."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace whatever --out holds."),
@@ -30,7 +32,7 @@ def train(
                                                help="Also log to OUT/tensorboard."),
 ) -> None:
     """Train an expert: writes checkpoints/step-N/, final/, metrics.jsonl and manifest.json under --out."""
-    from rlm.core.config import load_config
+    from rlm.core.config import load_config, task_config_sets, validate
     from rlm.core.errors import RlmError
     from rlm.core.io.lock import run_lock
     from rlm.core.plugins import get_plugin
@@ -50,7 +52,9 @@ def train(
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise RlmError(f"task {task_name!r} has no subset {subset!r}{hint} "
                        f"(subsets: {', '.join(task_cls.subsets)})")
-    run = TrainRun(model=model, task=task_cls(), out=out, subset=subset or None, data_path=data, resume=resume,
+    task_config = task_config_sets([task_name], task_set).get(task_name, {})
+    task_obj = task_cls(validate(task_cls.Config, task_config, f"--task-set for task {task_name!r}"))
+    run = TrainRun(model=model, task=task_obj, out=out, subset=subset or None, data_path=data, resume=resume,
                    overwrite=overwrite)
     import torch
 

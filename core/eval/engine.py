@@ -54,6 +54,10 @@ def load_task(spec: str, *, data: str | None = None, limit: int | None = None, s
 
     name, subset = parse_task_spec(spec)
     cls = get_plugin("task", name)
+    if config:
+        from rlm.core.config import validate
+
+        config = validate(cls.Config, config, f"task config of {name!r}")
     task = cls(config or {})
     subset = task.check_subset(subset)
     task.check_data(subset, data)
@@ -181,10 +185,12 @@ def _sampled_summary(task: Task, scores: list[dict[str, Any]], n_examples: int, 
 def evaluate(model: str, tasks: list[str], out: str | Path, *, data: list[str] | None = None,
              limit: int | None = None, batch_size: int = 16, max_new_tokens: int = 256, seed: int = 0,
              progress: bool = True, overwrite: bool = False, device: str | None = None,
-             decoding: Decoding | None = None) -> dict[str, Any]:
+             decoding: Decoding | None = None, task_config: dict[str, dict[str, Any]] | None = None
+             ) -> dict[str, Any]:
     """Generate for every task's test examples (greedily unless ``decoding`` says otherwise) and score them;
-    returns the summary. With ``decoding.n > 1`` every example gets ``n`` samples, one record each, and the
-    summary adds pass@k for every k of ``decoding.pass_k``."""
+    returns the summary. ``task_config`` maps a task name to overrides of its plugin config. With
+    ``decoding.n > 1`` every example gets ``n`` samples, one record each, and the summary adds pass@k for every k
+    of ``decoding.pass_k``."""
     from rlm.core.eval.generation import SamplingParams
     from rlm.core.io.atomic import prepare_output_dir
     from rlm.core.models.hf import resolve_model
@@ -195,7 +201,9 @@ def evaluate(model: str, tasks: list[str], out: str | Path, *, data: list[str] |
         raise RlmError("give at least one --task")
     prepare_output_dir(out, overwrite)
     paths = assign_data(tasks, list(data or []))
-    runs = [load_task(t, data=paths[t], limit=limit, seed=seed) for t in tasks]  # fail fast on bad data
+    task_config = task_config or {}
+    runs = [load_task(t, data=paths[t], limit=limit, seed=seed, config=task_config.get(parse_task_spec(t)[0]))
+            for t in tasks]  # fail fast on bad data
     model_path = resolve_model(model)
     if device is None:
         device = default_device()

@@ -91,7 +91,17 @@ class WarmupConfig(PluginConfig):
     trainer: str = "sft"
     tasks: list[str] | None = Field(None, description="task labels in the mixture (None: every task)")
     examples_per_task: int = Field(256, ge=1)
+    examples: dict[str, int] = Field(default_factory=dict, description="task label -> its examples in the "
+                                     "mixture, in place of examples_per_task (a task's share of the warm-up)")
     config: dict[str, Any] = Field(default_factory=dict, description="trainer config overrides (steps, lr, ...)")
+
+    @field_validator("examples")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"examples must be >= 1, got {bad}")
+        return v
 
 
 class TrainerConfig(PluginConfig):
@@ -342,6 +352,7 @@ class ExperimentConfig(PluginConfig):
             raise ValueError(f"seeds must be unique, got {self.seeds}")
         if self.warmup is not None:
             _known(self.warmup.tasks, tasks, "warmup.tasks")
+            _known(list(self.warmup.examples), self.warmup.tasks or tasks, "warmup.examples")
         _check_save_dtype(self.precision.save_dtype, self._trainer_overrides())
         _check_landscape(self.landscape, tasks, groups, methods)
         _known(self.curve.groups, groups, "curve.groups")

@@ -88,6 +88,7 @@ class RunManifest:
         self.out = out
         self.fields: dict[str, Any] = {
             "kind": "train", "trainer": trainer_name, "task": run.task.name, "subset": run.subset,
+            "task_config": run.task.config.model_dump(mode="json"),
             "model": run.model, "status": "running", "resumed_from_step": start_step or None,
             "processes": processes, **extra}
         inputs = {"model": run.model} if Path(run.model).exists() else {}

@@ -128,6 +128,9 @@ def test_bad_fields_are_named(change, field):
     ({"report": {"table3": ["grpo", "rl_pos"]}}, "report.table3: unknown 'rl_pos'"),
     ({"trainers": [{"name": "sft", "tasks": ["math"]}]}, "at least two tasks"),
     ({"seeds": [0, 0]}, "seeds must be unique"),
+    ({"warmup": {"examples": {"cdoe": 4}}}, "warmup.examples: unknown 'cdoe'; did you mean 'code'"),
+    ({"warmup": {"tasks": ["math"], "examples": {"code": 4}}}, "warmup.examples: unknown 'code'"),
+    ({"warmup": {"examples": {"code": 0}}}, "examples must be >= 1"),
 ])
 def test_cross_field_errors(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -201,6 +204,16 @@ def test_init_saves_theta0_in_the_experts_dtype(tiny_model_dir, tmp_path):
 
 
 # -- the plan --------------------------------------------------------------------------------------------
+def test_warmup_examples_set_each_tasks_share():
+    plan = {s.name: s for s in plan_steps(load_experiment(SMALL))}
+    assert [t["size"] for t in plan["warmup"].config["tasks"]] == [8, 8, 8]
+    cfg = load_experiment({**SMALL, "warmup": {**SMALL["warmup"], "examples": {"code": 3}}})
+    plan2 = {s.name: s for s in plan_steps(cfg)}
+    assert [(t["label"], t["size"]) for t in plan2["warmup"].config["tasks"]] == [("math", 8), ("code", 3),
+                                                                                   ("puzzle", 8)]
+    assert plan2["warmup"].config != plan["warmup"].config  # the step hash covers its config
+
+
 def test_plan_small_config_dag():
     cfg = load_experiment(SMALL)
     plan = {s.name: s for s in plan_steps(cfg)}

@@ -146,3 +146,21 @@ def test_bad_inputs(tmp_path):
         task.examples("gsm8k", path=str(lacking))
     with pytest.raises(DataError, match="not found"):
         task.examples("gsm8k", path=str(tmp_path / "missing.jsonl"))
+
+
+def test_gen_answer_only_solution_asks_for_and_references_the_final_line():
+    from rlm.plugins.tasks.math import MathTask
+    from rlm.plugins.tasks.math.generator import generate_arithmetic
+    from rlm.plugins.tasks.math.verify import ANSWER_FORMAT, HASH_FORMAT
+
+    steps = MathTask(MathTask.Config(max_ops=2)).examples("gen", limit=20)
+    answer = MathTask(MathTask.Config(max_ops=2, solution="answer")).examples("gen", limit=20)
+    task = MathTask(MathTask.Config())
+    for s, a in zip(steps, answer):
+        assert s.prompt.replace(HASH_FORMAT, "") == a.prompt.replace(ANSWER_FORMAT, "")  # the same problems
+        assert s.prompt.endswith(HASH_FORMAT) and a.prompt.endswith(ANSWER_FORMAT)
+        assert a.answer == s.answer and a.reference == f"#### {s.answer}"
+        assert s.reference.endswith(f"\n#### {s.answer}") and s.reference.count("\n") == s.meta["ops"]
+        assert task.reward(a, a.reference) == 1.0
+    with pytest.raises(ValueError, match="expected 'steps' or 'answer'"):
+        generate_arithmetic(2, solution="final")

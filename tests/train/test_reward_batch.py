@@ -41,3 +41,31 @@ def test_a_short_reward_batch_fails_the_run_naming_the_task():
     exs = [Example(id="a", prompt="p", answer="1"), Example(id="b", prompt="p", answer="2")]
     with pytest.raises(RlmError, match="'math' returned 1 rewards for 2 completions"):
         score_completions(task, exs, ["#### 1", "#### 2"])
+
+
+def test_repeated_pairs_run_once_and_each_copy_gets_the_verdict():
+    from rlm.plugins.tasks.code.judge import score_in_parallel
+
+    task = CodeTask(CodeTask.Config(workers=2))
+    a, b = task.examples("gen", split="test", limit=2)
+    wrong = "```python\ndef f(x):\n    return None\n```"
+    # an RL batch: two groups of four samples, identical samples within each group
+    pairs = [(a, a.reference), (a, wrong), (a, a.reference), (a, a.reference),
+             (b, wrong), (b, b.reference), (b, wrong), (b, a.reference)]
+    calls: list[tuple[str, str]] = []
+
+    def score(e, c):
+        calls.append((e.id, c))
+        return {"reward": task.reward(e, c)}
+
+    out = score_in_parallel(score, [p[0] for p in pairs], [p[1] for p in pairs], workers=2)
+    assert [o["reward"] for o in out] == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0]
+    assert sorted(calls) == sorted({(e.id, c) for e, c in pairs})  # 5 distinct pairs, each run once
+    assert len(calls) == 5
+    out[0]["reward"] = -1.0  # copies are separate dicts
+    assert out[2]["reward"] == 1.0
+    # the same completion for two examples with the same id but another prompt is run for each
+    twin = Example(id=a.id, prompt=b.prompt, answer=b.answer, reference=b.reference, meta=b.meta)
+    calls.clear()
+    out = score_in_parallel(score, [a, twin], [b.reference, b.reference], workers=2)
+    assert len(calls) == 2 and [o["reward"] for o in out] == [0.0, 1.0]

@@ -294,16 +294,20 @@ class CodeJudge:
 def score_in_parallel(score: Callable[[Example, str], dict[str, Any]], examples: list[Example],
                       completions: list[str], *, workers: int, progress: bool = False) -> list[dict[str, Any]]:
     """``score(example, completion)`` for every pair on ``workers`` threads (each sandbox run is a process),
-    in input order, with a progress bar."""
+    in input order, with a progress bar. A pair repeated in the batch (the same example id, prompt and
+    completion: an RL group's identical samples, pass@k's repeats) runs once and every copy gets its verdict."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     from rlm.core.io.progress import progress_bar
 
-    results: list[dict[str, Any]] = [{}] * len(examples)
-    with progress_bar(len(examples), progress, "testing") as bar, \
+    first: dict[tuple[str, str, str], int] = {}
+    source = [first.setdefault((str(e.id), str(e.prompt), c), i) for i, (e, c) in enumerate(zip(examples, completions))]
+    unique = sorted(set(source))
+    scored: dict[int, dict[str, Any]] = {}
+    with progress_bar(len(unique), progress, "testing") as bar, \
             ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futs = {pool.submit(score, e, c): i for i, (e, c) in enumerate(zip(examples, completions))}
+        futs = {pool.submit(score, examples[i], completions[i]): i for i in unique}
         for f in as_completed(futs):
-            results[futs[f]] = f.result()
+            scored[futs[f]] = f.result()
             bar.advance(1)
-    return results
+    return [scored[i] if i == j else dict(scored[j]) for i, j in enumerate(source)]

@@ -9,7 +9,7 @@ The package holds the whole task: :mod:`~rlm.plugins.tasks.math.generator` (the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from rlm.core.contracts import Example, PluginConfig, Task
 from rlm.core.hookspecs import hookimpl
@@ -25,6 +25,7 @@ class MathConfig(PluginConfig):
     min_operand: int = 0
     max_operand: int = 9
     operators: str = "+"
+    solution: Literal["steps", "answer"] = "steps"  # gen: a line per operation, or the final answer alone
     n_train: int = 2000
     n_test: int = 200
     gsm8k: str | None = None       # file/dir/dataset name; default ../shared/data or openai/gsm8k
@@ -55,7 +56,7 @@ class MathTask(Task):
             return generate_arithmetic(
                 n if limit is None else limit, seed=seed + (0 if split == "train" else TEST_SEED_OFFSET), split=split,
                 min_ops=c.min_ops, max_ops=c.max_ops, min_operand=c.min_operand, max_operand=c.max_operand,
-                operators=c.operators)
+                operators=c.operators, solution=c.solution)
         if subset == "gsm8k":
             out = loaders.load_gsm8k(path or c.gsm8k, split)
         elif subset == "math500":

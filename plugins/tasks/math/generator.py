@@ -6,13 +6,18 @@ from __future__ import annotations
 import random
 
 from rlm.core.contracts import Example
-from rlm.plugins.tasks.math.verify import HASH_FORMAT
+from rlm.plugins.tasks.math.verify import ANSWER_FORMAT, HASH_FORMAT
 
 
 def generate_arithmetic(n: int, *, seed: int = 0, split: str = "train", min_ops: int = 1, max_ops: int = 1,
-                        min_operand: int = 0, max_operand: int = 9, operators: str = "+") -> list[Example]:
+                        min_operand: int = 0, max_operand: int = 9, operators: str = "+",
+                        solution: str = "steps") -> list[Example]:
     """``n`` arithmetic problems; each applies ``min_ops..max_ops`` operators (drawn from ``operators``, any of
-    ``+-*``) left to right on operands in ``min_operand..max_operand``."""
+    ``+-*``) left to right on operands in ``min_operand..max_operand``. ``solution="steps"`` asks for (and
+    references) one line per operation before ``#### ANSWER``; ``"answer"`` asks for the final line alone."""
+    if solution not in ("steps", "answer"):
+        raise ValueError(f"math solution: expected 'steps' or 'answer', got {solution!r}")
+    instruction = HASH_FORMAT if solution == "steps" else ANSWER_FORMAT
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -26,7 +31,8 @@ def generate_arithmetic(n: int, *, seed: int = 0, split: str = "train", min_ops:
             steps.append(f"{value} {op} {b} = {new}")
             expr = f"({expr} {op} {b})" if len(steps) < k else f"{expr} {op} {b}"
             value = new
-        out.append(Example(id=f"gen/{split}/{seed}/{i}", prompt=f"What is {expr}?\n\n{HASH_FORMAT}",
-                           answer=str(value), reference="\n".join(steps) + f"\n#### {value}",
+        out.append(Example(id=f"gen/{split}/{seed}/{i}", prompt=f"What is {expr}?\n\n{instruction}",
+                           answer=str(value), reference=(
+                               "\n".join(steps) + "\n" if solution == "steps" else "") + f"#### {value}",
                            meta={"format": "hash", "ops": k}))
     return out

@@ -15,6 +15,8 @@ from rlm.core.contracts import Example
 
 HASH_FORMAT = ("Solve the problem step by step. Write the final answer as a number on the last line, "
                "in the form '#### ANSWER'.")
+#: the ``gen`` subset's prompt when ``solution: answer`` (the reference is the final line alone)
+ANSWER_FORMAT = "Write only the final answer as a number, in the form '#### ANSWER'."
 BOXED_FORMAT = "Solve the problem step by step. Put the final answer in \\boxed{}."
 
 # lm-eval gsm8k.yaml: the two filters and the exact_match normalisation (regexes removed, then lower-case)
