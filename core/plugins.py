@@ -271,3 +271,12 @@ def get_plugin(kind: str, name: str) -> Any:
     """Look up a plugin class by kind (``trainer``, ``merge_method``, ``task``, ``metric``,
     ``generation_backend``) and name."""
     return get_system().registry(kind).get(name)
+
+
+def make_task(name: str, overrides: Any = None, source: str | None = None) -> Any:
+    """The task plugin ``name`` with config ``overrides`` (a mapping), validated first so that a bad field is
+    named with ``source`` (default: ``config of task 'NAME'``)."""
+    from rlm.core.config import validate
+
+    cls = get_plugin("task", name)
+    return cls(validate(cls.Config, dict(overrides or {}), source or f"config of task {name!r}"))

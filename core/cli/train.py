@@ -32,10 +32,10 @@ def train(
                                                help="Also log to OUT/tensorboard."),
 ) -> None:
     """Train an expert: writes checkpoints/step-N/, final/, metrics.jsonl and manifest.json under --out."""
-    from rlm.core.config import load_config, task_config_sets, validate
+    from rlm.core.config import load_config, task_config_sets
     from rlm.core.errors import RlmError
     from rlm.core.io.lock import run_lock
-    from rlm.core.plugins import get_plugin
+    from rlm.core.plugins import get_plugin, make_task
     from rlm.core.train.config import TrainRun
 
     if resume and overwrite:
@@ -52,8 +52,8 @@ def train(
         hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
         raise RlmError(f"task {task_name!r} has no subset {subset!r}{hint} "
                        f"(subsets: {', '.join(task_cls.subsets)})")
-    task_config = task_config_sets([task_name], task_set).get(task_name, {})
-    task_obj = task_cls(validate(task_cls.Config, task_config, f"--task-set for task {task_name!r}"))
+    task_obj = make_task(task_name, task_config_sets([task_name], task_set).get(task_name),
+                         f"--task-set for task {task_name!r}")
     run = TrainRun(model=model, task=task_obj, out=out, subset=subset or None, data_path=data, resume=resume,
                    overwrite=overwrite)
     import torch

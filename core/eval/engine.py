@@ -50,15 +50,10 @@ def parse_task_spec(spec: str) -> tuple[str, str | None]:
 def load_task(spec: str, *, data: str | None = None, limit: int | None = None, split: str = "test",
               seed: int = 0, config: dict[str, Any] | None = None) -> TaskRun:
     """Instantiate the task plugin named in ``spec`` and load its examples."""
-    from rlm.core.plugins import get_plugin
+    from rlm.core.plugins import make_task
 
     name, subset = parse_task_spec(spec)
-    cls = get_plugin("task", name)
-    if config:
-        from rlm.core.config import validate
-
-        config = validate(cls.Config, config, f"task config of {name!r}")
-    task = cls(config or {})
+    task = make_task(name, config, f"task config of {name!r}")
     subset = task.check_subset(subset)
     task.check_data(subset, data)
     if limit is not None and limit < 1:
@@ -68,7 +63,7 @@ def load_task(spec: str, *, data: str | None = None, limit: int | None = None, s
         examples = examples[:limit]
     if not examples:
         raise RlmError(f"task {spec!r} has no examples" + (f" in {data}" if data else ""))
-    label = f"{cls.name}:{subset}" if subset else cls.name
+    label = f"{task.name}:{subset}" if subset else task.name
     return TaskRun(label, task, subset, examples)
 
 

@@ -11,11 +11,9 @@ from rlm.core.errors import RlmError
 
 def make_task(spec: Mapping[str, Any]) -> Task:
     """The task plugin ``spec["name"]`` with the config overrides ``spec["config"]``."""
-    from rlm.core.config import validate
-    from rlm.core.plugins import get_plugin
+    from rlm.core.plugins import make_task as make_plugin_task
 
-    cls = get_plugin("task", spec["name"])
-    return cls(validate(cls.Config, spec.get("config") or {}, f"config of task {spec['name']!r}"))
+    return make_plugin_task(spec["name"], spec.get("config"))
 
 
 class MixtureTask(Task):

@@ -157,7 +157,8 @@ class _Planner:
             mix = [cfg.task(t) for t in (w.tasks or self.order)]
             self.start = self.add("warmup", "warmup", [self.start], {
                 "trainer": w.trainer, "config": w.config, "seed": cfg.base.seed,
-                "tasks": [{**_task_train(t), "size": w.examples.get(t.id, w.examples_per_task)} for t in mix], **self.defaults()})
+                "tasks": [{**_task_train(t), "size": w.examples.get(t.id, w.examples_per_task)} for t in mix],
+                **self.defaults()})
         if cfg.eval.include_start:
             for t in cfg.tasks:
                 self.evals_expert.append(self.add(f"eval_start.{t.id}", "eval_expert", [self.start],

@@ -301,7 +301,8 @@ def score_in_parallel(score: Callable[[Example, str], dict[str, Any]], examples:
     from rlm.core.io.progress import progress_bar
 
     first: dict[tuple[str, str, str], int] = {}
-    source = [first.setdefault((str(e.id), str(e.prompt), c), i) for i, (e, c) in enumerate(zip(examples, completions))]
+    source = [first.setdefault((str(e.id), str(e.prompt), c), i)
+              for i, (e, c) in enumerate(zip(examples, completions))]
     unique = sorted(set(source))
     scored: dict[int, dict[str, Any]] = {}
     with progress_bar(len(unique), progress, "testing") as bar, \
