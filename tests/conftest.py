@@ -21,6 +21,15 @@ def shared_file(name: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _fresh_verdicts():
+    """Each test judges code afresh: the code judge's in-process verdict cache is emptied before it."""
+    judge = sys.modules.get("rlm.plugins.tasks.code.judge")
+    if judge is not None:
+        judge._VERDICTS.clear()
+    yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("rlm-cache")

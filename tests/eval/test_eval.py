@@ -119,7 +119,8 @@ def test_rlm_eval_every_registered_task(tiny_model_dir, tmp_path):
     assert set(summary) == set(names) | {"math:gen"}
     for label, m in summary.items():
         assert m["n"] == 2 and all(isinstance(v, float) and 0 <= v <= 1 for k, v in m.items() if k != "n"), label
-    assert set(summary["math"]) == {"accuracy", "strict_match", "flexible_extract", "n"}
+    assert set(summary["math"]) == {"accuracy", "answer_accuracy", "steps_correct", "strict_match",
+                                    "flexible_extract", "n"}
     assert set(summary["code"]) == {"pass@1", "n"}
     records = [json.loads(line) for line in (tmp_path / "ev" / "records.jsonl").read_text().splitlines()]
     assert len(records) == 2 * (len(names) + 1)

@@ -94,7 +94,8 @@ def test_generator_is_seeded_correct_and_has_difficulty_knobs():
         expr = e.prompt.split("What is ", 1)[1].split("?", 1)[0]
         assert 3 <= sum(expr.count(op) for op in (" + ", " - ", " * ")) <= 4
         assert int(e.answer) == eval(expr)  # noqa: S307
-        assert hard.score(e, e.reference) == {"accuracy": 1.0, "strict_match": 1.0, "flexible_extract": 1.0}
+        assert hard.score(e, e.reference) == {"accuracy": 1.0, "strict_match": 1.0, "flexible_extract": 1.0,
+                                              "answer_accuracy": 1.0, "steps_correct": 1.0}
     assert len(MathTask(n_test=7).examples("gen", split="test")) == 7
 
 
@@ -164,3 +165,53 @@ def test_gen_answer_only_solution_asks_for_and_references_the_final_line():
         assert task.reward(a, a.reference) == 1.0
     with pytest.raises(ValueError, match="expected 'steps' or 'answer'"):
         generate_arithmetic(2, solution="final")
+
+
+def test_check_steps_scores_only_a_right_derivation():
+    """``check_steps``: a right final answer after a false or miscopied step line scores 0 (the outcome reward
+    alone rewarded it); the derivation is computed here by hand, independently of the generator."""
+    plain = MathTask(MathTask.Config(max_ops=2, operators="+-*"))
+    strict = MathTask(MathTask.Config(max_ops=2, operators="+-*", check_steps=True))
+    exs = strict.examples("gen", limit=40)
+    assert exs == plain.examples("gen", limit=40)  # the same problems either way
+    for e in exs:
+        assert strict.reward(e, e.reference) == plain.reward(e, e.reference) == 1.0
+        assert strict.score(e, e.reference)["accuracy"] == 1.0
+    e = next(x for x in exs if x.meta["ops"] == 2)
+    rows = e.meta["steps"]
+    first = e.prompt.split("What is ")[1].split("?")[0].replace("(", "").replace(")", "").split()
+    assert [str(rows[0][0]), rows[0][1], str(rows[0][2])] == first[:3] and rows[1][0] == rows[0][3]
+    for (a, op, b, c) in rows:
+        assert c == {"+": a + b, "-": a - b, "*": a * b}[op]
+    good = "\n".join(f"{a} {op} {b} = {c}" for a, op, b, c in rows) + f"\n#### {e.answer}"
+    spaced = "\n".join(f" {a}{op}{b} ={c} " for a, op, b, c in rows) + f"\n\n#### {e.answer}"
+    miscopied = f"{rows[0][0] + 1} {rows[0][1]} {rows[0][2]} = {rows[0][3]}\n" + good.split("\n", 1)[1]
+    missing = good.split("\n", 1)[1]
+    extra = "1 + 1 = 2\n" + good
+    for text, ok in [(good, 1.0), (spaced, 1.0), (miscopied, 0.0), (missing, 0.0), (extra, 0.0),
+                     (f"#### {e.answer}", 0.0), ("", 0.0)]:
+        assert strict.reward(e, text) == ok, text
+        assert plain.reward(e, text) == (1.0 if text else 0.0), text  # the final answer alone
+        s = strict.score(e, text)
+        assert s["accuracy"] == ok and s["steps_correct"] == ok and s["answer_accuracy"] == (1.0 if text else 0.0)
+        assert plain.score(e, text)["accuracy"] == s["answer_accuracy"]
+    # answer-only examples have no derivation: check_steps leaves them alone
+    a = MathTask(MathTask.Config(solution="answer", check_steps=True)).examples("gen", limit=3)[0]
+    assert "steps" not in a.meta and strict.reward(a, a.reference) == 1.0
+
+
+def test_integer_fast_path_agrees_with_math_verify():
+    """Plain integers are compared without math-verify; every verdict must be the one math-verify gives."""
+    from math_verify import parse, verify
+
+    from rlm.plugins.tasks.math.verify import verify_answer
+
+    rng = random.Random(0)
+    nums = ["0", "-0", "7", "-7", "07", "-07", "00", "10", "1", "123456789012345678901234567890"]
+    nums += [str(rng.choice([-1, 1]) * rng.randint(0, 10 ** rng.randint(1, 30))) for _ in range(60)]
+    for _ in range(300):
+        gold, pred = rng.choice(nums), rng.choice(nums + [str(int(rng.choice(nums)) + 1)])
+        if rng.random() < 0.3:
+            pred = gold
+        want = float(verify(parse(f"${gold}$"), parse(pred)))
+        assert verify_answer(gold, f"#### {pred}", "hash", timeout_seconds=5, max_chars=4000) == want, (gold, pred)

@@ -69,3 +69,41 @@ def test_repeated_pairs_run_once_and_each_copy_gets_the_verdict():
     calls.clear()
     out = score_in_parallel(score, [a, twin], [b.reference, b.reference], workers=2)
     assert len(calls) == 2 and [o["reward"] for o in out] == [0.0, 1.0]
+
+
+def test_a_pair_judged_before_in_the_process_is_not_run_again(monkeypatch):
+    """The verdict cache: a repeated (example, completion) pair, in a later batch or through another task
+    instance, gets the same verdict without a sandbox run; other limits, a full cache or size 0 run again."""
+    from collections import OrderedDict
+
+    from rlm.core.eval import sandbox
+    from rlm.plugins.tasks.code import judge
+
+    monkeypatch.setattr(judge, "_VERDICTS", OrderedDict())
+    runs: list[str] = []
+    real = sandbox.run_python
+
+    def counting(script, **kw):
+        runs.append("solution.py" in kw.get("files", {}))
+        return real(script, **kw)
+
+    monkeypatch.setattr(sandbox, "run_python", counting)
+    task = CodeTask(CodeTask.Config(workers=1))
+    a, b = task.examples("gen", split="test", limit=2)
+    wrong = "```python\ndef f(x):\n    return None\n```"
+    assert task.score(a, a.reference) == {"pass": 1.0} and task.score(a, wrong) == {"pass": 0.0}
+    assert runs.count(True) == 2  # two candidate runs (and the reference run, cached on its own)
+    again = CodeTask(CodeTask.Config(workers=1))
+    first = again.score(a, a.reference)
+    assert first == {"pass": 1.0} and again.reward_batch([a, a, b], [wrong, a.reference, b.reference]) == [0., 1., 1.]
+    assert runs.count(True) == 3  # only (b, its reference) was new
+    first["pass"] = -1.0  # a hit is a copy
+    assert again.score(a, a.reference) == {"pass": 1.0}
+    slower = CodeTask(CodeTask.Config(workers=1, time_limit_factor=5.0))
+    assert slower.score(a, a.reference) == {"pass": 1.0} and runs.count(True) == 4  # other limits: run again
+    off = CodeTask(CodeTask.Config(workers=1, verdict_cache=0))
+    off.score(a, a.reference), off.score(a, a.reference)
+    assert runs.count(True) == 6
+    one = CodeTask(CodeTask.Config(workers=1, verdict_cache=1, time_limit_factor=6.0))
+    one.score(a, a.reference), one.score(b, b.reference), one.score(a, a.reference)
+    assert runs.count(True) == 9 and len(judge._VERDICTS) == 1  # (a) was evicted by (b)

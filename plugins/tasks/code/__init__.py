@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from rlm.core.contracts import Example, PluginConfig, Task
 from rlm.core.eval.sandbox import SandboxConfig
 from rlm.core.hookspecs import hookimpl
@@ -41,6 +43,7 @@ class CodeConfig(PluginConfig):
     memory_cache_mb: float = 4.0       # reference runs whose channel text is up to this size stay in memory
     digest_mb: float = 8.0             # an output whose encoding is larger is sent as a digest of the encoding
     channel_mb: float = 512.0          # result-channel bytes read back from one run (more: the run fails)
+    verdict_cache: int = Field(65536, ge=0)  # verdicts kept in memory per process for repeated pairs (0: off)
 
 
 class CodeTask(Task):

@@ -47,7 +47,10 @@ run's wall-clock bound. The completion may be a function body (appended to the p
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,12 @@ METRIC_NAMES = {"pass_base": "pass@1_base", "pass_plus": "pass@1_plus", "pass": 
 OVERHEAD_SECONDS = 10.0
 SUITES = ("base_input", "plus_input")
 CACHE_VERSION = 3  # part of the reference cache key (with the reference script's text)
+
+# Verdicts already computed in this process, most recently used last: an RL run meets the same (example,
+# completion) pair at many steps and a study's evaluations meet it in many cells. The key covers everything a
+# verdict depends on (prompt, answer with its inputs, completion, limits); a sandboxed program cannot reach it.
+_VERDICTS: OrderedDict[str, dict[str, Any]] = OrderedDict()
+_VERDICTS_LOCK = threading.Lock()
 
 
 def has_plus(example: Example) -> bool:
@@ -269,9 +278,35 @@ class CodeJudge:
         replay.update(calls=calls, outputs=[canonical_text(v) for v in outs])
         return self._run(REPLAY_SCRIPT, replay) == [["pass"]]
 
+    def _verdict_key(self, example: Example, completion: str) -> str:
+        c = self.config
+        limits = [c.sandbox.model_dump(), c.program_timeout, c.min_time_limit, c.time_limit_factor, c.digest_mb,
+                  c.channel_mb, CACHE_VERSION]
+        text = json.dumps([example.prompt, example.answer, completion, limits], sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
+
     def score(self, example: Example, completion: str) -> dict[str, Any]:
         """``{"pass_base", "pass_plus"}`` for evalplus-style examples, else ``{"pass"}``; never raises. The
-        same path serves evaluation (``rlm score`` / ``rlm eval``) and RL rewards (``CodeTask.reward``)."""
+        same path serves evaluation (``rlm score`` / ``rlm eval``) and RL rewards (``CodeTask.reward``). A pair
+        judged before in this process (under the same limits) gets that verdict without running again
+        (``verdict_cache`` entries are kept)."""
+        size = int(self.config.verdict_cache)
+        key = self._verdict_key(example, completion) if size > 0 and isinstance(completion, str) else None
+        if key is not None:
+            with _VERDICTS_LOCK:
+                hit = _VERDICTS.get(key)
+                if hit is not None:
+                    _VERDICTS.move_to_end(key)
+                    return dict(hit)
+        verdict = self._judge(example, completion)
+        if key is not None:
+            with _VERDICTS_LOCK:
+                _VERDICTS[key] = dict(verdict)
+                while len(_VERDICTS) > size:
+                    _VERDICTS.popitem(last=False)
+        return verdict
+
+    def _judge(self, example: Example, completion: str) -> dict[str, Any]:
         plus = has_plus(example)
         fail = {"pass_base": 0.0, "pass_plus": 0.0} if plus else {"pass": 0.0}
         if not isinstance(completion, str) or not completion.strip() or not isinstance(example.answer, dict):

@@ -26,6 +26,9 @@ class MathConfig(PluginConfig):
     max_operand: int = 9
     operators: str = "+"
     solution: Literal["steps", "answer"] = "steps"  # gen: a line per operation, or the final answer alone
+    # gen steps: reward and accuracy also require every step line right (a right answer after a false step
+    # scores 0, so RL cannot learn false derivations); off, only the final answer counts
+    check_steps: bool = False
     n_train: int = 2000
     n_test: int = 200
     gsm8k: str | None = None       # file/dir/dataset name; default ../shared/data or openai/gsm8k
@@ -66,9 +69,12 @@ class MathTask(Task):
         return out[:limit] if limit is not None else out
 
     def reward(self, example: Example, completion: str) -> float:
-        from rlm.plugins.tasks.math.verify import verify_answer
+        from rlm.plugins.tasks.math.verify import steps_match, verify_answer
 
         if not isinstance(completion, str):
+            return 0.0
+        if self.config.check_steps and example.meta.get("steps") and not steps_match(example.meta["steps"],
+                                                                                      completion):
             return 0.0
         return verify_answer(str(example.answer), completion, example.meta.get("format", "hash"),
                              timeout_seconds=self.config.timeout_seconds, max_chars=self.config.max_chars)
@@ -77,7 +83,7 @@ class MathTask(Task):
         from rlm.plugins.tasks.math.verify import score_answer
 
         return score_answer(example, completion, timeout_seconds=self.config.timeout_seconds,
-                            max_chars=self.config.max_chars)
+                            max_chars=self.config.max_chars, check_steps=self.config.check_steps)
 
 
 @hookimpl

@@ -14,7 +14,9 @@ def generate_arithmetic(n: int, *, seed: int = 0, split: str = "train", min_ops:
                         solution: str = "steps") -> list[Example]:
     """``n`` arithmetic problems; each applies ``min_ops..max_ops`` operators (drawn from ``operators``, any of
     ``+-*``) left to right on operands in ``min_operand..max_operand``. ``solution="steps"`` asks for (and
-    references) one line per operation before ``#### ANSWER``; ``"answer"`` asks for the final line alone."""
+    references) one line per operation before ``#### ANSWER``; ``"answer"`` asks for the final line alone.
+    A steps example's ``meta["steps"]`` holds the derivation as ``[left, op, right, result]`` rows, for
+    :func:`~rlm.plugins.tasks.math.verify.steps_match`."""
     if solution not in ("steps", "answer"):
         raise ValueError(f"math solution: expected 'steps' or 'answer', got {solution!r}")
     instruction = HASH_FORMAT if solution == "steps" else ANSWER_FORMAT
@@ -23,16 +25,17 @@ def generate_arithmetic(n: int, *, seed: int = 0, split: str = "train", min_ops:
     for i in range(n):
         k = rng.randint(min_ops, max_ops)
         value = rng.randint(min_operand, max_operand)
-        expr, steps = str(value), []
+        expr, steps, chain = str(value), [], []
         for _ in range(k):
             op = rng.choice(operators)
             b = rng.randint(min_operand, max_operand)
             new = {"+": value + b, "-": value - b, "*": value * b}[op]
             steps.append(f"{value} {op} {b} = {new}")
+            chain.append([value, op, b, new])
             expr = f"({expr} {op} {b})" if len(steps) < k else f"{expr} {op} {b}"
             value = new
         out.append(Example(id=f"gen/{split}/{seed}/{i}", prompt=f"What is {expr}?\n\n{instruction}",
                            answer=str(value), reference=(
                                "\n".join(steps) + "\n" if solution == "steps" else "") + f"#### {value}",
-                           meta={"format": "hash", "ops": k}))
+                           meta={"format": "hash", "ops": k, **({"steps": chain} if solution == "steps" else {})}))
     return out

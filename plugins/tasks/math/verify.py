@@ -55,8 +55,33 @@ def exact_match(pred: str, gold: str) -> float:
 
 
 # --------------------------------------------------------------------------------------------------------
+# the derivation of a generated problem
+# --------------------------------------------------------------------------------------------------------
+STEP_RE = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+
+
+def steps_match(steps: list[list[Any]], completion: str) -> bool:
+    """True when the lines before the last ``####`` are exactly the derivation ``steps`` (``[left, op, right,
+    result]`` rows): one ``a op b = c`` line per operation, in order, operands as the question gives them and
+    each result right. Blank lines are ignored; any other line fails."""
+    if not isinstance(completion, str) or "####" not in completion:
+        return False
+    lines = [ln for ln in completion.rsplit("####", 1)[0].splitlines() if ln.strip()]
+    if len(lines) != len(steps):
+        return False
+    for line, (a, op, b, c) in zip(lines, steps):
+        m = STEP_RE.match(line)
+        if m is None or (int(m[1]), m[2], int(m[3]), int(m[4])) != (int(a), op, int(b), int(c)):
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
 # math-verify reward
 # --------------------------------------------------------------------------------------------------------
+INT_RE = re.compile(r"-?(?:0|[1-9]\d{0,29})")  # canonical integers: the fast path below
+
+
 def numeric_gold(ans: str) -> str:
     """A plain number without thousands separators (``1,000`` -> ``1000``); anything else unchanged."""
     s = str(ans).strip()
@@ -77,6 +102,8 @@ def verify_answer(gold: str, completion: str, fmt: str, *, timeout_seconds: int,
         if fmt == "hash" and "####" in text:
             tail = text.rsplit("####", 1)[1].strip()
             text = tail.splitlines()[0] if tail else ""
+        if INT_RE.fullmatch(text.strip()) and INT_RE.fullmatch(numeric_gold(gold)):
+            return float(int(text) == int(numeric_gold(gold)))  # what math-verify decides, 2 ms sooner
         pred = parse(text, parsing_timeout=t)
         g = parse(f"${numeric_gold(gold)}$", parsing_timeout=t)
         if not pred or not g:
@@ -88,13 +115,21 @@ def verify_answer(gold: str, completion: str, fmt: str, *, timeout_seconds: int,
         return 0.0
 
 
-def score_answer(example: Example, completion: str, *, timeout_seconds: int, max_chars: int) -> dict[str, Any]:
+def score_answer(example: Example, completion: str, *, timeout_seconds: int, max_chars: int,
+                 check_steps: bool = False) -> dict[str, Any]:
     """``accuracy`` (math-verify) and, for ``#### ANSWER`` examples, lm-eval's ``strict_match`` and
-    ``flexible_extract`` exact match against the gold solution text."""
+    ``flexible_extract`` exact match against the gold solution text. A generated steps example also gets
+    ``steps_correct`` (:func:`steps_match`) and ``answer_accuracy`` (the final answer alone); with
+    ``check_steps`` its ``accuracy`` requires both."""
     completion = completion if isinstance(completion, str) else ""
     fmt = example.meta.get("format", "hash")
     s: dict[str, Any] = {"accuracy": verify_answer(str(example.answer), completion, fmt,
                                                    timeout_seconds=timeout_seconds, max_chars=max_chars)}
+    if example.meta.get("steps"):
+        s["answer_accuracy"] = s["accuracy"]
+        s["steps_correct"] = float(steps_match(example.meta["steps"], completion))
+        if check_steps:
+            s["accuracy"] = s["accuracy"] * s["steps_correct"]
     if fmt == "hash":
         gold = example.meta.get("gold_text") or f"#### {example.answer}"
         s["strict_match"] = exact_match(extract_strict(completion), gold)
