@@ -69,15 +69,8 @@ class MathTask(Task):
         return out[:limit] if limit is not None else out
 
     def reward(self, example: Example, completion: str) -> float:
-        from rlm.plugins.tasks.math.verify import steps_match, verify_answer
-
-        if not isinstance(completion, str):
-            return 0.0
-        if self.config.check_steps and example.meta.get("steps") and not steps_match(example.meta["steps"],
-                                                                                      completion):
-            return 0.0
-        return verify_answer(str(example.answer), completion, example.meta.get("format", "hash"),
-                             timeout_seconds=self.config.timeout_seconds, max_chars=self.config.max_chars)
+        """The score's ``accuracy``: math-verify on the final answer (and the derivation with ``check_steps``)."""
+        return self.score(example, completion)["accuracy"]
 
     def score(self, example: Example, completion: str) -> dict[str, Any]:
         from rlm.plugins.tasks.math.verify import score_answer

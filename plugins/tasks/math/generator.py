@@ -25,17 +25,16 @@ def generate_arithmetic(n: int, *, seed: int = 0, split: str = "train", min_ops:
     for i in range(n):
         k = rng.randint(min_ops, max_ops)
         value = rng.randint(min_operand, max_operand)
-        expr, steps, chain = str(value), [], []
+        expr, chain = str(value), []
         for _ in range(k):
             op = rng.choice(operators)
             b = rng.randint(min_operand, max_operand)
             new = {"+": value + b, "-": value - b, "*": value * b}[op]
-            steps.append(f"{value} {op} {b} = {new}")
             chain.append([value, op, b, new])
-            expr = f"({expr} {op} {b})" if len(steps) < k else f"{expr} {op} {b}"
+            expr = f"({expr} {op} {b})" if len(chain) < k else f"{expr} {op} {b}"
             value = new
+        lines = "".join(f"{a} {o} {b} = {c}\n" for a, o, b, c in chain) if solution == "steps" else ""
         out.append(Example(id=f"gen/{split}/{seed}/{i}", prompt=f"What is {expr}?\n\n{instruction}",
-                           answer=str(value), reference=(
-                               "\n".join(steps) + "\n" if solution == "steps" else "") + f"#### {value}",
+                           answer=str(value), reference=f"{lines}#### {value}",
                            meta={"format": "hash", "ops": k, **({"steps": chain} if solution == "steps" else {})}))
     return out

@@ -102,10 +102,11 @@ def verify_answer(gold: str, completion: str, fmt: str, *, timeout_seconds: int,
         if fmt == "hash" and "####" in text:
             tail = text.rsplit("####", 1)[1].strip()
             text = tail.splitlines()[0] if tail else ""
-        if INT_RE.fullmatch(text.strip()) and INT_RE.fullmatch(numeric_gold(gold)):
-            return float(int(text) == int(numeric_gold(gold)))  # what math-verify decides, 2 ms sooner
+        gold = numeric_gold(gold)
+        if INT_RE.fullmatch(text.strip()) and INT_RE.fullmatch(gold):
+            return float(int(text) == int(gold))  # what math-verify decides, 2 ms sooner
         pred = parse(text, parsing_timeout=t)
-        g = parse(f"${numeric_gold(gold)}$", parsing_timeout=t)
+        g = parse(f"${gold}$", parsing_timeout=t)
         if not pred or not g:
             return 0.0
         return float(verify(g, pred, timeout_seconds=t))
