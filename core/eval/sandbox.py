@@ -284,6 +284,27 @@ def _rlimits(cfg: SandboxConfig, nproc: int | None) -> Callable[[], None]:
     return limit
 
 
+def _prlimit_prefix(cfg: SandboxConfig, nproc: int | None) -> list[str] | None:
+    """The same limits as :func:`_rlimits`, set by util-linux ``prlimit`` on the command it then executes, or
+    None where there is no ``prlimit``. Preferred because a ``preexec_fn`` makes ``subprocess`` fork the whole
+    parent instead of using ``vfork``: from a trainer holding a model in memory (1.6 GB) that costs about 40 ms
+    per sandboxed program."""
+    exe = _prlimit_path()
+    if exe is None:
+        return None
+    mem, fsize = cfg.memory_mb * 1024 * 1024, cfg.file_size_mb * 1024 * 1024
+    args = [exe, f"--cpu={cfg.cpu_seconds}:{cfg.cpu_seconds + 1}", f"--as={mem}", f"--fsize={fsize}",
+            f"--nofile={cfg.max_open_files}", "--core=0"]
+    if nproc is not None:
+        args.append(f"--nproc={nproc}")
+    return args + ["--"]
+
+
+@functools.lru_cache(maxsize=1)
+def _prlimit_path() -> str | None:
+    return shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
 def _init_pid(pid: int) -> int | None:
     """The namespace's init: the only child of ``unshare`` (whose pid is ``pid``), or None."""
     try:
@@ -291,6 +312,25 @@ def _init_pid(pid: int) -> int | None:
     except OSError:
         return None
     return int(kids[0]) if kids else None
+
+
+def _wait_exit(proc: subprocess.Popen, seconds: float) -> None:
+    """``proc.wait(timeout=seconds)`` without its polling: ``Popen.wait`` with a timeout sleeps in steps of up
+    to 50 ms, which cost a short sandboxed program about a third of its wall time. A pidfd (Linux 5.3+) becomes
+    readable the moment the process exits; elsewhere the plain wait is used."""
+    import select
+
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        proc.wait(timeout=seconds)
+        return
+    try:
+        if not select.select([fd], [], [], max(seconds, 0.0))[0]:
+            raise subprocess.TimeoutExpired(proc.args, seconds)
+    finally:
+        os.close(fd)
+    proc.wait()
 
 
 def _wait_and_kill(proc: subprocess.Popen, stdin: str | None, wall_seconds: float,
@@ -306,7 +346,7 @@ def _wait_and_kill(proc: subprocess.Popen, stdin: str | None, wall_seconds: floa
                 proc.stdin.close()  # type: ignore[union-attr]
             except (BrokenPipeError, OSError):
                 pass
-        proc.wait(timeout=wall_seconds)
+        _wait_exit(proc, wall_seconds)
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
@@ -457,9 +497,11 @@ def run_python(code: str, *, stdin: str | None = None, config: SandboxConfig | N
         pipes = [p for p in (chan, out, err) if p is not None]
         cmd, env = _prepare(cfg, work, use_ns, collect, chan)
         nproc = None if is_root else _count_user_processes(os.getuid()) + cfg.max_processes
-        limit = _rlimits(cfg, nproc)  # only setrlimit calls: safe between fork and exec with threads running
+        prefix = _prlimit_prefix(cfg, nproc)
+        # without prlimit: only setrlimit calls, safe between fork and exec with threads running
+        limit = _rlimits(cfg, nproc) if prefix is None else None
         try:
-            proc = subprocess.Popen(sr.join_cgroups(cgroups, cmd), cwd=work / "wd", env=env,
+            proc = subprocess.Popen((prefix or []) + sr.join_cgroups(cgroups, cmd), cwd=work / "wd", env=env,
                                     stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                     stdout=out.write_fd, stderr=err.write_fd,
                                     preexec_fn=limit,  # noqa: PLW1509

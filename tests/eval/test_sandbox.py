@@ -64,6 +64,26 @@ def test_site_builtins_and_installed_packages(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("setter", ["prlimit", "preexec_fn"])
+def test_resource_limits_reach_the_program(mode, setter, monkeypatch):
+    """The program runs under the configured rlimits whether util-linux ``prlimit`` sets them (where it is
+    installed: no fork of the parent) or a ``preexec_fn`` does (the fallback)."""
+    from rlm.core.eval import sandbox
+
+    if setter == "preexec_fn":
+        monkeypatch.setattr(sandbox, "_prlimit_path", lambda: None)
+    elif sandbox._prlimit_path() is None:
+        pytest.skip("no prlimit on this machine")
+    code = ("import resource as r\n"
+            "print([r.getrlimit(getattr(r, 'RLIMIT_' + k)) for k in ('CPU', 'AS', 'FSIZE', 'NOFILE', 'CORE')])")
+    c = cfg(mode, cpu_seconds=3, memory_mb=700, file_size_mb=5, max_open_files=40)
+    r = run_python(code, config=c)
+    assert r.ok, r.stderr
+    mb = 1024 * 1024
+    assert eval(r.stdout) == [(3, 4), (700 * mb, 700 * mb), (5 * mb, 5 * mb), (40, 40), (0, 0)]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_infinite_loop_cpu_and_wall(mode):
     t0 = time.monotonic()
     r = run_python("while True:\n    pass\n", config=cfg(mode, cpu_seconds=1, wall_seconds=5))
