@@ -22,7 +22,8 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py core/conflicts/_kernels.c core/m
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rlm experiment run cpu-tiny --quick --out runs/demo
+# --executor ray: independent steps run side by side on the machine's cores (a local Ray instance)
+	$(BIN)/rlm experiment run cpu-tiny --quick --executor ray --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

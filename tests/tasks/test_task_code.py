@@ -122,6 +122,38 @@ def test_generator_reference_passes_and_wrong_fails():
     assert task.metrics(task.score_batch(ex, wrong)) == {"pass@1": 0.0}
 
 
+
+def test_generator_tests_per_function(monkeypatch):
+    """``gen_tests=per_function``: the same prompts as per example, one input suite per function (the same in
+    every split and seed), so a repeated (function, completion) pair reuses its verdict; a bad mode is named."""
+    from rlm.core.eval import sandbox
+    from rlm.plugins.tasks.code.generator import generate_functions
+
+    each = CodeTask().examples("gen", split="train", limit=60, seed=3)
+    per_fn = CodeTask(gen_tests="per_function").examples("gen", split="train", limit=60, seed=3)
+    assert [e.prompt for e in per_fn] == [e.prompt for e in each]
+    other = CodeTask(gen_tests="per_function").examples("gen", split="test", limit=200, seed=9)
+    suites: dict[str, list] = {}
+    for e in per_fn + other:
+        assert suites.setdefault(e.answer["canonical"], e.answer["base_input"]) == e.answer["base_input"]
+    assert len(suites) < len(per_fn)  # some function repeats, and with it its suite
+    assert len({json.dumps(e.answer["base_input"]) for e in each}) == len(each)  # per example: all differ
+    twice = [e for e in per_fn if sum(x.answer["canonical"] == e.answer["canonical"] for x in per_fn) > 1]
+    assert twice[0].answer == next(x for x in per_fn[per_fn.index(twice[0]) + 1:]
+                                   if x.answer["canonical"] == twice[0].answer["canonical"]).answer
+    runs = []
+    real = sandbox.run_python
+    monkeypatch.setattr(sandbox, "run_python", lambda *a, **k: runs.append(1) or real(*a, **k))
+    task = CodeTask(gen_tests="per_function")
+    same = [x for x in per_fn if x.answer["canonical"] == twice[0].answer["canonical"]]
+    for e in same:
+        task.judge.reference_outputs(e)
+    before = len(runs)
+    assert [task.reward(e, e.reference) for e in same] == [1.0] * len(same)
+    assert len(runs) - before == 1  # one sandbox run for every example of that function
+    with pytest.raises(ValueError, match="per_example"):
+        generate_functions(2, tests="per_suite")
+
 HOSTILE = {
     "infinite loop": "def {f}(x):\n    while True:\n        pass\n",
     "fork bomb": "import os\nfor _ in range(1000):\n    try:\n        os.fork()\n    except Exception:\n        pass\n"

@@ -12,7 +12,7 @@ config and the Task class and imports the others inside its methods.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -33,6 +33,8 @@ class CodeConfig(PluginConfig):
     n_train: int = 1000
     n_test: int = 100
     max_constant: int = 9
+    #: ``gen`` test inputs: drawn per example, or one suite per function (repeated pairs reuse verdicts)
+    gen_tests: Literal["per_example", "per_function"] = "per_example"
     workers: int = 4  # sandbox runs wait on process start-up as much as on the CPU: 4 scored 200 gen examples
                       # in 13 s on 2 cores against 20 s with 2 and 33 s with 1
     program_timeout: float = 10.0      # test-script programs (HumanEval, asserts): wall seconds in the harness
@@ -72,7 +74,7 @@ class CodeTask(Task):
             n = c.n_train if split == "train" else c.n_test
             return generate_functions(n if limit is None else limit, split=split,
                                       seed=seed + (0 if split == "train" else TEST_SEED_OFFSET),
-                                      max_constant=c.max_constant)
+                                      max_constant=c.max_constant, tests=c.gen_tests)
         if subset == "humaneval":
             out = loaders.load_humaneval(path or c.humaneval)
         elif subset in loaders.EVALPLUS:

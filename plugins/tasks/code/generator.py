@@ -22,18 +22,31 @@ FUNCTION_TEMPLATES = [
 ]
 
 
-def generate_functions(n: int, *, seed: int = 0, split: str = "train", max_constant: int = 9) -> list[Example]:
-    """``n`` one-line function tasks with generated test inputs (checked like evalplus, base inputs only)."""
+def _test_inputs(rng: random.Random, kind: str) -> list[list]:
+    if kind == "int":
+        return [[rng.randint(-20, 50)] for _ in range(5)]
+    return [[[rng.randint(0, 9) for _ in range(rng.randint(1, 6))]] for _ in range(5)]
+
+
+def generate_functions(n: int, *, seed: int = 0, split: str = "train", max_constant: int = 9,
+                       tests: str = "per_example") -> list[Example]:
+    """``n`` one-line function tasks with generated test inputs (checked like evalplus, base inputs only).
+
+    ``tests="per_function"``: every example of one function (same name and body) carries the same inputs,
+    drawn from a generator seeded by the function alone, as a benchmark problem has one test suite; the
+    prompts are the same as with ``per_example``. Repeated (prompt, completion) pairs then reuse the judge's
+    verdicts across examples, steps and evaluations instead of running again."""
+    if tests not in ("per_example", "per_function"):
+        raise ValueError(f"code gen tests: {tests!r} is not 'per_example' or 'per_function'")
     rng = random.Random(seed)
     out = []
     for i in range(n):
         name_t, desc_t, body_t, kind = rng.choice(FUNCTION_TEMPLATES)
         k = rng.randint(2, max_constant)
         name, desc, body = name_t.format(k=k), desc_t.format(k=k), body_t.format(k=k)
-        if kind == "int":
-            inputs = [[rng.randint(-20, 50)] for _ in range(5)]
-        else:
-            inputs = [[[rng.randint(0, 9) for _ in range(rng.randint(1, 6))]] for _ in range(5)]
+        inputs = _test_inputs(rng, kind)  # drawn in both modes, so the prompts do not depend on the mode
+        if tests == "per_function":
+            inputs = _test_inputs(random.Random(f"code-gen-tests/{name}/{body}"), kind)
         canon = f"def {name}(x):\n    {body}\n"
         out.append(Example(
             id=f"gen/{split}/{seed}/{i}", prompt=f"Write a Python function `{name}(x)` that {desc}.\n\n{FORMAT}",
