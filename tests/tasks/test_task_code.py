@@ -154,6 +154,30 @@ def test_generator_tests_per_function(monkeypatch):
     with pytest.raises(ValueError, match="per_example"):
         generate_functions(2, tests="per_suite")
 
+
+@pytest.mark.parametrize("max_constant", [9, 14])
+def test_per_function_suites_tell_every_near_miss_apart(max_constant):
+    """Every generated function's suite separates it from each other template and constant of its kind (the
+    near misses RL finds: ``x % 6 == 0`` for ``is_multiple_of_5``) and from constant answers, so no such
+    completion passes. Our own trusted functions, run in-process on the suite."""
+    from rlm.plugins.tasks.code.generator import FUNCTION_TEMPLATES, _function_suite
+
+    def run(body, inputs):
+        fn = eval(f"lambda x: {body.removeprefix('return ')}")  # noqa: S307 - the generator's own bodies
+        return [fn(*[list(a) if isinstance(a, list) else a for a in args]) for args in inputs]
+
+    every = [(n.format(k=k), b.format(k=k), kind, k) for n, _, b, kind in FUNCTION_TEMPLATES
+             for k in (range(2, max_constant + 1) if "{k}" in b else [0])]
+    constants = ["return False", "return True", "return 0", "return 1", "return x", "return None"]
+    for name, body, kind, k in every:
+        suite = _function_suite(name, body, kind, k, max_constant)
+        want = run(body, suite)
+        for _, other, other_kind, _ in every:
+            if other != body and other_kind == kind:
+                assert run(other, suite) != want, (name, other)
+        for c in constants:
+            assert run(c, suite) != want, (name, c)
+
 HOSTILE = {
     "infinite loop": "def {f}(x):\n    while True:\n        pass\n",
     "fork bomb": "import os\nfor _ in range(1000):\n    try:\n        os.fork()\n    except Exception:\n        pass\n"
