@@ -267,37 +267,35 @@ def _write_program(wd: Path, code: str, files: dict[str, str | bytes] | None, *,
     (wd / "_rlm_guard.py").write_text(guard, encoding="utf-8")
 
 
-def _rlimits(cfg: SandboxConfig, nproc: int | None) -> Callable[[], None]:
-    """The function the child runs between fork and exec to set its resource limits."""
-    mem = cfg.memory_mb * 1024 * 1024
-    fsize = cfg.file_size_mb * 1024 * 1024
+def _limits(cfg: SandboxConfig, nproc: int | None) -> list[tuple[str, int, int]]:
+    """``(name, soft, hard)`` of every resource limit a program runs under (``resource.RLIMIT_<name>``, and
+    ``prlimit --<name lower>``)."""
+    mem, fsize = cfg.memory_mb * 1024 * 1024, cfg.file_size_mb * 1024 * 1024
+    out = [("CPU", cfg.cpu_seconds, cfg.cpu_seconds + 1), ("AS", mem, mem), ("FSIZE", fsize, fsize),
+           ("NOFILE", cfg.max_open_files, cfg.max_open_files), ("CORE", 0, 0)]
+    return out + ([("NPROC", nproc, nproc)] if nproc is not None else [])
 
-    def limit() -> None:  # runs in the child between fork and exec: only async-signal-safe-ish calls
-        resource.setrlimit(resource.RLIMIT_CPU, (cfg.cpu_seconds, cfg.cpu_seconds + 1))
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (cfg.max_open_files, cfg.max_open_files))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if nproc is not None:
-            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+def _rlimits(cfg: SandboxConfig, nproc: int | None) -> Callable[[], None]:
+    """The function the child runs between fork and exec to set its resource limits (where there is no
+    ``prlimit``)."""
+    limits = [(getattr(resource, f"RLIMIT_{name}"), soft, hard) for name, soft, hard in _limits(cfg, nproc)]
+
+    def limit() -> None:  # runs in the child between fork and exec: only setrlimit calls
+        for res, soft, hard in limits:
+            resource.setrlimit(res, (soft, hard))
 
     return limit
 
 
 def _prlimit_prefix(cfg: SandboxConfig, nproc: int | None) -> list[str] | None:
-    """The same limits as :func:`_rlimits`, set by util-linux ``prlimit`` on the command it then executes, or
-    None where there is no ``prlimit``. Preferred because a ``preexec_fn`` makes ``subprocess`` fork the whole
-    parent instead of using ``vfork``: from a trainer holding a model in memory (1.6 GB) that costs about 40 ms
-    per sandboxed program."""
+    """The same limits, set by util-linux ``prlimit`` on the command it then executes, or None where there is no
+    ``prlimit``. Preferred because a ``preexec_fn`` makes ``subprocess`` fork the whole parent instead of using
+    ``vfork``: from a trainer holding a model in memory (1.6 GB) that costs about 40 ms per sandboxed program."""
     exe = _prlimit_path()
     if exe is None:
         return None
-    mem, fsize = cfg.memory_mb * 1024 * 1024, cfg.file_size_mb * 1024 * 1024
-    args = [exe, f"--cpu={cfg.cpu_seconds}:{cfg.cpu_seconds + 1}", f"--as={mem}", f"--fsize={fsize}",
-            f"--nofile={cfg.max_open_files}", "--core=0"]
-    if nproc is not None:
-        args.append(f"--nproc={nproc}")
-    return args + ["--"]
+    return [exe, *(f"--{name.lower()}={soft}:{hard}" for name, soft, hard in _limits(cfg, nproc)), "--"]
 
 
 @functools.lru_cache(maxsize=1)

@@ -47,8 +47,9 @@ def generate_functions(n: int, *, seed: int = 0, split: str = "train", max_const
 
     ``tests="per_function"``: every example of one function (same name and body) carries the same inputs (random
     ones seeded by the function alone, and inputs that tell the constants apart: :func:`_function_suite`), as a
-    benchmark problem has one test suite; the prompts are the same as with ``per_example``. Repeated (prompt, completion) pairs then reuse the judge's
-    verdicts across examples, steps and evaluations instead of running again."""
+    benchmark problem has one test suite; the prompts are the same as with ``per_example``. Repeated (prompt,
+    completion) pairs then reuse the judge's verdicts across examples, steps and evaluations instead of running
+    again."""
     if tests not in ("per_example", "per_function"):
         raise ValueError(f"code gen tests: {tests!r} is not 'per_example' or 'per_function'")
     rng = random.Random(seed)
