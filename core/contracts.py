@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Iterable, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -124,6 +124,26 @@ class Example:
     answer: Any = None
     reference: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def draw_distinct(n: int, draw: Callable[[], Any], key: Callable[[Any], Hashable], *, tries: int = 1000) -> list:
+    """``n`` items from ``draw()`` (a seeded generator's single draw) with no repeated ``key`` while the space
+    allows: a draw whose key was seen is redrawn up to ``tries`` times; when every try repeats, the space counts
+    as exhausted and a new round starts (each round covers the space before any key repeats). Deterministic
+    for a seeded ``draw``."""
+    out: list = []
+    seen: set = set()
+    for _ in range(n):
+        item = draw()
+        for _ in range(tries):
+            if key(item) not in seen:
+                break
+            item = draw()
+        else:
+            seen.clear()
+        seen.add(key(item))
+        out.append(item)
+    return out
 
 
 class Task(Plugin, abc.ABC):

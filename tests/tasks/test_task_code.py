@@ -10,6 +10,7 @@ import pytest
 from conftest import shared_file
 
 from rlm.core.cli import main
+from rlm.core.contracts import Example
 from rlm.core.io.records import read_records
 from rlm.plugins.tasks.code import CodeTask
 from rlm.plugins.tasks.code.program import build_solution, extract_code
@@ -149,7 +150,8 @@ def test_generator_tests_per_function(monkeypatch):
     for e in same:
         task.judge.reference_outputs(e)
     before = len(runs)
-    assert [task.reward(e, e.reference) for e in same] == [1.0] * len(same)
+    spelled = [e.reference.replace("    return", "    # the same function\n    return") for e in same]
+    assert [task.reward(e, c) for e, c in zip(same, spelled)] == [1.0] * len(same)
     assert len(runs) - before == 1  # one sandbox run for every example of that function
     with pytest.raises(ValueError, match="per_example"):
         generate_functions(2, tests="per_suite")
@@ -166,7 +168,7 @@ def test_per_function_suites_tell_every_near_miss_apart(max_constant):
         fn = eval(f"lambda x: {body.removeprefix('return ')}")  # noqa: S307 - the generator's own bodies
         return [fn(*[list(a) if isinstance(a, list) else a for a in args]) for args in inputs]
 
-    every = [(n.format(k=k), b.format(k=k), kind, k) for n, _, b, kind in FUNCTION_TEMPLATES
+    every = [(n.format(k=k), b.format(k=k, a="x"), kind, k) for n, _, b, kind in FUNCTION_TEMPLATES
              for k in (range(2, max_constant + 1) if "{k}" in b else [0])]
     constants = ["return False", "return True", "return 0", "return 1", "return x", "return None"]
     for name, body, kind, k in every:
@@ -248,3 +250,84 @@ def test_large_outputs_are_compared_by_digest():
                      base_input=[[1], [2]], plus_input=[[3]])
     assert task.score(ex, "def f(x):\n    return [(x, 'a'), (x, 'a'), (x, 'a')]\n")["pass_plus"] == 1.0
     assert task.score(ex, "def f(x):\n    return [(x, 'b')] * 3\n")["pass_base"] == 0.0
+
+
+def test_generator_argument_names_and_distinct_prompts():
+    """``arg_names`` names the argument in prompt and canonical solution (one per example); ``distinct`` gives a
+    200-example set 200 different prompts out of the 215 (43 functions x 5 names); the canonical solutions pass
+    in the sandbox and the body of another name fails; a name that is no identifier is refused."""
+    from rlm.plugins.tasks.code.generator import generate_functions
+
+    names = ["x", "y", "z", "a", "b"]
+    task = CodeTask(gen_tests="per_function", arg_names=names, distinct=True)
+    exs = task.examples("gen", split="test", limit=200, seed=4)
+    assert len({e.prompt for e in exs}) == 200
+    plain = CodeTask(gen_tests="per_function", arg_names=names).examples("gen", split="test", limit=200, seed=4)
+    assert len({e.prompt for e in plain}) < 170
+    assert {e.prompt.split("(")[1].split(")")[0] for e in exs} == set(names)
+    for e in exs[:6]:
+        arg = e.prompt.split("(")[1].split(")")[0]
+        assert e.answer["canonical"].startswith(f"def {e.answer['entry_point']}({arg}):\n    return ")
+        assert f" {arg}" in e.prompt.split("` that ")[1] or f"({arg})" in e.answer["canonical"]
+    picked = exs[:6]
+    assert task.metrics(task.score_batch(picked, [e.reference for e in picked])) == {"pass@1": 1.0}
+    other = [e.answer["canonical"].replace("(" + e.prompt.split("(")[1].split(")")[0] + ")", "(q)", 1)
+             for e in picked]
+    assert task.metrics(task.score_batch(picked, other)) == {"pass@1": 0.0}  # the body names an unbound argument
+    with pytest.raises(ValueError, match="identifiers"):
+        generate_functions(2, arg_names=["x y"])
+
+
+def test_generator_constants_in_words():
+    """``constants="words"``: the prompt says the constant in words, the canonical body has its digits; the
+    words are checked by hand; a completion that writes the word as a name fails in the sandbox."""
+    import re
+
+    from rlm.plugins.tasks.code.generator import generate_functions, number_words
+
+    assert [number_words(k) for k in (2, 7, 12, 19, 20, 23, 99)] == [
+        "two", "seven", "twelve", "nineteen", "twenty", "twenty_three", "ninety_nine"]
+    with pytest.raises(ValueError, match="0..99"):
+        number_words(100)
+    with pytest.raises(ValueError, match="'digits' or 'words'"):
+        generate_functions(2, constants="roman")
+    task = CodeTask(gen_tests="per_function", constants="words", max_constant=23, distinct=True)
+    exs = [e for e in task.examples("gen", split="test", limit=60, seed=2)
+           if not e.answer["entry_point"].endswith("_list")][:8]
+    named = []
+    for e in exs:
+        body = e.answer["canonical"].split("return ")[1]
+        k = re.findall(r"\d+", body)[0]
+        word = number_words(int(k))
+        assert e.answer["entry_point"].endswith("_" + word) and not re.search(r"\d", e.prompt)
+        assert re.search(rf" {word.replace('_', '-')}[ .,]", e.prompt.split("` that ")[1])
+        named.append(e.answer["canonical"].replace(body, body.replace(k, word, 1)))
+    assert task.metrics(task.score_batch(exs, [e.reference for e in exs])) == {"pass@1": 1.0}
+    assert task.metrics(task.score_batch(exs, named)) == {"pass@1": 0.0}  # `return x + seven`: a NameError
+
+
+def test_canonical_gen_program_passes_without_a_run_of_its_own(monkeypatch):
+    """A ``gen`` completion whose program is the canonical text passes with only the reference run; the same
+    function written differently, or wrong, still runs in the sandbox; an evalplus example never takes the
+    shortcut."""
+    from rlm.core.eval import sandbox
+
+    runs = []
+    real = sandbox.run_python
+    monkeypatch.setattr(sandbox, "run_python", lambda *a, **k: runs.append(1) or real(*a, **k))
+    task = CodeTask(gen_tests="per_function", verdict_cache=0)
+    e = next(x for x in task.examples("gen", limit=40, seed=11) if x.answer["entry_point"].startswith("add_"))
+    k = int(e.answer["canonical"].split("+ ")[1])
+    task.judge.reference_outputs(e)  # run (or read from the cache) once
+    runs.clear()
+    assert task.reward(e, e.reference) == 1.0 and len(runs) == 0
+    assert task.reward(e, f"```python\n{e.answer['canonical']}\n\n```") == 1.0 and len(runs) == 0
+    other = f"```python\ndef {e.answer['entry_point']}(x):\n    return {k} + x\n```"
+    assert task.reward(e, other) == 1.0 and len(runs) == 1
+    wrong = f"```python\ndef {e.answer['entry_point']}(x):\n    return x + {k + 1}\n```"
+    assert task.reward(e, wrong) == 0.0 and len(runs) == 2
+    monkeypatch.setattr(task.judge, "_reference", lambda *a: None)  # the reference failed: nothing passes
+    assert task.reward(e, e.reference) == 0.0
+    he = dict(e.answer, dataset="humaneval")
+    assert task.judge._canonical_verdicts(Example(id="h", prompt=e.prompt, answer=he, reference=e.reference),
+                                          e.answer["canonical"]) is None

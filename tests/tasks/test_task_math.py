@@ -215,3 +215,20 @@ def test_integer_fast_path_agrees_with_math_verify():
             pred = gold
         want = float(verify(parse(f"${gold}$"), parse(pred)))
         assert verify_answer(gold, f"#### {pred}", "hash", timeout_seconds=5, max_chars=4000) == want, (gold, pred)
+
+
+def test_gen_distinct_problems_cover_the_space_without_repeats():
+    """``distinct``: the 200 one-digit ``+-`` problems each once in a 200-example set (drawn with repeats
+    otherwise), every answer and step line computed here by hand; the default draw is unchanged."""
+    plain = MathTask(MathTask.Config(operators="+-")).examples("gen", split="test", limit=200)
+    task = MathTask(MathTask.Config(operators="+-", distinct=True, check_steps=True))
+    exs = task.examples("gen", split="test", limit=200)
+    assert len({e.prompt for e in plain}) < 150 and len({e.prompt for e in exs}) == 200
+    assert exs[0].prompt == plain[0].prompt  # the first draw is the same
+    for e in exs:
+        a, op, b = e.prompt.split("?")[0].removeprefix("What is ").split()
+        want = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert e.answer == str(want) and e.reference == f"{a} {op} {b} = {want}\n#### {want}"
+        assert task.reward(e, e.reference) == 1.0
+    more = task.examples("gen", split="train", limit=450)
+    assert len({e.prompt for e in more[:200]}) == 200 and len({e.prompt for e in more[200:400]}) == 200

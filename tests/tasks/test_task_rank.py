@@ -93,6 +93,19 @@ def test_generator_negation_pairs():
     assert t.metrics([t.score(e, "ANSWER: B") for e in exs])["paired_accuracy"] == 0.0
 
 
+def test_generator_distinct_pairs():
+    """``distinct``: 200 test examples are 100 different pairs (200 different prompts; drawn with repeats
+    otherwise), each still a right negation pair with its reference; the first pair is the default draw's."""
+    plain = Rank().examples(limit=200, split="test")
+    exs = Rank(distinct=True).examples(limit=200, split="test")
+    assert len({e.prompt for e in plain}) < 190 and len({e.prompt for e in exs}) == 200
+    assert [e.prompt for e in exs[:2]] == [e.prompt for e in plain[:2]]
+    t = Rank()
+    assert t.metrics([t.score(e, e.reference) for e in exs]) == {"accuracy": 1.0, "paired_accuracy": 1.0,
+                                                                 "n_pairs": 100}
+    assert len({e.prompt for e in Rank(distinct=True).examples(limit=720, seed=2)}) == 720  # the whole space
+
+
 @pytest.mark.parametrize("completion,expected", [
     ("ANSWER: A", "A"), ("answer: b", None), ("The answer is B.", "B"), ("Answer: Passage B", "B"),
     ("**Answer:** A", "A"), ("Answer: **A**", "A"), ("B", "B"), ("(A)", "A"), ("ANSWER: 2", "B"),

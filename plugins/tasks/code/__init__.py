@@ -35,6 +35,12 @@ class CodeConfig(PluginConfig):
     max_constant: int = 9
     #: ``gen`` test inputs: drawn per example, or one suite per function (repeated pairs reuse verdicts)
     gen_tests: Literal["per_example", "per_function"] = "per_example"
+    #: ``gen`` argument names, one drawn per example (more names, more distinct prompts)
+    arg_names: list[str] = Field(default_factory=lambda: ["x"], min_length=1)
+    #: ``gen``: no prompt repeats within one set while the space allows, so a greedy evaluation scores n prompts
+    distinct: bool = False
+    #: ``gen``: the prompt gives the constant in digits (``add_7``) or in words (``add_seven``, up to 99)
+    constants: Literal["digits", "words"] = "digits"
     workers: int = 4  # sandbox runs wait on process start-up as much as on the CPU: 4 scored 200 gen examples
                       # in 13 s on 2 cores against 20 s with 2 and 33 s with 1
     program_timeout: float = 10.0      # test-script programs (HumanEval, asserts): wall seconds in the harness
@@ -74,7 +80,9 @@ class CodeTask(Task):
             n = c.n_train if split == "train" else c.n_test
             return generate_functions(n if limit is None else limit, split=split,
                                       seed=seed + (0 if split == "train" else TEST_SEED_OFFSET),
-                                      max_constant=c.max_constant, tests=c.gen_tests)
+                                      max_constant=c.max_constant, tests=c.gen_tests,
+                                      arg_names=c.arg_names, distinct=c.distinct,
+                                      constants=c.constants)
         if subset == "humaneval":
             out = loaders.load_humaneval(path or c.humaneval)
         elif subset in loaders.EVALPLUS:

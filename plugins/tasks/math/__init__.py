@@ -29,6 +29,9 @@ class MathConfig(PluginConfig):
     # gen steps: reward and accuracy also require every step line right (a right answer after a false step
     # scores 0, so RL cannot learn false derivations); off, only the final answer counts
     check_steps: bool = False
+    # gen: no problem repeats within one set while the space allows (one-digit "+" holds 100, "+-" 200), so
+    # each of a greedy evaluation's examples is a different problem
+    distinct: bool = False
     n_train: int = 2000
     n_test: int = 200
     gsm8k: str | None = None       # file/dir/dataset name; default ../shared/data or openai/gsm8k
@@ -59,7 +62,7 @@ class MathTask(Task):
             return generate_arithmetic(
                 n if limit is None else limit, seed=seed + (0 if split == "train" else TEST_SEED_OFFSET), split=split,
                 min_ops=c.min_ops, max_ops=c.max_ops, min_operand=c.min_operand, max_operand=c.max_operand,
-                operators=c.operators, solution=c.solution)
+                operators=c.operators, solution=c.solution, distinct=c.distinct)
         if subset == "gsm8k":
             out = loaders.load_gsm8k(path or c.gsm8k, split)
         elif subset == "math500":

@@ -33,6 +33,8 @@ class Rank(Task):
         nevir_dataset: str = "orionweller/NevIR"
         rank1_dataset: str = "jhu-clsp/rank1-training-data"
         test_seed_offset: int = Field(1_000_003, description="split 'test' draws with seed + this offset")
+        distinct: bool = Field(False, description="generated: no pair repeats within one set while the space "
+                               "allows (360 pairs), so a greedy evaluation scores n different prompts")
 
     def examples(self, subset: str | None = None, *, split: str = "train", limit: int | None = None,
                  seed: int = 0, path: str | None = None) -> list[Example]:
@@ -43,7 +45,8 @@ class Rank(Task):
         c = self.config
         if subset == "generated" and path is None:
             n_pairs = -(-limit // 2) if limit else c.num_pairs
-            rows = generate_pairs(n_pairs, seed + (c.test_seed_offset if split == "test" else 0))
+            rows = generate_pairs(n_pairs, seed + (c.test_seed_offset if split == "test" else 0),
+                                  distinct=c.distinct)
         elif subset == "rank1":
             rows = load_rank1(path or c.rank1_dataset, split=split)
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from rlm.core.contracts import draw_distinct
 from rlm.plugins.tasks.rank.prompts import pair_examples
 
 # (kind, names, positive predicate, negative predicate, filler about the subject)
@@ -39,18 +40,25 @@ FACTS = (
 QUERY_FORMS = ("Which {kind} {pred}?", "a {kind} that {pred}", "find the {kind} which {pred}")
 
 
-def generate_pairs(n_pairs: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n_pairs`` negation pairs as pairwise examples (two per pair), each with a reference response."""
+def generate_pairs(n_pairs: int, seed: int = 0, *, distinct: bool = False) -> list[dict[str, Any]]:
+    """``n_pairs`` negation pairs as pairwise examples (two per pair), each with a reference response.
+    ``distinct``: no pair (subject, query form and passage order) repeats while the space allows (12 kinds x 5
+    names x 3 forms x 2 orders = 360 pairs, 720 prompts)."""
     rng = random.Random(seed)
+
+    def draw() -> tuple[tuple, str, str, bool]:
+        fact = rng.choice(FACTS)
+        name, form = rng.choice(fact[1]), rng.choice(QUERY_FORMS)
+        return fact, name, form, rng.random() < 0.5  # the order pair_examples would draw
+
+    drawn = draw_distinct(n_pairs, draw, key=lambda d: (d[0][0], *d[1:])) if distinct else \
+        [draw() for _ in range(n_pairs)]
     out: list[dict[str, Any]] = []
-    for i in range(n_pairs):
-        kind, names, pos, neg, filler = rng.choice(FACTS)
-        name = rng.choice(names)
+    for i, ((kind, _, pos, neg, filler), name, form, swap) in enumerate(drawn):
         subject = f"The {name} {kind}" if kind not in ("plant", "medicine") else f"The {kind} {name}"
-        form = rng.choice(QUERY_FORMS)
         q1, q2 = form.format(kind=kind, pred=pos), form.format(kind=kind, pred=neg)
         p1, p2 = f"{subject} {pos}. {filler}", f"{subject} {neg}. {filler}"
         subj = "t" + subject[1:]
         explain = (f"a {kind} that {pos}", f"a {kind} that {neg}", f"{subj} {pos}", f"{subj} {neg}")
-        out += pair_examples(f"gen-{seed}-{i}", q1, q2, p1, p2, rng, explain)
+        out += pair_examples(f"gen-{seed}-{i}", q1, q2, p1, p2, None, explain, swap=swap)
     return out

@@ -26,11 +26,14 @@ def point_prompt(query: str, passage: str) -> str:
     return f"Query: {query}\n\nPassage: {passage}\n\n{POINT_FORMAT}"
 
 
-def pair_examples(pair_id: str, q1: str, q2: str, p1: str, p2: str, rng: random.Random,
-                  explain: tuple[str, str, str, str] | None = None) -> list[dict[str, Any]]:
-    """Two pairwise examples (one per query) with the passages in one shared, randomly drawn order.
-    ``explain`` = (what q1 asks for, what q2 asks for, what p1 claims, what p2 claims) adds references."""
-    swap = rng.random() < 0.5
+def pair_examples(pair_id: str, q1: str, q2: str, p1: str, p2: str, rng: random.Random | None,
+                  explain: tuple[str, str, str, str] | None = None, *,
+                  swap: bool | None = None) -> list[dict[str, Any]]:
+    """Two pairwise examples (one per query) with the passages in one shared order, drawn from ``rng`` unless
+    ``swap`` gives it (True: p2 first). ``explain`` = (what q1 asks for, what q2 asks for, what p1 claims, what
+    p2 claims) adds references."""
+    if swap is None:
+        swap = rng.random() < 0.5
     a, b = (p2, p1) if swap else (p1, p2)
     own = {1: "B" if swap else "A", 2: "A" if swap else "B"}
     out = []
