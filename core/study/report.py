@@ -115,8 +115,13 @@ def _setup(rep: _Report, scores: Mapping[str, Any], col: CollectedScores) -> Non
             ns.setdefault(r.get("task") or n.rsplit(".", 1)[-1], set()).add(int(r["n"]))
     rep.md.append("- evaluation examples per cell (greedy decoding, the same examples for every model): "
                   + ", ".join(f"{t}: {'/'.join(str(x) for x in sorted(v))}" for t, v in ns.items()))
-    rep.md.append(f"- bootstrap: {c['bootstrap_resamples']} resamples of the evaluation examples, "
+    rep.md.append(f"- bootstrap: {c['bootstrap_resamples']} resamples of the evaluation prompts (the copies of a "
+                  f"prompt an evaluation set repeats are drawn together: greedy decoding gives them one answer), "
                   f"{c['ci'] * 100:g}% percentile interval, seed {c['bootstrap_seed']}")
+    distinct = {t: len(set(s.clusters.tolist())) for t, s in col.start.items() if s.clusters is not None}
+    if distinct:
+        rep.md.append("- different prompts among the evaluation examples: "
+                      + ", ".join(f"{t}: {k} of {col.start[t].n}" for t, k in distinct.items()))
     rep.md.append("- score: the mean per-example verifier score (math: math-verify accuracy; puzzle: every role "
                   "right; rank: the query's passage right; code: pass@1 plus; instruction following: fraction of "
                   "constraints followed), shown ×{:g}".format(rep.scale))
@@ -178,7 +183,7 @@ def _experts_vs_start(rep: _Report, col: CollectedScores) -> dict[str, dict[str,
     rep.md += ["## Experts against θ0", "",
                f"Each expert on its own task against the start model θ0 on the same examples (×{sc:g}): Δ = expert − "
                f"θ0, in brackets its {pct} bootstrap interval ({c['bootstrap_resamples']} resamples, seed "
-               f"{c['bootstrap_seed']}; paired: the same resampled examples for both models).", "",
+               f"{c['bootstrap_seed']}; paired: the same resampled prompts for both models).", "",
                f"| group | task | θ0 | expert | Δ | {pct} interval of Δ | n |", "|---|---|---|---|---|---|---|"]
     for g, t, e in rows:
         ci = "–" if e["ci_low"] is None else f"[{e['ci_low'] * sc:+.1f}, {e['ci_high'] * sc:+.1f}]"

@@ -53,7 +53,10 @@ def mean_over_seeds(scores: list[Score]) -> Score:
         import numpy as np
 
         per = np.mean(np.stack(arrays), axis=0)
-        return Score(float(per.mean()), per, sources, int(per.size))
+        clusters = scores[0].clusters
+        if any(s.clusters is None or not np.array_equal(s.clusters, clusters) for s in scores):
+            clusters = None
+        return Score(float(per.mean()), per, sources, int(per.size), clusters)
     return Score(float(sum(s.value for s in scores) / len(scores)), None, sources, scores[0].n)
 
 

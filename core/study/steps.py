@@ -15,7 +15,7 @@ What each step writes (paths relative to its step directory) and returns (its ``
 ``merge``        ``model/`` (``merge_manifest.json`` inside); the method's ``preset``, ``params`` and
                  ``model_params`` go to the merge engine as written, which resolves the preset
 ``eval_*``       ``summary.json``, ``records.jsonl`` (prompt, completion, scores per example) ->
-                 ``{"score", "per_example", "n", "metrics", "source"}``
+                 ``{"score", "per_example", "n", "metrics", "source", "clusters"}``
 ``conflicts``    ``conflicts.json``, ``report.md``, the metrics' figures (``over_steps/`` when asked) ->
                  ``{"models": {task: {column: value}}, "pairs": {pair: {column: value}}, "figures", "files"}``:
                  the summary cells of the metrics that ran (:meth:`rlm.core.contracts.Metric.columns`)
@@ -39,8 +39,8 @@ from typing import Any, Callable, Mapping
 from rlm.core.study.graph import model_of
 
 #: bump a kind's version when its step function's output would change for the same config
-STEP_VERSIONS = {"init": "1", "warmup": "1", "train": "1", "eval_expert": "1", "merge": "1", "eval_merged": "1",
-                 "conflicts": "2", "landscape": "1", "report": "3"}
+STEP_VERSIONS = {"init": "1", "warmup": "1", "train": "1", "eval_expert": "2", "merge": "1", "eval_merged": "2",
+                 "conflicts": "2", "landscape": "1", "report": "4"}
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -78,7 +78,8 @@ def _last_metrics(path: Path) -> dict[str, Any] | None:
 def evaluate_loaded(model: Any, tokenizer: Any, task: Mapping[str, Any], ev: Mapping[str, Any],
                     limit: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Greedy evaluation of an in-memory model on one task spec (a step config's ``task``): returns
-    ``{"label", "spec", "metrics", "score", "per_example", "n", "records"}``."""
+    ``{"label", "spec", "metrics", "score", "per_example", "n", "records", "clusters"}`` (``clusters``:
+    :func:`~rlm.core.study.tables.prompt_clusters` of the examples' prompts)."""
     from rlm.core.eval.engine import load_task
     from rlm.core.eval.generation import chat_prompt, generate
     from rlm.core.study.scores import primary_score
@@ -98,8 +99,11 @@ def evaluate_loaded(model: Any, tokenizer: Any, task: Mapping[str, Any], ev: Map
     records = [{"task": task["label"], "id": ex.id, "prompt": g.prompt, "completion": g.text, "scores": s,
                 "score": p, "finish_reason": g.finish_reason, "completion_tokens": len(g.completion_ids)}
                for ex, g, s, p in zip(run.examples, gens, scores, per)]
+    from rlm.core.study.tables import prompt_clusters
+
     return {"label": task["label"], "spec": run.label, "metrics": metrics, "score": sum(per) / len(per),
-            "per_example": per, "n": len(per), "records": records}
+            "per_example": per, "n": len(per), "records": records,
+            "clusters": prompt_clusters([ex.prompt for ex in run.examples])}
 
 
 def _load(model_dir: Path, dtype: str | None = None) -> tuple[Any, Any]:
@@ -122,7 +126,8 @@ def _write_eval(out: Path, ev: dict[str, Any], ctx: Any, model_dir: Path) -> dic
     write_manifest(out, command=list(sys.argv), config=ctx.config, seed=ctx.config.get("seed"),
                    inputs={"model": str(model_dir)}, extra={"step": ctx.name, "decoding": "greedy"})
     return {"score": ev["score"], "per_example": ev["per_example"], "n": ev["n"], "metrics": ev["metrics"],
-            "source": ctx.run_relative(ctx.final_dir), "task": ev["label"], "spec": ev["spec"]}
+            "source": ctx.run_relative(ctx.final_dir), "task": ev["label"], "spec": ev["spec"],
+            "clusters": ev["clusters"]}
 
 
 # -- the step functions ------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Scores are fractions in [0, 1] (the report's tables show them × ``report.scale`
 when it ran (each step's ``step.json``; a rerun that reuses finished steps reports the same sum). Table 2's
 ``update_norm`` and ``fraction_updated`` are the conflicts step's, on the saved checkpoints; each entry also has
 ``saved_dtype`` and, from the expert's training run, the master weights' statistics. Added keys: ``units``,
-``precision`` (saved dtypes of θ0 and the experts), ``table1_average``, ``bootstrap``, ``steps``.
+``precision`` (saved dtypes of θ0 and the experts), ``table1_average``, ``bootstrap``, ``steps``; ``start``
+entries add ``n_prompts`` (the different prompts among the ``n`` examples; the bootstrap draws prompts).
 """
 
 from __future__ import annotations
@@ -128,7 +129,9 @@ def build_summary(*, preset: str, elapsed_s: float, steps: int, start: Mapping[s
     return _json_safe({
         "preset": preset, "elapsed_s": round(float(elapsed_s), 3), "steps": steps, "units": UNITS,
         "precision": dict(precision), "bootstrap": dict(bootstrap),
-        "start": {t: {"score": s.value, "n": s.n} for t, s in start.items()},
+        "start": {t: {"score": s.value, "n": s.n, **({} if s.clusters is None else
+                                                        {"n_prompts": len(set(s.clusters.tolist()))})}
+                  for t, s in start.items()},
         "experts": {g: {t: {"score": e["score"], "n": e["n"], "delta_vs_start": e.get("delta"),
                             "delta_ci": _pair(e.get("ci_low"), e.get("ci_high")), "paired": e.get("paired")}
                         for t, e in tasks.items()} for g, tasks in experts.items()},

@@ -73,6 +73,26 @@ class Score:
     per_example: np.ndarray | None = None
     source: str | None = None
     n: int | None = None
+    #: per example, the index of the first example with the same prompt (:func:`prompt_clusters`): copies of
+    #: one prompt are resampled together (None: every example on its own)
+    clusters: np.ndarray | None = None
+
+
+def prompt_clusters(prompts: Sequence[str]) -> list[int]:
+    """Per example, the index of the first example with the same prompt: ``[0, 1, 0]`` for prompts
+    ``a, b, a``. An evaluation set that repeats a prompt scores one greedy answer several times; the bootstrap
+    then draws prompts (with all their copies), not examples, so the copies do not count as independent."""
+    first: dict[str, int] = {}
+    return [first.setdefault(p, i) for i, p in enumerate(prompts)]
+
+
+def _clusters_of(scores: Sequence[Score]) -> np.ndarray | None:
+    """The prompt clusters shared by every score (all of the same length); None if any lacks them or they
+    differ."""
+    labels = [s.clusters for s in scores]
+    if any(c is None for c in labels) or any(not np.array_equal(c, labels[0]) for c in labels[1:]):
+        return None
+    return labels[0]
 
 
 def as_score(x: Any, where: str = "score") -> Score:
@@ -87,6 +107,12 @@ def as_score(x: Any, where: str = "score") -> Score:
             if value is not None and not math.isclose(float(value), s.value, rel_tol=1e-9, abs_tol=1e-12):
                 raise ReportError(f"{where}: score {value} is not the mean of its per-example scores ({s.value})")
             s.source, s.n = x.get("source"), int(x.get("n") or s.n)
+            clusters = x.get("clusters")
+            if clusters is not None:
+                s.clusters = np.asarray(clusters, dtype=np.int64).reshape(-1)
+                if s.clusters.size != s.per_example.size or np.any(s.clusters < 0) \
+                        or np.any(s.clusters > np.arange(s.clusters.size)):
+                    raise ReportError(f"{where}: 'clusters' must give, per example, an earlier or its own index")
             return s
         if value is None:
             raise ReportError(f"{where}: a score mapping needs 'score' or 'per_example'")
@@ -126,9 +152,19 @@ def _cell_rng(seed: int, *names: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32("|".join(names).encode("utf-8"))])
 
 
-def _resampled_means(rng: np.random.Generator, arrays: list[np.ndarray], n_boot: int) -> list[np.ndarray]:
-    """Bootstrap means (``n_boot`` each) of every array; one shared index draw when all lengths are equal."""
+def _resampled_means(rng: np.random.Generator, arrays: list[np.ndarray], n_boot: int,
+                     clusters: np.ndarray | None = None) -> list[np.ndarray]:
+    """Bootstrap means (``n_boot`` each) of every array; one shared index draw when all lengths are equal.
+    ``clusters`` (:func:`prompt_clusters`, for arrays of that length): the draw picks prompts with all their
+    copies, and a mean is the ratio of the drawn sums to the drawn counts; with no repeated prompt this is the
+    same draw and the same means as without."""
     lengths = {a.size for a in arrays}
+    if len(lengths) == 1 and clusters is not None and clusters.size == next(iter(lengths)):
+        _, label = np.unique(clusters, return_inverse=True)
+        k = int(label.max()) + 1
+        idx = rng.integers(0, k, size=(n_boot, k))
+        counts = np.bincount(label, minlength=k)[idx].sum(axis=1)
+        return [np.bincount(label, weights=a, minlength=k)[idx].sum(axis=1) / counts for a in arrays]
     if len(lengths) == 1:
         n = lengths.pop()
         idx = rng.integers(0, n, size=(n_boot, n))
@@ -446,7 +482,8 @@ def _task_cell(g: str, m: str, t: str, pairs: Mapping[tuple[str, str], Mapping[s
     if u is None or u.per_example is None or any(s.per_example is None for _, s in got) or n_boot <= 0:
         return cell, None
     rng = _cell_rng(seed, g, m, t)
-    means = _resampled_means(rng, [s.per_example for _, s in got] + [u.per_example], n_boot)
+    means = _resampled_means(rng, [s.per_example for _, s in got] + [u.per_example], n_boot,
+                             _clusters_of([s for _, s in got] + [u]))
     cell_b, u_b = np.mean(means[:-1], axis=0), means[-1]
     if cell.rel_change is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -535,7 +572,7 @@ def delta_vs_start(expert: Any, start: Any, *, group: str, task: str, n_boot: in
     if e.per_example is None or s.per_example is None or n_boot <= 0:
         return out
     rng = _cell_rng(seed, group, VS_START, task)
-    e_b, s_b = _resampled_means(rng, [e.per_example, s.per_example], n_boot)
+    e_b, s_b = _resampled_means(rng, [e.per_example, s.per_example], n_boot, _clusters_of([e, s]))
     out["ci_low"], out["ci_high"], _ = _percentile_interval(e_b - s_b, ci)
     return out
 

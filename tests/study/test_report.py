@@ -17,6 +17,7 @@ from rlm.core.study.tables import (
     bootstrap_relative_change,
     delta_vs_start,
     parse_pair,
+    prompt_clusters,
     relative_change,
     table1,
     table2,
@@ -134,6 +135,43 @@ def test_bootstrap_width_matches_normal_approximation():
     m2 = _bernoulli(rng, 0.6, n)
     lo2, hi2 = bootstrap_relative_change([m, m2], np.ones(n), n_boot=2000, seed=1)
     assert (hi2 - lo2) < (hi - lo)
+
+
+def test_repeated_prompts_are_resampled_together():
+    """An evaluation set that repeats each prompt five times (greedy: one answer, five copies) gets, with its
+    prompt clusters, exactly the interval of the set of distinct prompts; counted as independent examples it
+    would be narrower. With no repeat the clusters change nothing. Bad clusters are refused."""
+    assert prompt_clusters(["a", "b", "a", "c", "b"]) == [0, 1, 0, 3, 1]
+    rng = np.random.default_rng(5)
+    start = (rng.random(40) < 0.4).astype(float)
+    expert = np.where(rng.random(40) < 0.3, 1.0, start)
+    order = rng.permutation(200)  # five copies of each of the 40 prompts, shuffled
+    labels = np.repeat(np.arange(40), 5)[order]
+    clusters = prompt_clusters([f"p{i}" for i in labels])
+    firsts = list(dict.fromkeys(labels.tolist()))  # the prompts in the order the clusters number them
+    expert, start = expert[firsts], start[firsts]
+    labels = np.array([firsts.index(i) for i in labels])
+    one = delta_vs_start(expert, start, group="grpo", task="math", n_boot=400, seed=2)
+    copies = {"e": {"per_example": expert[labels], "clusters": clusters},
+              "s": {"per_example": start[labels], "clusters": clusters}}
+    got = delta_vs_start(copies["e"], copies["s"], group="grpo", task="math", n_boot=400, seed=2)
+    assert got["delta"] == pytest.approx(one["delta"])
+    assert [got["ci_low"], got["ci_high"]] == pytest.approx([one["ci_low"], one["ci_high"]])
+    naive = delta_vs_start(expert[labels], start[labels], group="grpo", task="math", n_boot=400, seed=2)
+    assert naive["ci_high"] - naive["ci_low"] < 0.6 * (got["ci_high"] - got["ci_low"])
+    own = list(range(40))
+    same = delta_vs_start({"per_example": expert, "clusters": own}, {"per_example": start, "clusters": own},
+                          group="grpo", task="math", n_boot=400, seed=2)
+    assert (same["ci_low"], same["ci_high"]) == (one["ci_low"], one["ci_high"])
+    t1 = table1({"g": {"math": copies["s"], "code": copies["s"]}},
+                {"g": {"avg": {("math", "code"): {"math": copies["e"], "code": copies["e"]}}}}, n_boot=300)
+    t1_plain = table1({"g": {"math": start, "code": start}},
+                      {"g": {"avg": {("math", "code"): {"math": expert, "code": expert}}}}, n_boot=300)
+    cell, plain = t1.cells[("g", "avg", "math")], t1_plain.cells[("g", "avg", "math")]
+    assert cell.rel_change == pytest.approx(plain.rel_change)
+    assert [cell.ci_low, cell.ci_high] == pytest.approx([plain.ci_low, plain.ci_high])
+    with pytest.raises(ReportError, match="clusters"):
+        as_score({"per_example": [1.0, 0.0], "clusters": [1, 0]}, "x")
 
 
 def test_delta_vs_start_is_the_paired_bootstrap_of_the_differences():

@@ -191,9 +191,16 @@ def test_micro_summary_and_bf16_experts(micro_run):
     cell = data["experts"]["sft"]["math"]
     assert cell["n"] == expert.size == start.size and cell["score"] == pytest.approx(expert.mean())
     n_boot, ci = cfg.report.bootstrap_resamples, cfg.report.ci
+    # the bootstrap draws prompts: the copies of a prompt the set repeats go together (numbered by first use)
+    lines = (next((run / "steps").glob("eval_start.math-*")) / "records.jsonl").read_text().splitlines()
+    first: dict[str, int] = {}
+    label = np.array([first.setdefault(json.loads(line)["prompt"], len(first)) for line in lines])
+    k = len(first)
+    assert data["start"]["math"]["n_prompts"] == k <= expert.size
     rng = np.random.default_rng([cfg.report.seed, zlib.crc32(b"sft|start|math")])
-    idx = rng.integers(0, expert.size, size=(n_boot, expert.size))
-    diffs = expert[idx].mean(axis=1) - start[idx].mean(axis=1)
+    idx = rng.integers(0, k, size=(n_boot, k))
+    count = np.bincount(label, minlength=k)[idx].sum(axis=1)
+    diffs = (np.bincount(label, weights=expert - start, minlength=k)[idx].sum(axis=1)) / count
     lo, hi = np.percentile(diffs, [(1 - ci) / 2 * 100, (1 + ci) / 2 * 100])
     assert cell["delta_ci"] == pytest.approx([lo, hi])
     assert cell["delta_vs_start"] == pytest.approx(expert.mean() - start.mean())
