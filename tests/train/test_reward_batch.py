@@ -90,6 +90,8 @@ def test_a_pair_judged_before_in_the_process_is_not_run_again(monkeypatch):
     monkeypatch.setattr(sandbox, "run_python", counting)
     task = CodeTask(CodeTask.Config(workers=1))
     a, b = task.examples("gen", split="test", limit=2)
+    for e in (a, b):  # a right program other than the canonical text (which passes without a run of its own)
+        e.reference = e.reference.replace("    return", "    # right, in other words\n    return")
     wrong = "```python\ndef f(x):\n    return None\n```"
     assert task.score(a, a.reference) == {"pass": 1.0} and task.score(a, wrong) == {"pass": 0.0}
     assert runs.count(True) == 2  # two candidate runs (and the reference run, cached on its own)
