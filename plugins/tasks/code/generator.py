@@ -66,8 +66,9 @@ def generate_functions(n: int, *, seed: int = 0, split: str = "train", max_const
     completion) pairs then reuse the judge's verdicts across examples, steps and evaluations instead of running
     again. ``arg_names``: the argument is named by one of these, drawn per example (only ``x``: the draw is
     skipped). ``constants="words"``: the prompt names the constant in words (``add_seven(x)`` "returns x plus
-    seven"), the solution needs it in digits (``return x + 7``). ``distinct``: no prompt repeats within the set while the space allows (8 templates, constants
-    2..``max_constant``, the argument names: 43 x 5 = 215 prompts for 9 and five names)."""
+    seven"), the solution needs it in digits (``return x + 7``). ``distinct``: no prompt repeats within the set
+    while the space allows (8 templates, constants 2..``max_constant``, the argument names: 43 x 5 = 215 prompts
+    for 9 and five names)."""
     if tests not in ("per_example", "per_function"):
         raise ValueError(f"code gen tests: {tests!r} is not 'per_example' or 'per_function'")
     if constants not in ("digits", "words"):
