@@ -23,6 +23,9 @@ Table 1 (:func:`table1`)
     each resample the evaluation examples of a task are drawn with replacement; when the unmerged expert and
     all merged models of a cell were scored on the same number of examples (the same evaluation set), the
     same drawn indices are used for all of them (a paired bootstrap), otherwise each is resampled on its own.
+    When the scores carry prompt clusters (:func:`prompt_clusters`: the evaluation set repeats prompts), the
+    draw picks prompts with all their copies and each resampled mean is the drawn sums over the drawn counts; with
+    no repeated prompt this is the same draw and the same means.
     The relative change is recomputed from the resampled means exactly as for the point estimate; the
     interval is the ``(1 - ci) / 2`` and ``(1 + ci) / 2`` percentiles of the resampled changes (numpy's
     linear interpolation), resamples whose unmerged mean is 0 being left out (counted in ``n_undefined``).
