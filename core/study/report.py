@@ -118,7 +118,7 @@ def _setup(rep: _Report, scores: Mapping[str, Any], col: CollectedScores) -> Non
     rep.md.append(f"- bootstrap: {c['bootstrap_resamples']} resamples of the evaluation prompts (the copies of a "
                   f"prompt an evaluation set repeats are drawn together: greedy decoding gives them one answer), "
                   f"{c['ci'] * 100:g}% percentile interval, seed {c['bootstrap_seed']}")
-    distinct = {t: len(set(s.clusters.tolist())) for t, s in col.start.items() if s.clusters is not None}
+    distinct = {t: s.n_prompts for t, s in col.start.items() if s.n_prompts is not None}
     if distinct:
         rep.md.append("- different prompts among the evaluation examples: "
                       + ", ".join(f"{t}: {k} of {col.start[t].n}" for t, k in distinct.items()))

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from rlm.core.study.config import ExperimentConfig
 from rlm.core.study.plan import curve_methods, curve_subsets, plan_steps
-from rlm.core.study.tables import Score, as_score
+from rlm.core.study.tables import Score, as_score, shared_clusters
 
 PRIMARY_KEYS = ("reward", "accuracy", "pass_plus", "pass")
 
@@ -53,10 +53,7 @@ def mean_over_seeds(scores: list[Score]) -> Score:
         import numpy as np
 
         per = np.mean(np.stack(arrays), axis=0)
-        clusters = scores[0].clusters
-        if any(s.clusters is None or not np.array_equal(s.clusters, clusters) for s in scores):
-            clusters = None
-        return Score(float(per.mean()), per, sources, int(per.size), clusters)
+        return Score(float(per.mean()), per, sources, int(per.size), shared_clusters(scores))
     return Score(float(sum(s.value for s in scores) / len(scores)), None, sources, scores[0].n)
 
 

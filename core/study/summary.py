@@ -129,8 +129,7 @@ def build_summary(*, preset: str, elapsed_s: float, steps: int, start: Mapping[s
     return _json_safe({
         "preset": preset, "elapsed_s": round(float(elapsed_s), 3), "steps": steps, "units": UNITS,
         "precision": dict(precision), "bootstrap": dict(bootstrap),
-        "start": {t: {"score": s.value, "n": s.n, **({} if s.clusters is None else
-                                                        {"n_prompts": len(set(s.clusters.tolist()))})}
+        "start": {t: {"score": s.value, "n": s.n, **({} if s.n_prompts is None else {"n_prompts": s.n_prompts})}
                   for t, s in start.items()},
         "experts": {g: {t: {"score": e["score"], "n": e["n"], "delta_vs_start": e.get("delta"),
                             "delta_ci": _pair(e.get("ci_low"), e.get("ci_high")), "paired": e.get("paired")}

@@ -80,6 +80,11 @@ class Score:
     #: one prompt are resampled together (None: every example on its own)
     clusters: np.ndarray | None = None
 
+    @property
+    def n_prompts(self) -> int | None:
+        """The different prompts among the examples (None without clusters)."""
+        return None if self.clusters is None else int(np.unique(self.clusters).size)
+
 
 def prompt_clusters(prompts: Sequence[str]) -> list[int]:
     """Per example, the index of the first example with the same prompt: ``[0, 1, 0]`` for prompts
@@ -89,7 +94,7 @@ def prompt_clusters(prompts: Sequence[str]) -> list[int]:
     return [first.setdefault(p, i) for i, p in enumerate(prompts)]
 
 
-def _clusters_of(scores: Sequence[Score]) -> np.ndarray | None:
+def shared_clusters(scores: Sequence[Score]) -> np.ndarray | None:
     """The prompt clusters shared by every score (all of the same length); None if any lacks them or they
     differ."""
     labels = [s.clusters for s in scores]
@@ -486,7 +491,7 @@ def _task_cell(g: str, m: str, t: str, pairs: Mapping[tuple[str, str], Mapping[s
         return cell, None
     rng = _cell_rng(seed, g, m, t)
     means = _resampled_means(rng, [s.per_example for _, s in got] + [u.per_example], n_boot,
-                             _clusters_of([s for _, s in got] + [u]))
+                             shared_clusters([s for _, s in got] + [u]))
     cell_b, u_b = np.mean(means[:-1], axis=0), means[-1]
     if cell.rel_change is not None:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -575,7 +580,7 @@ def delta_vs_start(expert: Any, start: Any, *, group: str, task: str, n_boot: in
     if e.per_example is None or s.per_example is None or n_boot <= 0:
         return out
     rng = _cell_rng(seed, group, VS_START, task)
-    e_b, s_b = _resampled_means(rng, [e.per_example, s.per_example], n_boot, _clusters_of([e, s]))
+    e_b, s_b = _resampled_means(rng, [e.per_example, s.per_example], n_boot, shared_clusters([e, s]))
     out["ci_low"], out["ci_high"], _ = _percentile_interval(e_b - s_b, ci)
     return out
 
