@@ -13,14 +13,16 @@ from rlm.core.cli import main
 from rlm.core.contracts import Example
 from rlm.core.io.records import read_records
 from rlm.plugins.tasks.code import CodeTask
+from rlm.plugins.tasks.code.judge import _whole_lines
 from rlm.plugins.tasks.code.program import build_solution, extract_code
 
-# Canonical MBPP+ solutions that may fail on a loaded machine, and why (all 378 passed in the last full run):
+# Canonical MBPP+ solutions whose *plus* suite may fail on a loaded machine, and why (all 378 passed in the last
+# full run; base and plus run in separate sandbox runs, so every base suite must pass):
 # - Mbpp/599 (sum_average): its plus inputs hold 16 calls with n around 1e8 (about 2 s each with `sum(range)` on
 #   this machine); the run is near the 60 s CPU limit, and a loaded machine can push it over.
-# - Mbpp/255 (combinations_colors): plus inputs ask for combinations with replacement of large lists; the
-#   expected outputs pickle to more than 512 MB (so they are kept as a digest of their repr), the candidate's
-#   outputs are large too, and the per-input time limit (4x the reference time, measured in another process)
+# - Mbpp/255 (combinations_colors): plus inputs ask for combinations with replacement of large lists (the
+#   reference run takes 38-47 s of the 60 s CPU limit here, the candidate's about as long); the expected outputs
+#   are kept as digests, and the per-input time limit (4x the reference time, measured in another process)
 #   is tight when the machine's load changes between the two runs.
 MBPP_PLUS_EXCEPTIONS = {"Mbpp/599", "Mbpp/255"}
 
@@ -78,7 +80,7 @@ def test_mbpp_plus_canonical_pass_base_and_plus():
     failed = {e.id for e, s in zip(ex, scores) if s != {"pass_base": 1.0, "pass_plus": 1.0}}
     assert failed <= MBPP_PLUS_EXCEPTIONS, failed
     base_failed = {e.id for e, s in zip(ex, scores) if s["pass_base"] != 1.0}
-    assert base_failed <= {"Mbpp/599"}, base_failed
+    assert base_failed == set(), base_failed
     print(f"MBPP+ canonical: {dt:.1f} s, failed: {sorted(failed)}")
 
 
@@ -241,6 +243,28 @@ def test_reference_outputs_are_cached(tmp_path, monkeypatch):
     ex.answer = dict(ex.answer, canonical="def f(x):\n    raise RuntimeError\n")
     assert fresh.reference_outputs(ex) is None
     assert fresh.score(ex, "def f(x):\n    return [x] * 3\n") == {"pass_base": 0.0, "pass_plus": 0.0}
+
+
+def test_a_plus_suite_over_the_cpu_limit_costs_only_plus(tmp_path, monkeypatch):
+    """Base and plus run in separate sandbox runs (as in evalplus): a plus suite that exhausts the CPU limit,
+    in the reference or in the candidate, fails plus only; a reference cut short is not cached on disk."""
+    from rlm.core.eval.sandbox import SandboxConfig
+
+    monkeypatch.setenv("RLM_CACHE", str(tmp_path / "cache"))
+    task = CodeTask(sandbox=SandboxConfig(cpu_seconds=1, wall_seconds=20.0), verdict_cache=0)
+    ex = task.examples("gen", limit=1)[0]
+    slow = "def f(x):\n    while x > 0:\n        pass\n    return x\n"
+    ex.answer = dict(ex.answer, dataset="humaneval", entry_point="f", canonical=slow,
+                     base_input=[[-1], [-2]], plus_input=[[-3], [1]])
+    assert task.score(ex, slow) == {"pass_base": 1.0, "pass_plus": 0.0}
+    assert not list((tmp_path / "cache").rglob("*.jsonl"))
+    # a complete reference; the candidate's plus run times out on its second input
+    fast = "def f(x):\n    return x\n"
+    ex.answer = dict(ex.answer, canonical=fast)
+    assert task.score(ex, slow) == {"pass_base": 1.0, "pass_plus": 0.0}
+    assert task.score(ex, fast) == {"pass_base": 1.0, "pass_plus": 1.0}
+    assert len(list((tmp_path / "cache").rglob("*.jsonl"))) == 1
+    assert _whole_lines(b'["a"]\n["b", 1') == b'["a"]\n' and _whole_lines(b'["a') == b""
 
 
 def test_large_outputs_are_compared_by_digest():

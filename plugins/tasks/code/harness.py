@@ -6,10 +6,11 @@ with :mod:`rlm.plugins.tasks.code.plain`, whose source is pasted into ``PRELUDE`
 a candidate passes, and no script that runs candidate code is given an expected output:
 
 ``REFERENCE_SCRIPT`` (trusted: only the canonical solution runs)
-    runs the canonical solution on the evalplus-style inputs; records ``[suite, i, "ok", value, limit]``
+    runs the canonical solution on the evalplus-style inputs of the suites named in ``spec["suites"]`` (the
+    judge runs each suite on its own, so each has the sandbox's whole CPU budget, as in evalplus); records ``[suite, i, "ok", value, limit]``
     (``limit`` the per-input time limit ``max(min_time, factor x reference time)``), or ``[suite, i, "error"]``.
 ``CANDIDATE_SCRIPT`` (untrusted; its stdout and stderr go to /dev/null, so printing costs nothing)
-    runs the candidate on the same inputs under the per-input limits; records ``[suite, i, "ok", value]`` or
+    runs the candidate on the same inputs (of ``spec["suites"]``) under the per-input limits; records ``[suite, i, "ok", value]`` or
     ``[suite, i, "error"]`` and stops at the first error (plus is skipped when base errs).
 ``RECORD_SCRIPT`` (trusted)
     runs a test program (HumanEval's ``check``, assert lines) against the canonical solution with its
@@ -118,7 +119,7 @@ REFERENCE_SCRIPT = PRELUDE + r'''
 _ns = {"__name__": "rlm_reference"}
 exec(compile(_spec["canonical"], "reference.py", "exec"), _ns)
 _f = _ns[_spec["entry_point"]]
-for _k in ("base_input", "plus_input"):
+for _k in _spec["suites"]:
     for _i, _r in enumerate(_inputs(_k)):
         _t0 = _time.perf_counter()
         try:
@@ -132,7 +133,7 @@ for _k in ("base_input", "plus_input"):
 
 CANDIDATE_SCRIPT = PRELUDE + r'''
 _lims = _spec["limits"]
-_suites = [(_k, _inputs(_k)) for _k in ("base_input", "plus_input")]
+_suites = [(_k, _inputs(_k)) for _k in _spec["suites"]]
 _ns = {"__name__": "rlm_solution"}
 _quiet()
 exec(compile(open("solution.py", encoding="utf-8").read(), "solution.py", "exec"), _ns)

@@ -93,6 +93,22 @@ def has_plus(example: Example) -> bool:
     return a.get("kind") == "io" and a.get("dataset") in ("humaneval", "mbpp")
 
 
+def _one_suite(spec: dict[str, Any], suite: str) -> dict[str, Any]:
+    """``spec`` for a sandbox run of ``suite`` alone (the other suite's inputs left out)."""
+    return dict(spec, suites=[suite], **{k: None for k in SUITES if k != suite})
+
+
+def _whole_lines(channel: bytes) -> bytes:
+    """The channel's complete lines: a run killed by its limits while writing a record loses only that
+    record (the records before it still count)."""
+    return channel[:channel.rfind(b"\n") + 1]
+
+
+def _complete(parsed: Any) -> bool:
+    """Whether a parsed reference covers every suite (test programs: always)."""
+    return not isinstance(parsed, dict) or all(v is not None for v in parsed.values())
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, so readers never see a part."""
     import os
@@ -152,7 +168,7 @@ class CodeJudge:
         if solution is not None:
             files["solution.py"] = solution
         res = run_python(script, config=cfg, files=files, channel_bytes=max(1, int(self.config.channel_mb * 2 ** 20)))
-        return None if res.channel_overflow else parse_records(res.channel)
+        return None if res.channel_overflow else parse_records(_whole_lines(res.channel))
 
     def _digest_bytes(self) -> int:
         return int(self.config.digest_mb * 2 ** 20)
@@ -174,13 +190,15 @@ class CodeJudge:
 
     def _parse_reference(self, rspec: dict[str, Any], data: bytes) -> Any:
         """The parsed reference: io ``{suite: (outputs, limits)}``; test programs the recorded ``[name, args
-        encoding, kwargs encoding]`` calls. ``None`` when the run did not complete."""
+        encoding, kwargs encoding]`` calls. ``None`` when the run did not complete (io: when the base suite's
+        did not; a plus suite that did not complete is ``None`` inside)."""
         records = parse_records(data)
         if records is None:
             return None
-        if rspec["kind"] == "io":
-            out = {k: suite_values(records, k, with_limits=True) for k in SUITES}
-            return out if all(len(out[k][0]) == rspec["counts"][k] for k in SUITES) else None
+        if rspec["kind"] == "io":  # a suite whose run did not complete is None (nothing passes it)
+            got = {k: suite_values(records, k, with_limits=True) for k in SUITES}
+            out = {k: got[k] if len(got[k][0]) == rspec["counts"][k] else None for k in SUITES}
+            return None if out["base_input"] is None else out
         if records[-1:] != [["done"]]:
             return None
         calls = []
@@ -221,43 +239,61 @@ class CodeJudge:
         path = cache_dir() / "code_reference" / f"{key}.jsonl"
         data = path.read_bytes() if path.is_file() else None
         parsed = self._parse_reference(rspec, data) if data is not None else None
-        if parsed is None:
+        if parsed is None or not _complete(parsed):
             res = self._run_reference(script, rspec)
             if res is None:
                 return None  # the canonical solution itself failed here (limits): nothing can pass
             data, parsed = res
-            _write_atomically(path, data)
+            if _complete(parsed):  # a suite cut short (limits) is retried by the next process, not cached
+                _write_atomically(path, data)
         if len(data) <= self.config.memory_cache_mb * 2 ** 20:
             self._reference_cache[key] = (data, parsed)
         return data, parsed
 
     def _run_reference(self, script: str, rspec: dict[str, Any]) -> tuple[bytes, Any] | None:
+        """(channel text, parsed) of a fresh reference run; io examples run one suite per sandbox run (base,
+        then plus only when base completed), so a slow plus suite cannot cost the base verdicts."""
         from rlm.core.eval.sandbox import run_python
 
-        res = run_python(script, config=self.config.sandbox, files={"spec.json": json.dumps(rspec)},
-                         channel_bytes=max(1, int(self.config.channel_mb * 2 ** 20)))
-        if res.channel_overflow:
-            return None
-        parsed = self._parse_reference(rspec, res.channel)
-        return None if parsed is None else (res.channel, parsed)
+        if rspec["kind"] == "io":
+            specs = [_one_suite(rspec, k) for k in SUITES if k == SUITES[0] or rspec["counts"][k]]
+        else:
+            specs = [rspec]
+        data = b""
+        for spec in specs:
+            res = run_python(script, config=self.config.sandbox, files={"spec.json": json.dumps(spec)},
+                             channel_bytes=max(1, int(self.config.channel_mb * 2 ** 20)))
+            if not res.channel_overflow:
+                data += _whole_lines(res.channel)
+            if self._parse_reference(rspec, data) is None:
+                return None
+        parsed = self._parse_reference(rspec, data)
+        return None if parsed is None else (data, parsed)
 
     def _io_verdicts(self, example: Example, solution: str) -> dict[str, bool] | None:
-        """evalplus-style: the candidate's outputs on the base and plus inputs against the reference's."""
+        """evalplus-style: the candidate's outputs on the base and plus inputs against the reference's. As in
+        evalplus, each suite runs on its own (its own CPU budget) and plus runs only when base passed."""
         rspec = self._reference_spec(example)
         ref = self._reference(example, rspec)
         if ref is None:
             return None
         spec, (_, suites) = example.answer, ref
         ds, ep = spec.get("dataset"), spec["entry_point"]
-        cspec = {k: rspec[k] for k in ("entry_point", "base_input", "plus_input", "not_none", "digest_bytes")}
-        cspec["limits"] = {k: suites[k][1] for k in SUITES}
-        wall = sum(sum(lims) for _, lims in suites.values()) + OVERHEAD_SECONDS
-        records = self._run(CANDIDATE_SCRIPT, cspec, solution, wall)
-        if records is None:
-            return None
         atol = spec.get("atol") or 0
-        return {k: suite_passes(ds, ep, list(spec.get(k) or []), suite_values(records, k)[0], suites[k][0], atol)
-                for k in SUITES}
+        verdicts: dict[str, bool] = {}
+        for k in SUITES:
+            inputs = list(spec.get(k) or [])
+            if suites[k] is None or (k != SUITES[0] and not verdicts[SUITES[0]]):
+                verdicts[k] = False
+                continue
+            outputs: list[Any] = []
+            if inputs:
+                cspec = _one_suite({x: rspec[x] for x in ("entry_point", "not_none", "digest_bytes", *SUITES)}, k)
+                cspec["limits"] = {k: suites[k][1]}
+                records = self._run(CANDIDATE_SCRIPT, cspec, solution, sum(suites[k][1]) + OVERHEAD_SECONDS)
+                outputs = [] if records is None else suite_values(records, k)[0]
+            verdicts[k] = suite_passes(ds, ep, inputs, outputs, suites[k][0], atol)
+        return verdicts
 
     def _canonical_verdicts(self, example: Example, solution: str) -> dict[str, bool] | None:
         """A ``gen`` program that is the canonical solution's text passes without a run of its own: the
