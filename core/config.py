@@ -90,6 +90,15 @@ def deep_update(dst: dict[str, Any], src: Mapping[str, Any]) -> None:
             dst[k] = json.loads(json.dumps(v))
 
 
+def _shown_input(value: Any, limit: int = 80) -> str:
+    """`` (got VALUE)`` for an error line: nothing for a whole section (a model-level check's input), a long
+    value cut to ``limit`` characters."""
+    if isinstance(value, Mapping):
+        return ""
+    text = repr(value)
+    return f" (got {text if len(text) <= limit else text[:limit - 3] + '...'})"
+
+
 def validate(model: type[M], data: Mapping[str, Any], source: str = "config") -> M:
     """Validate ``data`` as ``model``; the error lists every bad field by its dotted path."""
     try:
@@ -102,7 +111,7 @@ def validate(model: type[M], data: Mapping[str, Any], source: str = "config") ->
             if err["type"] == "extra_forbidden":
                 allowed = ", ".join(sorted(model.model_fields))
                 msg = f"unknown field (allowed: {allowed})" if len(err["loc"]) == 1 else "unknown field"
-            got = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") else ""
+            got = _shown_input(err["input"]) if err["type"] not in ("missing", "extra_forbidden") else ""
             lines.append(f"  {loc}: {msg}{got}")
         raise ConfigError(f"invalid {source} for {model.__name__}:\n" + "\n".join(lines)) from None
 

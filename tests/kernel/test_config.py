@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from rlm.core.config import load_config, parse_set
 from rlm.core.errors import ConfigError
@@ -50,6 +50,26 @@ def test_errors_name_the_field(tmp_path):
         load_config(Run, tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_set("novalue")
+
+
+class Checked(Run):
+    @model_validator(mode="after")
+    def _two_tasks(self) -> "Checked":
+        if len(self.tasks) < 2:
+            raise ValueError("needs at least two tasks")
+        return self
+
+
+def test_errors_stay_one_line_each_without_the_whole_config():
+    """A model-level check names the problem, not the whole section it was given; a long value is cut."""
+    with pytest.raises(ConfigError) as err:
+        load_config(Checked, sets=["tasks=[math]", "name=" + "n" * 50])
+    lines = str(err.value).splitlines()
+    assert lines[1] == "  (top level): Value error, needs at least two tasks"
+    assert len(lines) == 2
+    with pytest.raises(ConfigError) as err:
+        load_config(Run, sets=["optim.steps=" + "9x" * 100])
+    assert str(err.value).splitlines()[1].endswith("...)") and len(str(err.value).splitlines()[1]) < 200
 
 
 def test_set_values_are_typed():
