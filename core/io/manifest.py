@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel
 
+from rlm.core.cpu_numerics import cpu_numerics
 from rlm.core.io.atomic import atomic_write_json, sha256_file
 
 PACKAGES = ("rlm", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "numpy",
@@ -68,6 +69,7 @@ def build_manifest(*, command: list[str] | None = None, config: BaseModel | Mapp
         "git_commit": git_commit(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu_numerics": cpu_numerics(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest.update(dict(extra or {}))

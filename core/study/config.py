@@ -328,6 +328,10 @@ class ExperimentConfig(PluginConfig):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads for the whole run (None: torch's "
                                                         "default; 1 is fastest for the tiny model on a busy CPU)")
+    cpu_capability: Literal["native", "avx2"] = Field(
+        "native", description="CPU code paths of torch, MKL and oneDNN: avx2 pins them to AVX2 on every x86-64 "
+        "CPU that has it, so the same seeds give the same numbers on different CPUs (rlm.core.cpu_numerics); "
+        "native: each CPU's fastest paths")
     keep_merged_models: bool = Field(True, description="False: delete each merged model's weights once its "
                                      "evaluations (and landscape) have finished; it is merged again only when a "
                                      "step that reads it has to run again (for large bases: 16 GB per 8B merge)")

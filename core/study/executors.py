@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from rlm.core.cpu_numerics import ENV_NAMES
 from rlm.core.errors import RlmError
 from rlm.core.study.graph import (  # noqa: F401 - LocalExecutor re-exported: the in-process default lives in graph
     DONE,
@@ -47,6 +48,8 @@ EXECUTORS = ("local", "ray")
 LOGS_DIR = "logs"
 #: environment variables a Ray cluster started here passes on to its workers (caches, offline switches)
 _FORWARDED_ENV_PREFIXES = ("RLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+# the CPU code paths a study pins (cpu_capability): a worker of a running cluster must load torch with them too
+_FORWARDED_ENV_NAMES = ENV_NAMES
 
 
 
@@ -88,7 +91,8 @@ class RayExecutor:
         ray = _import_ray()
         self._run_dir = Path(run_dir)
         if not ray.is_initialized():
-            env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
+            env = {k: v for k, v in os.environ.items()
+                   if k.startswith(_FORWARDED_ENV_PREFIXES) or k in _FORWARDED_ENV_NAMES}
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                       "runtime_env": {"env_vars": env} if env else None}
             if self.address:

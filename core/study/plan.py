@@ -149,6 +149,8 @@ class _Planner:
         init_cfg: dict[str, Any] = {"base": cfg.base.model_dump(mode="json")}
         if Path(cfg.base.model).expanduser().is_dir():  # used in place: the cache must notice a rewritten directory
             init_cfg["fingerprint"] = dir_fingerprint(cfg.base.model)
+        if cfg.cpu_capability != "native":  # other kernels, other numbers: every step's key changes with it
+            init_cfg["cpu_capability"] = cfg.cpu_capability
         if not cfg.warmup_enabled and cfg.precision.save_dtype != "auto":  # the base is θ0: saved as the experts
             init_cfg["save_dtype"] = cfg.precision.save_dtype
         self.start = self.add("init", "init", [], init_cfg)
@@ -235,7 +237,8 @@ class _Planner:
             "methods": [m.id for m in cfg.methods], "seeds": cfg.seeds, "bootstrap_resamples": rep.bootstrap_resamples,
             "ci": rep.ci, "bootstrap_seed": rep.seed, "scale": rep.scale,
             "table3": cfg.report.table3, "curve": cfg.curve.enabled,
-            "landscape": cfg.landscape.enabled, "save_dtype": cfg.precision.save_dtype})
+            "landscape": cfg.landscape.enabled, "save_dtype": cfg.precision.save_dtype,
+            "cpu_capability": cfg.cpu_capability})
 
 
 def plan_steps(cfg: ExperimentConfig) -> list[PlannedStep]:

@@ -143,10 +143,21 @@ def _precision_lines(rep: _Report) -> list[str]:
                "evaluation read these saved checkpoints"]
     if modes:
         lines.append(f"- experts trained with precision {'; '.join(modes)}")
+    cpu = _cpu_numerics(rep)
+    if cpu["torch_capability"] or cpu["cpu_capability"] not in (None, "native"):
+        lines.append(f"- CPU kernels: cpu_capability {cpu['cpu_capability'] or 'native'}; torch's kernels "
+                     f"{', '.join(cpu['torch_capability']) or 'unknown'} on {'; '.join(cpu['cpu']) or 'unknown CPU'} "
+                     "(results are bitwise the same only on the same code paths)")
     if start != "unknown" and any(d not in (start, "unknown") for d in dtypes):
         lines.append(f"- note: θ0 and experts are saved in different dtypes, so τ = θ_expert − θ0 also holds the "
                      f"rounding of θ0 from {start} to the experts' dtype (Table 2 counts it as updated)")
     return lines
+
+
+def _cpu_numerics(rep: _Report) -> dict[str, Any]:
+    from rlm.core.study.summary import cpu_numerics_summary
+
+    return cpu_numerics_summary(rep.config.get("cpu_capability"), rep.saved.get("experts") or {})
 
 
 def _start_model(rep: _Report, col: CollectedScores) -> None:
@@ -463,5 +474,5 @@ def _write_summary(rep: _Report, col: CollectedScores, experts: Mapping[str, Any
     data = build_summary(preset=c["name"], elapsed_s=seconds, steps=steps, start=col.start, experts=experts, t1=t1,
                          table2=table2, precision={"save_dtype": c.get("save_dtype"), **rep.saved},
                          bootstrap={"resamples": c["bootstrap_resamples"], "ci": c["ci"],
-                                    "seed": c["bootstrap_seed"]})
+                                    "seed": c["bootstrap_seed"]}, cpu=_cpu_numerics(rep))
     atomic_write_json(rep.out / SUMMARY_FILE, data)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from rlm.core.cpu_numerics import pin_cpu_capability
 from rlm.core.errors import RlmError
 from rlm.core.study.config import ExperimentConfig
 from rlm.core.study.plan import PlannedStep, build_graph, dir_fingerprint, plan_steps
@@ -27,6 +28,7 @@ def run_study(cfg: ExperimentConfig, out: str | Path, *, plan: Sequence[PlannedS
     from rlm.core.study.steps import STEP_VERSIONS, StudySteps
 
     out = Path(out)
+    pin_cpu_capability(getattr(cfg, "cpu_capability", "native"))  # before torch loads (refused after)
     if getattr(cfg, "threads", None):
         import torch
 

@@ -16,7 +16,9 @@ Scores are fractions in [0, 1] (the report's tables show them × ``report.scale`
 when it ran (each step's ``step.json``; a rerun that reuses finished steps reports the same sum). Table 2's
 ``update_norm`` and ``fraction_updated`` are the conflicts step's, on the saved checkpoints; each entry also has
 ``saved_dtype`` and, from the expert's training run, the master weights' statistics. Added keys: ``units``,
-``precision`` (saved dtypes of θ0 and the experts), ``table1_average``, ``bootstrap``, ``steps``; ``start``
+``precision`` (saved dtypes of θ0 and the experts), ``table1_average``, ``bootstrap``, ``steps``,
+``cpu_numerics`` (the study's ``cpu_capability``, torch's kernel capabilities and the CPUs that trained the
+experts: the same seeds give the same numbers only on the same code paths); ``start``
 entries add ``n_prompts`` (the different prompts among the ``n`` examples; the bootstrap draws prompts).
 """
 
@@ -57,7 +59,17 @@ def run_precision(run_dir: Path) -> dict[str, Any]:
         data = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {k: data[k] for k in ("precision", "master_dtype", "compute_dtype", "save_dtype") if k in data}
+    return {k: data[k] for k in ("precision", "master_dtype", "compute_dtype", "save_dtype", "cpu_numerics")
+            if k in data}
+
+
+def cpu_numerics_summary(capability: str | None, experts: Mapping[str, Any]) -> dict[str, Any]:
+    """summary.json's ``cpu_numerics``: the study's ``cpu_capability`` and, from the experts' run manifests,
+    the kernel capabilities torch used and the CPU models that trained them (sorted, distinct)."""
+    runs = [e["cpu_numerics"] for e in experts.values() if isinstance(e.get("cpu_numerics"), dict)]
+    return {"cpu_capability": capability,
+            "torch_capability": sorted({r["torch_capability"] for r in runs if r.get("torch_capability")}),
+            "cpu": sorted({r["cpu"] for r in runs if r.get("cpu")})}
 
 
 def steps_seconds(run_dir: Path, dirs: list[Path]) -> tuple[float, int]:
@@ -119,7 +131,8 @@ def table1_part(t1: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def build_summary(*, preset: str, elapsed_s: float, steps: int, start: Mapping[str, Any],
                   experts: Mapping[str, Mapping[str, Any]], t1: Any, table2: Mapping[str, Any],
-                  precision: Mapping[str, Any], bootstrap: Mapping[str, Any]) -> dict[str, Any]:
+                  precision: Mapping[str, Any], bootstrap: Mapping[str, Any],
+                  cpu: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The summary (the module docstring's shape). ``start``: task -> Score; ``experts``: group -> task ->
     ``{"score", "n", "delta", "ci_low", "ci_high", "paired"}``; ``t1``: the Table1 (or None); ``table2``:
     "GROUP/TASK" -> its entry."""
@@ -128,7 +141,7 @@ def build_summary(*, preset: str, elapsed_s: float, steps: int, start: Mapping[s
     table1, table1_average = table1_part(t1) if t1 is not None else ({}, {})
     return _json_safe({
         "preset": preset, "elapsed_s": round(float(elapsed_s), 3), "steps": steps, "units": UNITS,
-        "precision": dict(precision), "bootstrap": dict(bootstrap),
+        "precision": dict(precision), "bootstrap": dict(bootstrap), "cpu_numerics": dict(cpu or {}),
         "start": {t: {"score": s.value, "n": s.n, **({} if s.n_prompts is None else {"n_prompts": s.n_prompts})}
                   for t, s in start.items()},
         "experts": {g: {t: {"score": e["score"], "n": e["n"], "delta_vs_start": e.get("delta"),

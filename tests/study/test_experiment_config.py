@@ -456,3 +456,19 @@ def test_merged_models_are_ephemeral_only_when_not_kept():
     assert not any(s.ephemeral for s in tiny)
     kept = plan_steps(load_experiment("paper", sets=["keep_merged_models=true"]))
     assert not any(s.ephemeral for s in kept)
+
+
+def test_cpu_capability_changes_every_step_key():
+    """Other CPU kernels give other numbers, so a pinned study shares no finished step with a native one; the
+    default (native) keeps the keys studies had before the field existed."""
+    functions = {k: (lambda ctx: {}) for k in STEP_KINDS}
+    native = load_experiment(SMALL)
+    pinned = load_experiment({**SMALL, "cpu_capability": "avx2"})
+    assert native.cpu_capability == "native" and "cpu_capability" not in plan_steps(native)[0].config
+    keys_native = build_graph(plan_steps(native), functions).keys()
+    keys_pinned = build_graph(plan_steps(pinned), functions).keys()
+    assert keys_native.keys() == keys_pinned.keys()
+    assert all(keys_native[n] != keys_pinned[n] for n in keys_native)
+    assert load_experiment("cpu-tiny").cpu_capability == "avx2"
+    with pytest.raises(ConfigError, match="cpu_capability"):
+        load_experiment({**SMALL, "cpu_capability": "avx512"})

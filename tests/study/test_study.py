@@ -213,6 +213,12 @@ def test_micro_summary_and_bf16_experts(micro_run):
         assert (manifest["save_dtype"], manifest["master_dtype"]) == ("bfloat16", "float32"), step
     assert "weights saved in: θ0 bfloat16, experts bfloat16" in (rep / "report.md").read_text()
     assert data["precision"]["start"]["dtype"] == "bfloat16"
+    # which CPU kernels trained the experts (the same seeds give the same numbers only on the same ones)
+    import torch
+
+    assert data["cpu_numerics"]["cpu_capability"] == "native"
+    assert data["cpu_numerics"]["torch_capability"] == [torch.backends.cpu.get_cpu_capability()]
+    assert "- CPU kernels: cpu_capability native; torch's kernels" in (rep / "report.md").read_text()
     assert {e["dtype"] for e in data["precision"]["experts"].values()} == {"bfloat16"}
     # Table 2 on the saved bf16 weights: recomputed from the files; the master weights' statistics beside it
     base, saved = _saved_weights(run, "warmup-*"), _saved_weights(run, "train.sft.math.s0-*")
