@@ -472,3 +472,17 @@ def test_cpu_capability_changes_every_step_key():
     assert load_experiment("cpu-tiny").cpu_capability == "avx2"
     with pytest.raises(ConfigError, match="cpu_capability"):
         load_experiment({**SMALL, "cpu_capability": "avx512"})
+
+
+def test_training_cost_orders_the_demo_longest_first():
+    """The scheduling hint of a train step: generated tokens for RL, a tenth of the trained tokens for SFT; in
+    the demo the code RL experts (64 new tokens) come before the math ones (48), and SFT last."""
+    from rlm.core.study.plan import SFT_TOKEN_COST, training_cost
+
+    plan = {s.name: s for s in plan_steps(load_experiment("cpu-tiny", quick=True))}
+    assert plan["train.grpo.code.s0"].cost == 28 * 32 * 8 * 64 == plan["train.rl_pos.code.s0"].cost
+    assert plan["train.grpo.math.s0"].cost == 24 * 32 * 8 * 48
+    assert plan["train.sft.math.s0"].cost == pytest.approx(SFT_TOKEN_COST * 60 * 16 * 192)
+    assert plan["warmup"].cost == pytest.approx(SFT_TOKEN_COST * 300 * 16 * 192)
+    assert all(s.cost == 0 for s in plan.values() if s.kind not in ("train", "warmup"))
+    assert training_cost({"trainer": "grpo", "config": {}}) == 100 * 8 * 8 * 64  # RLConfig's defaults

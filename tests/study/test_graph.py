@@ -77,6 +77,28 @@ def test_runs_in_dependency_order_and_caches(tmp_path):
     assert {x["name"]: x["status"] for x in graph["steps"]}["d"] == "cached" and graph["ok"]
 
 
+def test_ready_steps_go_longest_path_first(tmp_path):
+    """Among ready steps the one with the costliest path to the end runs first (costs are hints: not in the
+    keys); equal costs keep the order steps were added in."""
+    rec = Recorder()
+    g = Graph()
+    g.add("warm", rec.fn, config={}, cost=1)
+    g.add("sft", rec.fn, deps=["warm"], config={}, cost=1)
+    g.add("rl_math", rec.fn, deps=["warm"], config={}, cost=3)
+    g.add("rl_code", rec.fn, deps=["warm"], config={}, cost=5)
+    g.add("eval_code", rec.fn, deps=["rl_code"], config={})
+    g.add("report", rec.fn, deps=["sft", "rl_math", "eval_code"], config={})
+    assert g.path_costs(g.order()) == {"warm": 6, "sft": 1, "rl_math": 3, "rl_code": 5, "eval_code": 0, "report": 0}
+    assert g.run(tmp_path, progress=False).ok
+    assert rec.calls == ["warm", "rl_code", "rl_math", "sft", "eval_code", "report"]
+    same = Graph()
+    for name, step in g.steps.items():
+        same.add(name, rec.fn, deps=step.deps, config={})  # no costs: the same keys
+    assert same.keys() == g.keys()
+    with pytest.raises(GraphError, match="cost must be >= 0"):
+        Graph().add("x", rec.fn, cost=-1)
+
+
 def test_config_change_invalidates_only_step_and_dependents(tmp_path):
     diamond(Recorder()).run(tmp_path, progress=False)
     rec = Recorder()
