@@ -62,7 +62,8 @@ def cpu_supports(capability: str) -> bool:
 
 def _cpuinfo() -> dict[str, str]:
     try:
-        text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
     except OSError:
         return {}
     out: dict[str, str] = {}
