@@ -13,6 +13,7 @@ when it is too late. No library offers this as one switch, hence the few lines h
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any
@@ -25,7 +26,7 @@ CPU_CAPABILITIES = ("native", "avx2")
 _ENV = {
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
 }
-ENV_NAMES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+ENV_NAMES = tuple(_ENV["avx2"])
 
 
 def capability_env(capability: str) -> dict[str, str]:
@@ -60,7 +61,9 @@ def cpu_supports(capability: str) -> bool:
     return not flags or capability in flags
 
 
+@functools.lru_cache(maxsize=1)
 def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of /proc/cpuinfo (read once per process; empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             text = fh.read()

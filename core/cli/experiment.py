@@ -56,7 +56,6 @@ def experiment_run(
     """Run a study; finished steps are reused, so rerunning resumes. Prints Table 1 at the end."""
     import time
 
-    from rlm.core.cpu_numerics import pin_cpu_capability
     from rlm.core.study.check import check_plugins
     from rlm.core.study.executors import make_executor
     from rlm.core.study.presets import load_experiment
@@ -64,7 +63,6 @@ def experiment_run(
 
     cfg = load_experiment(config, quick=quick, sets=set_)
     check_plugins(cfg)
-    pin_cpu_capability(cfg.cpu_capability)  # before torch loads here or in a Ray worker
     runner = make_executor(executor, cfg, address=ray_address)
     out = out or Path("runs") / (cfg.name + ("-quick" if quick else ""))
     t0 = time.perf_counter()

@@ -48,8 +48,6 @@ EXECUTORS = ("local", "ray")
 LOGS_DIR = "logs"
 #: environment variables a Ray cluster started here passes on to its workers (caches, offline switches)
 _FORWARDED_ENV_PREFIXES = ("RLM_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
-# the CPU code paths a study pins (cpu_capability): a worker of a running cluster must load torch with them too
-_FORWARDED_ENV_NAMES = ENV_NAMES
 
 
 
@@ -92,7 +90,7 @@ class RayExecutor:
         self._run_dir = Path(run_dir)
         if not ray.is_initialized():
             env = {k: v for k, v in os.environ.items()
-                   if k.startswith(_FORWARDED_ENV_PREFIXES) or k in _FORWARDED_ENV_NAMES}
+                   if k.startswith(_FORWARDED_ENV_PREFIXES) or k in ENV_NAMES}  # ENV_NAMES: cpu_capability's
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                       "runtime_env": {"env_vars": env} if env else None}
             if self.address:

@@ -346,16 +346,22 @@ class Graph:
         return step
 
     # -- structure ---------------------------------------------------------------------------------------
-    def path_costs(self, order: Sequence[str]) -> dict[str, float]:
-        """For each step of ``order`` (a topological order), its cost plus the costliest path through its
-        dependents within ``order``: the priority of a ready step (a step's never falls below a dependent's)."""
-        within = set(order)
-        rank: dict[str, float] = {}
-        dependents: dict[str, list[str]] = {n: [] for n in order}
+    def dependents(self, order: Sequence[str], within: set[str]) -> dict[str, list[str]]:
+        """Each step of ``order`` -> the steps of ``within`` that list it as a dependency (in ``order``)."""
+        out: dict[str, list[str]] = {n: [] for n in order}
         for n in order:
-            for d in self.steps[n].deps:
-                if d in within:
-                    dependents[d].append(n)
+            if n in within:
+                for d in self.steps[n].deps:
+                    out[d].append(n)
+        return out
+
+    def path_costs(self, order: Sequence[str], dependents: Mapping[str, list[str]] | None = None) -> dict[str, float]:
+        """For each step of ``order`` (a topological order), its cost plus the costliest path through its
+        ``dependents`` (default: those within ``order``): the priority of a ready step (a step's never falls
+        below a dependent's)."""
+        if dependents is None:
+            dependents = self.dependents(order, set(order))
+        rank: dict[str, float] = {}
         for n in reversed(order):
             rank[n] = self.steps[n].cost + max((rank[c] for c in dependents[n]), default=0.0)
         return rank
@@ -458,9 +464,9 @@ class Graph:
 
     def _schedule(self, plan: _RunPlan, summary: RunSummary, executor: Any, keep_going: bool,
                   log: Callable[[str], None], bar: Any) -> None:
-        """Hand every step whose inputs are ready to ``executor`` (in graph order, as many as it takes at
-        once) and record what comes back, until nothing is left to run."""
-        rank = self.path_costs(plan.order)
+        """Hand every step whose inputs are ready to ``executor`` (costliest path to the end first, as many as
+        it takes at once) and record what comes back, until nothing is left to run."""
+        rank = self.path_costs(plan.order, plan.dependents)
         # longest path first; ties (and all-zero costs) keep graph order, and a step never precedes its deps
         todo = sorted((n for n in plan.order if summary.steps[n].status == PENDING), key=lambda n: -rank[n])
         running: set[str] = set()
@@ -551,11 +557,7 @@ class Graph:
         summary = RunSummary(run_dir=run_dir)
         for n in order:
             summary.steps[n] = StepStatus(name=n, key=keys[n], status=PENDING if n in wanted else SKIPPED)
-        dependents: dict[str, list[str]] = {n: [] for n in order}
-        for n in order:
-            for d in self.steps[n].deps:
-                if n in wanted:
-                    dependents[d].append(n)
+        dependents = self.dependents(order, wanted)
         finished = {n: read_step_json(self.step_dir(run_dir, n, keys[n])) for n in order}
         must_run = {n for n in wanted if finished[n] is None or n in force}
         revive = {n for n in wanted if self.steps[n].ephemeral and (finished[n] or {}).get("pruned")

@@ -69,7 +69,7 @@ def training_cost(config: Mapping[str, Any]) -> float:
 
     def get(model: Any, name: str) -> float:
         value = c.get(name, model.model_fields[name].default)
-        return float(value) if isinstance(value, (int, float)) and value is not None else 1.0
+        return float(value) if isinstance(value, (int, float)) else 1.0
 
     if any(k in c for k in ("prompts_per_step", "group_size", "max_new_tokens")) or \
             config.get("trainer") in ("grpo", "ppo", "reinforce_pp", "rl_pos"):

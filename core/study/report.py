@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rlm.core.study.scores import CollectedScores, collect_scores
-from rlm.core.study.summary import SUMMARY_FILE
+from rlm.core.study.summary import SUMMARY_FILE, cpu_numerics_summary
 
 EVAL_KINDS = ("eval_start", "eval_expert", "eval_merged")
 
@@ -39,6 +39,7 @@ class _Report:
     md: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=lambda: ["report.md", SUMMARY_FILE])
     saved: dict[str, Any] = field(default_factory=dict)  # rlm.core.study.summary.saved_weights
+    cpu: dict[str, Any] = field(default_factory=dict)  # rlm.core.study.summary.cpu_numerics_summary of saved
 
     @property
     def many_seeds(self) -> bool:
@@ -143,7 +144,7 @@ def _precision_lines(rep: _Report) -> list[str]:
                "evaluation read these saved checkpoints"]
     if modes:
         lines.append(f"- experts trained with precision {'; '.join(modes)}")
-    cpu = _cpu_numerics(rep)
+    cpu = rep.cpu
     if cpu["torch_capability"] or cpu["cpu_capability"] not in (None, "native"):
         lines.append(f"- CPU kernels: cpu_capability {cpu['cpu_capability'] or 'native'}; torch's kernels "
                      f"{', '.join(cpu['torch_capability']) or 'unknown'} on {'; '.join(cpu['cpu']) or 'unknown CPU'} "
@@ -152,12 +153,6 @@ def _precision_lines(rep: _Report) -> list[str]:
         lines.append(f"- note: θ0 and experts are saved in different dtypes, so τ = θ_expert − θ0 also holds the "
                      f"rounding of θ0 from {start} to the experts' dtype (Table 2 counts it as updated)")
     return lines
-
-
-def _cpu_numerics(rep: _Report) -> dict[str, Any]:
-    from rlm.core.study.summary import cpu_numerics_summary
-
-    return cpu_numerics_summary(rep.config.get("cpu_capability"), rep.saved.get("experts") or {})
 
 
 def _start_model(rep: _Report, col: CollectedScores) -> None:
@@ -433,6 +428,7 @@ def write_report(cfg: Any, ctx: Any) -> dict[str, Any]:
 
     rep = _Report(cfg, ctx)
     rep.saved = _saved_weights(rep)
+    rep.cpu = cpu_numerics_summary(rep.config.get("cpu_capability"), rep.saved.get("experts") or {})
     scores = {n: o.result for n, o in rep.of_kind(*EVAL_KINDS).items()}
     col = collect_scores(cfg, scores)
     _setup(rep, scores, col)
@@ -474,5 +470,5 @@ def _write_summary(rep: _Report, col: CollectedScores, experts: Mapping[str, Any
     data = build_summary(preset=c["name"], elapsed_s=seconds, steps=steps, start=col.start, experts=experts, t1=t1,
                          table2=table2, precision={"save_dtype": c.get("save_dtype"), **rep.saved},
                          bootstrap={"resamples": c["bootstrap_resamples"], "ci": c["ci"],
-                                    "seed": c["bootstrap_seed"]}, cpu=_cpu_numerics(rep))
+                                    "seed": c["bootstrap_seed"]}, cpu=rep.cpu)
     atomic_write_json(rep.out / SUMMARY_FILE, data)

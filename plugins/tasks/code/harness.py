@@ -7,11 +7,13 @@ a candidate passes, and no script that runs candidate code is given an expected 
 
 ``REFERENCE_SCRIPT`` (trusted: only the canonical solution runs)
     runs the canonical solution on the evalplus-style inputs of the suites named in ``spec["suites"]`` (the
-    judge runs each suite on its own, so each has the sandbox's whole CPU budget, as in evalplus); records ``[suite, i, "ok", value, limit]``
-    (``limit`` the per-input time limit ``max(min_time, factor x reference time)``), or ``[suite, i, "error"]``.
+    judge runs each suite on its own, so each has the sandbox's whole CPU budget, as in evalplus); records
+    ``[suite, i, "ok", value, limit]`` (``limit`` the per-input time limit ``max(min_time, factor x reference
+    time)``), or ``[suite, i, "error"]``.
 ``CANDIDATE_SCRIPT`` (untrusted; its stdout and stderr go to /dev/null, so printing costs nothing)
-    runs the candidate on the same inputs (of ``spec["suites"]``) under the per-input limits; records ``[suite, i, "ok", value]`` or
-    ``[suite, i, "error"]`` and stops at the first error (plus is skipped when base errs).
+    runs the candidate on the same inputs (of ``spec["suites"]``) under the per-input limits; records
+    ``[suite, i, "ok", value]`` or ``[suite, i, "error"]`` and stops at the first error (plus is skipped when
+    base errs).
 ``RECORD_SCRIPT`` (trusted)
     runs a test program (HumanEval's ``check``, assert lines) against the canonical solution with its
     functions wrapped by a recorder, under a fixed ``random`` seed; records ``["call", name, args, kwargs]`` for each

@@ -259,16 +259,16 @@ class CodeJudge:
             specs = [_one_suite(rspec, k) for k in SUITES if k == SUITES[0] or rspec["counts"][k]]
         else:
             specs = [rspec]
-        data = b""
+        data, parsed = b"", None
         for spec in specs:
             res = run_python(script, config=self.config.sandbox, files={"spec.json": json.dumps(spec)},
                              channel_bytes=max(1, int(self.config.channel_mb * 2 ** 20)))
             if not res.channel_overflow:
                 data += _whole_lines(res.channel)
-            if self._parse_reference(rspec, data) is None:
+            parsed = self._parse_reference(rspec, data)
+            if parsed is None:  # base did not complete: plus is not run
                 return None
-        parsed = self._parse_reference(rspec, data)
-        return None if parsed is None else (data, parsed)
+        return data, parsed
 
     def _io_verdicts(self, example: Example, solution: str) -> dict[str, bool] | None:
         """evalplus-style: the candidate's outputs on the base and plus inputs against the reference's. As in
