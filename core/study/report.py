@@ -199,6 +199,40 @@ def _experts_vs_start(rep: _Report, col: CollectedScores) -> dict[str, dict[str,
     return out
 
 
+def _findings(rep: _Report, experts: Mapping[str, Mapping[str, Any]], t1: Any) -> None:
+    """"What the numbers show": which experts beat θ0 with the interval above 0, and per merge method the
+    groups' Table 1 row-average changes from the smallest drop to the largest, with whether the extreme two
+    intervals are disjoint. Statements only of the tables above, whatever direction they point."""
+    from rlm.core.study.tables import AVERAGE
+
+    sc, pct = rep.scale, f"{rep.config['ci'] * 100:g}%"
+    lines: list[str] = []
+    above, others = [], []
+    for g, tasks in experts.items():
+        for t, e in tasks.items():
+            if e.get("ci_low") is not None:
+                text = f"{g} on {t} {e['delta'] * sc:+.1f} [{e['ci_low'] * sc:+.1f}, {e['ci_high'] * sc:+.1f}]"
+                (above if e["ci_low"] > 0 else others).append(text)
+    if above or others:
+        lines.append(f"- Experts whose {pct} interval of Δ against θ0 lies above 0: {len(above)} of "
+                     f"{len(above) + len(others)}" + (f" ({'; '.join(above)})" if above else "")
+                     + (f"; not above 0: {'; '.join(others)}" if others else "") + ".")
+    for m in rep.config["methods"]:
+        rows = [(g, c) for g in rep.config["groups"] if (c := t1.cells.get((g, m, AVERAGE))) is not None
+                and c.rel_change is not None] if t1 is not None else []
+        if len(rows) < 2:
+            continue
+        rows.sort(key=lambda r: -r[1].rel_change)
+        (g_lo, best), (g_hi, worst) = rows[0], rows[-1]
+        apart = None not in (best.ci_low, worst.ci_high) and worst.ci_high < best.ci_low
+        lines.append(f"- {m}, Table 1 row average from the smallest drop to the largest: " + "; ".join(
+            f"{g} {c.rel_change:+.1f} %" + ("" if c.ci_low is None else f" [{c.ci_low:+.1f}, {c.ci_high:+.1f}]")
+            for g, c in rows) + f". {g_lo}'s change and {g_hi}'s "
+            + ("have disjoint intervals." if apart else "have overlapping intervals: not separated here."))
+    if lines:
+        rep.md += ["## What the numbers show", ""] + lines + [""]
+
+
 def _tables_1_and_3(rep: _Report, col: CollectedScores) -> Any:
     from rlm.core.study import tables
 
@@ -435,6 +469,7 @@ def write_report(cfg: Any, ctx: Any) -> dict[str, Any]:
     _start_model(rep, col)
     experts = _experts_vs_start(rep, col)
     t1 = _tables_1_and_3(rep, col)
+    _findings(rep, experts, t1)
     _num_models_curve(rep, col)
     table2 = _conflicts(rep)
     _training_curves(rep)

@@ -40,7 +40,7 @@ from rlm.core.study.graph import model_of
 
 #: bump a kind's version when its step function's output would change for the same config
 STEP_VERSIONS = {"init": "1", "warmup": "1", "train": "1", "eval_expert": "2", "merge": "1", "eval_merged": "2",
-                 "conflicts": "2", "landscape": "1", "report": "4"}
+                 "conflicts": "2", "landscape": "1", "report": "5"}
 
 
 # -- helpers -----------------------------------------------------------------------------------------------

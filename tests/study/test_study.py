@@ -205,6 +205,15 @@ def test_micro_summary_and_bf16_experts(micro_run):
     assert cell["delta_ci"] == pytest.approx([lo, hi])
     assert cell["delta_vs_start"] == pytest.approx(expert.mean() - start.mean())
     assert "## Experts against θ0" in (rep / "report.md").read_text()
+    # "What the numbers show" counts the experts whose interval lies above 0, from the same intervals
+    cells = [e for tasks in data["experts"].values() for e in tasks.values()]
+    n_above = sum(e["delta_ci"][0] > 0 for e in cells)
+    assert (f"- Experts whose 95% interval of Δ against θ0 lies above 0: {n_above} of {len(cells)}"
+            in (rep / "report.md").read_text())
+    rows = [g for g, ms in data["table1_average"].items()
+            if ms.get("averaging", {}).get("relative_change") is not None]
+    assert (len(rows) >= 2) == ("- averaging, Table 1 row average from the smallest drop to the largest: "
+                                in (rep / "report.md").read_text())
     # θ0 and the experts are bf16 checkpoints trained with fp32 master weights, and every record says so
     for step in ("warmup", "train.sft.math.s0", "train.grpo.puzzle.s0", "train.rl_pos.math.s0"):
         final = next((run / "steps").glob(f"{step}-*")) / "run"
