@@ -147,12 +147,32 @@ class MergeMethodConfig(PluginConfig):
 
 
 class EvalConfig(PluginConfig):
-    """Greedy evaluation of experts and merged models."""
+    """Evaluation of θ0, the experts and the merged models: greedy by default; with ``temperature > 0``, ``n``
+    samples per example (``rlm eval``'s ``--temperature``, ``--top-p``, ``--n``), each example scoring the mean
+    over its samples (pass@1 estimated from ``n`` samples)."""
 
     limit: int | None = Field(None, ge=1, description="cap on every task's eval_size (None: no cap)")
     max_new_tokens: int = Field(256, ge=1)
     batch_size: int = Field(8, ge=1)
     include_start: bool = Field(True, description="also evaluate the start model θ0 on every task")
+    temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus of the sampling (temperature > 0)")
+    n: int = Field(1, ge=1, description="samples per example (temperature > 0); an example scores their mean")
+    seed: int = Field(0, ge=0, description="sampling seed, the same for every model (temperature > 0)")
+
+    @model_validator(mode="after")
+    def _sampling(self) -> "EvalConfig":
+        if self.temperature == 0 and (self.n > 1 or self.top_p != 1.0):
+            raise ValueError(f"n {self.n} / top_p {self.top_p:g} with greedy decoding (temperature 0) repeat one "
+                             "completion; give temperature > 0")
+        return self
+
+    def decoding(self) -> dict[str, Any]:
+        """The sampling settings of the evaluation steps: empty when greedy (so greedy studies keep their step
+        keys), else temperature, top_p, n and seed."""
+        if self.temperature == 0:
+            return {}
+        return {"temperature": self.temperature, "top_p": self.top_p, "n": self.n, "seed": self.seed}
 
 
 class ConflictsConfig(PluginConfig):

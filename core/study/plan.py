@@ -142,7 +142,8 @@ class _Planner:
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
         self.steps: dict[str, PlannedStep] = {}
-        self.ev = {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
+        self.ev = {"max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size,
+                   **cfg.eval.decoding()}
         self.order = [t.id for t in cfg.tasks]
         self.start = "init"
         self.evals_expert: list[str] = []
@@ -266,7 +267,7 @@ class _Planner:
             "ci": rep.ci, "bootstrap_seed": rep.seed, "scale": rep.scale,
             "table3": cfg.report.table3, "curve": cfg.curve.enabled,
             "landscape": cfg.landscape.enabled, "save_dtype": cfg.precision.save_dtype,
-            "cpu_capability": cfg.cpu_capability})
+            "cpu_capability": cfg.cpu_capability, **({"decoding": cfg.eval.decoding()} if cfg.eval.temperature else {})})
 
 
 def plan_steps(cfg: ExperimentConfig) -> list[PlannedStep]:

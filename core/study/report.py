@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from rlm.core.study.scores import CollectedScores, collect_scores
-from rlm.core.study.summary import SUMMARY_FILE, cpu_numerics_summary
+from rlm.core.study.summary import SUMMARY_FILE, cpu_numerics_summary, decoding_text
 
 EVAL_KINDS = ("eval_start", "eval_expert", "eval_merged")
 
@@ -114,11 +114,12 @@ def _setup(rep: _Report, scores: Mapping[str, Any], col: CollectedScores) -> Non
     for n, r in scores.items():
         if r and r.get("n"):
             ns.setdefault(r.get("task") or n.rsplit(".", 1)[-1], set()).add(int(r["n"]))
-    rep.md.append("- evaluation examples per cell (greedy decoding, the same examples for every model): "
-                  + ", ".join(f"{t}: {'/'.join(str(x) for x in sorted(v))}" for t, v in ns.items()))
+    rep.md.append(f"- evaluation examples per cell ({decoding_text(c.get('decoding'))}, the same examples for every "
+                  "model): " + ", ".join(f"{t}: {'/'.join(str(x) for x in sorted(v))}" for t, v in ns.items()))
     rep.md.append(f"- bootstrap: {c['bootstrap_resamples']} resamples of the evaluation prompts (the copies of a "
-                  f"prompt an evaluation set repeats are drawn together: greedy decoding gives them one answer), "
-                  f"{c['ci'] * 100:g}% percentile interval, seed {c['bootstrap_seed']}")
+                  f"prompt an evaluation set repeats are drawn together: greedy decoding gives them one answer, and "
+                  f"samples of one prompt are not independent), {c['ci'] * 100:g}% percentile interval, seed "
+                  f"{c['bootstrap_seed']}")
     distinct = {t: s.n_prompts for t, s in col.start.items() if s.n_prompts is not None}
     if distinct:
         rep.md.append("- different prompts among the evaluation examples: "
@@ -505,5 +506,6 @@ def _write_summary(rep: _Report, col: CollectedScores, experts: Mapping[str, Any
     data = build_summary(preset=c["name"], elapsed_s=seconds, steps=steps, start=col.start, experts=experts, t1=t1,
                          table2=table2, precision={"save_dtype": c.get("save_dtype"), **rep.saved},
                          bootstrap={"resamples": c["bootstrap_resamples"], "ci": c["ci"],
-                                    "seed": c["bootstrap_seed"]}, cpu=rep.cpu)
+                                    "seed": c["bootstrap_seed"]}, cpu=rep.cpu,
+                         decoding=c.get("decoding") or {"temperature": 0.0})
     atomic_write_json(rep.out / SUMMARY_FILE, data)

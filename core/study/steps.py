@@ -23,9 +23,10 @@ What each step writes (paths relative to its step directory) and returns (its ``
 ``report``       ``report.md``, ``summary.json``, ``table1.{md,csv,json}``, ``table2.*``, ``table3.*``,
                  ``figures/*.png``, ``provenance.json`` (:mod:`rlm.core.study.report`)
 
-Scores are :func:`rlm.core.study.scores.primary_score` per example. Generation is greedy; the evaluation
-examples of a task do not depend on the seed (``seed=0``), so every model of a study is scored on the same
-examples. The landscape is :class:`rlm.core.study.landscape.Landscape`.
+Scores are :func:`rlm.core.study.scores.primary_score` per example. Generation is greedy unless the study's
+``eval.temperature`` is above 0: then every example gets ``eval.n`` samples drawn with ``eval.seed`` and scores
+their mean. The evaluation examples of a task do not depend on the training seed (``seed=0``), so every model
+of a study is scored on the same examples. The landscape is :class:`rlm.core.study.landscape.Landscape`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from rlm.core.study.graph import model_of
 
 #: bump a kind's version when its step function's output would change for the same config
 STEP_VERSIONS = {"init": "1", "warmup": "1", "train": "1", "eval_expert": "2", "merge": "1", "eval_merged": "2",
-                 "conflicts": "2", "landscape": "1", "report": "5"}
+                 "conflicts": "2", "landscape": "1", "report": "6"}
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -77,8 +78,10 @@ def _last_metrics(path: Path) -> dict[str, Any] | None:
 # -- evaluation --------------------------------------------------------------------------------------------
 def evaluate_loaded(model: Any, tokenizer: Any, task: Mapping[str, Any], ev: Mapping[str, Any],
                     limit: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Greedy evaluation of an in-memory model on one task spec (a step config's ``task``): returns
-    ``{"label", "spec", "metrics", "score", "per_example", "n", "records", "clusters"}`` (``clusters``:
+    """Evaluation of an in-memory model on one task spec (a step config's ``task``): greedy, or with ``ev``'s
+    ``temperature`` > 0 ``n`` samples per example (seed ``ev["seed"]``), an example scoring the mean of its
+    samples' primary scores. Returns ``{"label", "spec", "metrics", "score", "per_example", "n", "records",
+    "clusters"}`` (``n``: examples; ``records``: one per sample; ``clusters``:
     :func:`~rlm.core.study.tables.prompt_clusters` of the examples' prompts)."""
     from rlm.core.eval.engine import load_task
     from rlm.core.eval.generation import chat_prompt, generate
@@ -90,15 +93,23 @@ def evaluate_loaded(model: Any, tokenizer: Any, task: Mapping[str, Any], ev: Map
     spec = f"{task['name']}:{task['subset']}" if task.get("subset") else task["name"]
     run = load_task(spec, data=task.get("path"), limit=size, split=task.get("split", "test"), seed=0,
                     config=task.get("config") or {})
+    temperature = float(ev.get("temperature", 0.0))
+    n = int(ev.get("n", 1)) if temperature > 0 else 1
     prompts = [chat_prompt(tokenizer, ex.prompt, system=run.task.system_prompt) for ex in run.examples]
-    gens = generate(model, tokenizer, prompts, max_new_tokens=int(task.get("max_new_tokens") or ev["max_new_tokens"]),
-                    batch_size=int(ev["batch_size"]), seed=0, progress=progress)
-    scores = run.task.score_batch(run.examples, [g.text for g in gens])
-    per = [primary_score(s) for s in scores]
-    metrics = {k: float(v) for k, v in run.task.metrics(scores).items() if isinstance(v, (int, float))}
-    records = [{"task": task["label"], "id": ex.id, "prompt": g.prompt, "completion": g.text, "scores": s,
-                "score": p, "finish_reason": g.finish_reason, "completion_tokens": len(g.completion_ids)}
-               for ex, g, s, p in zip(run.examples, gens, scores, per)]
+    gens = generate(model, tokenizer, prompts, n=n, max_new_tokens=int(task.get("max_new_tokens") or ev["max_new_tokens"]),
+                    temperature=temperature, top_p=float(ev.get("top_p", 1.0)), batch_size=int(ev["batch_size"]),
+                    seed=int(ev.get("seed", 0)), progress=progress)
+    examples = [ex for ex in run.examples for _ in range(n)]  # gens[i * n + j] is sample j of example i
+    scores = run.task.score_batch(examples, [g.text for g in gens])
+    per_sample = [primary_score(s) for s in scores]
+    per = [sum(per_sample[i * n:(i + 1) * n]) / n for i in range(len(run.examples))]
+    # each sample index is one pass over the examples in order, so metrics that pair examples stay whole
+    passes = [run.task.metrics(scores[j::n]) for j in range(n)]
+    metrics = {k: sum(float(p[k]) for p in passes) / n for k, v in passes[0].items() if isinstance(v, (int, float))}
+    records = [{"task": task["label"], "id": ex.id, **({"sample": g.sample_index} if n > 1 else {}),
+                "prompt": g.prompt, "completion": g.text, "scores": s, "score": p, "finish_reason": g.finish_reason,
+                "completion_tokens": len(g.completion_ids)}
+               for ex, g, s, p in zip(examples, gens, scores, per_sample)]
     from rlm.core.study.tables import prompt_clusters
 
     return {"label": task["label"], "spec": run.label, "metrics": metrics, "score": sum(per) / len(per),
@@ -116,6 +127,14 @@ def _load(model_dir: Path, dtype: str | None = None) -> tuple[Any, Any]:
     return load_model(str(model_dir), dtype=dt, device=default_device())
 
 
+def _decoding(ev: Mapping[str, Any]) -> Any:
+    """A manifest's ``decoding``: ``"greedy"``, or the sampling settings."""
+    if not float(ev.get("temperature", 0.0)):
+        return "greedy"
+    return {"temperature": ev["temperature"], "top_p": ev.get("top_p", 1.0), "n": ev.get("n", 1),
+            "seed": ev.get("seed", 0)}
+
+
 def _write_eval(out: Path, ev: dict[str, Any], ctx: Any, model_dir: Path) -> dict[str, Any]:
     from rlm.core.io.atomic import atomic_write_json, atomic_write_text
     from rlm.core.io.manifest import write_manifest
@@ -124,7 +143,7 @@ def _write_eval(out: Path, ev: dict[str, Any], ctx: Any, model_dir: Path) -> dic
     atomic_write_text(out / "records.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in ev["records"]))
     write_manifest(out, command=list(sys.argv), config=ctx.config, seed=ctx.config.get("seed"),
-                   inputs={"model": str(model_dir)}, extra={"step": ctx.name, "decoding": "greedy"})
+                   inputs={"model": str(model_dir)}, extra={"step": ctx.name, "decoding": _decoding(ctx.config["eval"])})
     return {"score": ev["score"], "per_example": ev["per_example"], "n": ev["n"], "metrics": ev["metrics"],
             "source": ctx.run_relative(ctx.final_dir), "task": ev["label"], "spec": ev["spec"],
             "clusters": ev["clusters"]}

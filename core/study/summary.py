@@ -18,7 +18,8 @@ when it ran (each step's ``step.json``; a rerun that reuses finished steps repor
 ``saved_dtype`` and, from the expert's training run, the master weights' statistics. Added keys: ``units``,
 ``precision`` (saved dtypes of θ0 and the experts), ``table1_average``, ``bootstrap``, ``steps``,
 ``cpu_numerics`` (the study's ``cpu_capability``, torch's kernel capabilities and the CPUs that trained the
-experts: the same seeds give the same numbers only on the same code paths); ``start``
+experts: the same seeds give the same numbers only on the same code paths), ``decoding`` (``{"temperature":
+0.0}`` for greedy evaluation, else the temperature, top_p, samples per example ``n`` and seed); ``start``
 entries add ``n_prompts`` (the different prompts among the ``n`` examples; the bootstrap draws prompts).
 """
 
@@ -129,10 +130,21 @@ def table1_part(t1: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return cells, {g: {m: v["Average"] for m, v in ms.items()} for g, ms in average.items()}
 
 
+def decoding_text(decoding: Mapping[str, Any] | None) -> str:
+    """How the evaluation generated, in words: ``greedy decoding`` or ``sampled: temperature 0.7, top-p 1, 2
+    samples per example (each scores their mean), seed 0``."""
+    if not decoding or not float(decoding.get("temperature", 0.0)):
+        return "greedy decoding"
+    n = int(decoding.get("n", 1))
+    return (f"sampled: temperature {float(decoding['temperature']):g}, top-p {float(decoding.get('top_p', 1.0)):g}, "
+            f"{n} sample{'s' if n > 1 else ''} per example" + (" (each scores their mean)" if n > 1 else "")
+            + f", seed {decoding.get('seed', 0)}")
+
+
 def build_summary(*, preset: str, elapsed_s: float, steps: int, start: Mapping[str, Any],
                   experts: Mapping[str, Mapping[str, Any]], t1: Any, table2: Mapping[str, Any],
                   precision: Mapping[str, Any], bootstrap: Mapping[str, Any],
-                  cpu: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  cpu: Mapping[str, Any] | None = None, decoding: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The summary (the module docstring's shape). ``start``: task -> Score; ``experts``: group -> task ->
     ``{"score", "n", "delta", "ci_low", "ci_high", "paired"}``; ``t1``: the Table1 (or None); ``table2``:
     "GROUP/TASK" -> its entry."""
@@ -142,6 +154,7 @@ def build_summary(*, preset: str, elapsed_s: float, steps: int, start: Mapping[s
     return _json_safe({
         "preset": preset, "elapsed_s": round(float(elapsed_s), 3), "steps": steps, "units": UNITS,
         "precision": dict(precision), "bootstrap": dict(bootstrap), "cpu_numerics": dict(cpu or {}),
+        "decoding": dict(decoding or {"temperature": 0.0}),
         "start": {t: {"score": s.value, "n": s.n, **({} if s.n_prompts is None else {"n_prompts": s.n_prompts})}
                   for t, s in start.items()},
         "experts": {g: {t: {"score": e["score"], "n": e["n"], "delta_vs_start": e.get("delta"),
