@@ -78,6 +78,10 @@ def test_quick_block_applies_and_sets_come_last():
     assert quick.warmup.trainer == full.warmup.trainer  # untouched keys of a merged mapping survive
     # issue 15: every cell of the embedded default is evaluated on at least 200 examples
     assert all(t.eval_size >= 200 for t in quick.tasks + full.tasks)
+    # ... by sampled pass@1 at the RL experts' temperature, the same in quick and full
+    for c in (quick, full):
+        assert c.eval.decoding() == {"temperature": 0.7, "top_p": 1.0, "n": 2, "seed": 0}
+        assert all(tr.config["temperature"] == c.eval.temperature for tr in c.trainers if tr.id != "sft")
     assert not quick.curve.enabled and full.curve.enabled
     assert len(plan_steps(quick)) < len(plan_steps(full))
     # --set applies after the quick block; list items by label/name or index
