@@ -484,7 +484,7 @@ def test_training_cost_orders_the_demo_longest_first():
     from rlm.core.study.plan import SFT_TOKEN_COST, training_cost
 
     plan = {s.name: s for s in plan_steps(load_experiment("cpu-tiny", quick=True))}
-    assert plan["train.grpo.code.s0"].cost == 28 * 32 * 8 * 64 == plan["train.rl_pos.code.s0"].cost
+    assert plan["train.grpo.code.s0"].cost == 20 * 32 * 8 * 64 == plan["train.rl_pos.code.s0"].cost
     assert plan["train.grpo.math.s0"].cost == 24 * 32 * 8 * 48
     assert plan["train.sft.math.s0"].cost == pytest.approx(SFT_TOKEN_COST * 60 * 16 * 192)
     assert plan["warmup"].cost == pytest.approx(SFT_TOKEN_COST * 300 * 16 * 192)
