@@ -96,9 +96,10 @@ def evaluate_loaded(model: Any, tokenizer: Any, task: Mapping[str, Any], ev: Map
     temperature = float(ev.get("temperature", 0.0))
     n = int(ev.get("n", 1)) if temperature > 0 else 1
     prompts = [chat_prompt(tokenizer, ex.prompt, system=run.task.system_prompt) for ex in run.examples]
-    gens = generate(model, tokenizer, prompts, n=n, max_new_tokens=int(task.get("max_new_tokens") or ev["max_new_tokens"]),
-                    temperature=temperature, top_p=float(ev.get("top_p", 1.0)), batch_size=int(ev["batch_size"]),
-                    seed=int(ev.get("seed", 0)), progress=progress)
+    max_new = int(task.get("max_new_tokens") or ev["max_new_tokens"])
+    gens = generate(model, tokenizer, prompts, n=n, max_new_tokens=max_new, temperature=temperature,
+                    top_p=float(ev.get("top_p", 1.0)), batch_size=int(ev["batch_size"]), seed=int(ev.get("seed", 0)),
+                    progress=progress)
     examples = [ex for ex in run.examples for _ in range(n)]  # gens[i * n + j] is sample j of example i
     scores = run.task.score_batch(examples, [g.text for g in gens])
     per_sample = [primary_score(s) for s in scores]
@@ -143,7 +144,8 @@ def _write_eval(out: Path, ev: dict[str, Any], ctx: Any, model_dir: Path) -> dic
     atomic_write_text(out / "records.jsonl",
                       "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in ev["records"]))
     write_manifest(out, command=list(sys.argv), config=ctx.config, seed=ctx.config.get("seed"),
-                   inputs={"model": str(model_dir)}, extra={"step": ctx.name, "decoding": _decoding(ctx.config["eval"])})
+                   inputs={"model": str(model_dir)},
+                   extra={"step": ctx.name, "decoding": _decoding(ctx.config["eval"])})
     return {"score": ev["score"], "per_example": ev["per_example"], "n": ev["n"], "metrics": ev["metrics"],
             "source": ctx.run_relative(ctx.final_dir), "task": ev["label"], "spec": ev["spec"],
             "clusters": ev["clusters"]}
