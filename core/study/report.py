@@ -114,12 +114,12 @@ def _setup(rep: _Report, scores: Mapping[str, Any], col: CollectedScores) -> Non
     for n, r in scores.items():
         if r and r.get("n"):
             ns.setdefault(r.get("task") or n.rsplit(".", 1)[-1], set()).add(int(r["n"]))
-    rep.md.append(f"- evaluation examples per cell ({decoding_text(c.get('decoding'))}, the same examples for every "
-                  "model): " + ", ".join(f"{t}: {'/'.join(str(x) for x in sorted(v))}" for t, v in ns.items()))
+    rep.md.append("- evaluation examples per cell (the same examples for every model): "
+                  + ", ".join(f"{t}: {'/'.join(str(x) for x in sorted(v))}" for t, v in ns.items()))
+    rep.md.append(f"- decoding: {decoding_text(c.get('decoding'))}")
     rep.md.append(f"- bootstrap: {c['bootstrap_resamples']} resamples of the evaluation prompts (the copies of a "
-                  f"prompt an evaluation set repeats are drawn together: greedy decoding gives them one answer, and "
-                  f"samples of one prompt are not independent), {c['ci'] * 100:g}% percentile interval, seed "
-                  f"{c['bootstrap_seed']}")
+                  f"prompt an evaluation set repeats are drawn together: they are not independent), "
+                  f"{c['ci'] * 100:g}% percentile interval, seed {c['bootstrap_seed']}")
     distinct = {t: s.n_prompts for t, s in col.start.items() if s.n_prompts is not None}
     if distinct:
         rep.md.append("- different prompts among the evaluation examples: "

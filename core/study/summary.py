@@ -131,14 +131,14 @@ def table1_part(t1: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def decoding_text(decoding: Mapping[str, Any] | None) -> str:
-    """How the evaluation generated, in words: ``greedy decoding`` or ``sampled: temperature 0.7, top-p 1, 2
-    samples per example (each scores their mean), seed 0``."""
+    """How the evaluation generated, in words: ``greedy`` or ``sampled at temperature 0.7, top-p 1, 2 samples
+    per example, an example scoring their mean (pass@1 estimated from samples); seed 0 for every model``."""
     if not decoding or not float(decoding.get("temperature", 0.0)):
-        return "greedy decoding"
+        return "greedy"
     n = int(decoding.get("n", 1))
-    return (f"sampled: temperature {float(decoding['temperature']):g}, top-p {float(decoding.get('top_p', 1.0)):g}, "
-            f"{n} sample{'s' if n > 1 else ''} per example" + (" (each scores their mean)" if n > 1 else "")
-            + f", seed {decoding.get('seed', 0)}")
+    return (f"sampled at temperature {float(decoding['temperature']):g}, top-p {float(decoding.get('top_p', 1.0)):g}, "
+            + (f"{n} samples per example, an example scoring their mean" if n > 1 else "1 sample per example")
+            + f" (pass@1 estimated from samples); seed {decoding.get('seed', 0)} for every model")
 
 
 def build_summary(*, preset: str, elapsed_s: float, steps: int, start: Mapping[str, Any],

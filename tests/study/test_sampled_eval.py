@@ -26,9 +26,12 @@ def test_eval_config_sampling_fields():
         EvalConfig(temperature=-0.1)
     with pytest.raises(ValueError):
         EvalConfig(temperature=0.7, n=0)
-    assert decoding_text(None) == decoding_text({"temperature": 0.0}) == "greedy decoding"
+    assert decoding_text(None) == decoding_text({"temperature": 0.0}) == "greedy"
     assert decoding_text({"temperature": 0.7, "top_p": 1.0, "n": 2, "seed": 3}) == (
-        "sampled: temperature 0.7, top-p 1, 2 samples per example (each scores their mean), seed 3")
+        "sampled at temperature 0.7, top-p 1, 2 samples per example, an example scoring their mean (pass@1 "
+        "estimated from samples); seed 3 for every model")
+    assert decoding_text({"temperature": 1.0, "top_p": 0.9, "n": 1, "seed": 0}).startswith(
+        "sampled at temperature 1, top-p 0.9, 1 sample per example (pass@1")
     assert _decoding({"max_new_tokens": 8}) == "greedy"
     assert _decoding({"temperature": 0.5, "n": 4}) == {"temperature": 0.5, "top_p": 1.0, "n": 4, "seed": 0}
 

@@ -184,7 +184,7 @@ def test_micro_summary_and_bf16_experts(micro_run):
     _check_summary_shape(data)
     assert data["preset"] == "micro" and set(data["start"]) == {"math", "puzzle"}
     assert data["decoding"] == {"temperature": 0.0}  # micro evaluates greedily
-    assert "(greedy decoding, the same examples for every model)" in (rep / "report.md").read_text()
+    assert "\n- decoding: greedy\n" in (rep / "report.md").read_text()
     assert set(data["experts"]) == set(data["table1"]) == {"sft", "grpo", "rl_pos"}
     assert set(data["table1"]["sft"]) == {"averaging", "task_arithmetic", "ties", "dare_ties"}
     assert data["steps"] == len(plan_steps(cfg)) - 1  # every step but the report itself
