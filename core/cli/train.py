@@ -62,6 +62,9 @@ def train(
     try:
         with run_lock(out):  # the main process only (ranks of one launch share it)
             final = trainer_cls(cfg).train(run)
+        from rlm.core.train.distributed import end_distributed
+
+        end_distributed()  # after a successful run only: a failed rank must not wait on the others
     finally:
         torch.set_num_threads(threads)  # num_threads applies to this run only (matters in-process)
     if os.environ.get("RANK", "0") == "0":

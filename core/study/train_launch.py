@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     train_in_process(json.loads(Path(args[0]).read_text(encoding="utf-8")))
+    from rlm.core.train.distributed import end_distributed
+
+    end_distributed()
     return 0
 
 

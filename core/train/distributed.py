@@ -64,6 +64,18 @@ def build_accelerator(precision: str) -> Any:
     return acc
 
 
+def end_distributed() -> None:
+    """Tear down the process group of a multi-process run once every rank has finished (a barrier, then
+    ``destroy_process_group``), as PyTorch asks of a program that initialised one. Left to interpreter exit, the
+    gloo group's threads are torn down in no defined order, and a rank of a finished run once aborted there
+    ("terminate called without an active exception") under a loaded machine. Nothing happens in one process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_fsdp(acc: Any) -> bool:
     from accelerate.utils import DistributedType
 

@@ -114,3 +114,18 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     state = out / "checkpoints" / "step-2" / "trainer_state"
     assert (state / "rng-0.pt").is_file() and (state / "rng-1.pt").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_end_distributed_destroys_the_process_group(tmp_path):
+    """A finished run tears its process group down (``rlm train`` and the study's launches call this); in one
+    process without a group it does nothing."""
+    import torch.distributed as dist
+
+    from rlm.core.train.distributed import end_distributed
+
+    end_distributed()  # no group: nothing to do
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_distributed()
+    assert not dist.is_initialized()
