@@ -146,6 +146,10 @@ class MergeMethodConfig(PluginConfig):
         return self.label or self.name
 
 
+#: the sampling fields of ``EvalConfig``: what an evaluation step's ``eval`` carries when it samples
+DECODING_FIELDS = ("temperature", "top_p", "n", "seed")
+
+
 class EvalConfig(PluginConfig):
     """Evaluation of θ0, the experts and the merged models: greedy by default; with ``temperature > 0``, ``n``
     samples per example (``rlm eval``'s ``--temperature``, ``--top-p``, ``--n``), each example scoring the mean
@@ -170,9 +174,7 @@ class EvalConfig(PluginConfig):
     def decoding(self) -> dict[str, Any]:
         """The sampling settings of the evaluation steps: empty when greedy (so greedy studies keep their step
         keys), else temperature, top_p, n and seed."""
-        if self.temperature == 0:
-            return {}
-        return {"temperature": self.temperature, "top_p": self.top_p, "n": self.n, "seed": self.seed}
+        return {k: getattr(self, k) for k in DECODING_FIELDS} if self.temperature else {}
 
 
 class ConflictsConfig(PluginConfig):

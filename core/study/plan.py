@@ -267,8 +267,7 @@ class _Planner:
             "ci": rep.ci, "bootstrap_seed": rep.seed, "scale": rep.scale,
             "table3": cfg.report.table3, "curve": cfg.curve.enabled,
             "landscape": cfg.landscape.enabled, "save_dtype": cfg.precision.save_dtype,
-            "cpu_capability": cfg.cpu_capability,
-            **({"decoding": cfg.eval.decoding()} if cfg.eval.temperature else {})})
+            "cpu_capability": cfg.cpu_capability, **({"decoding": d} if (d := cfg.eval.decoding()) else {})})
 
 
 def plan_steps(cfg: ExperimentConfig) -> list[PlannedStep]:

@@ -506,6 +506,5 @@ def _write_summary(rep: _Report, col: CollectedScores, experts: Mapping[str, Any
     data = build_summary(preset=c["name"], elapsed_s=seconds, steps=steps, start=col.start, experts=experts, t1=t1,
                          table2=table2, precision={"save_dtype": c.get("save_dtype"), **rep.saved},
                          bootstrap={"resamples": c["bootstrap_resamples"], "ci": c["ci"],
-                                    "seed": c["bootstrap_seed"]}, cpu=rep.cpu,
-                         decoding=c.get("decoding") or {"temperature": 0.0})
+                                    "seed": c["bootstrap_seed"]}, cpu=rep.cpu, decoding=c.get("decoding"))
     atomic_write_json(rep.out / SUMMARY_FILE, data)

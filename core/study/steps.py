@@ -129,11 +129,11 @@ def _load(model_dir: Path, dtype: str | None = None) -> tuple[Any, Any]:
 
 
 def _decoding(ev: Mapping[str, Any]) -> Any:
-    """A manifest's ``decoding``: ``"greedy"``, or the sampling settings."""
-    if not float(ev.get("temperature", 0.0)):
-        return "greedy"
-    return {"temperature": ev["temperature"], "top_p": ev.get("top_p", 1.0), "n": ev.get("n", 1),
-            "seed": ev.get("seed", 0)}
+    """A manifest's ``decoding``: the sampling settings in ``ev`` (the config's defaults where absent), or
+    ``"greedy"``."""
+    from rlm.core.study.config import DECODING_FIELDS, EvalConfig
+
+    return EvalConfig(**{k: ev[k] for k in DECODING_FIELDS if k in ev}).decoding() or "greedy"
 
 
 def _write_eval(out: Path, ev: dict[str, Any], ctx: Any, model_dir: Path) -> dict[str, Any]:
