@@ -106,6 +106,34 @@ def test_generator_distinct_pairs():
     assert len({e.prompt for e in Rank(distinct=True).examples(limit=720, seed=2)}) == 720  # the whole space
 
 
+def test_generator_compare_reasoning():
+    """``reasoning: compare``: the same prompts and answers as ``claims``; each reference copies the query's
+    predicate (the query's ending, which one passage's first sentence ends with) and Passage A's (its first
+    sentence's ending, negation kept), says "Same: yes" exactly when they are equal and answers A then, B
+    otherwise; the verifier gives every reference reward 1; the default stays ``claims``."""
+    claims = Rank().examples(limit=120, seed=3)
+    exs = Rank(reasoning="compare").examples(limit=120, seed=3)
+    assert [(e.prompt, e.answer) for e in exs] == [(e.prompt, e.answer) for e in claims]
+    assert claims[0].reference.startswith("The query asks for ")
+    t = Rank()
+    for e in exs:
+        query = e.prompt.split("\n")[0][len("Query: "):].rstrip("?")
+        first = {k: e.prompt.split(f"Passage {k}: ")[1].split(". ")[0] for k in "AB"}
+        lines = e.reference.split("\n")
+        assert len(lines) == 4 and lines[0].startswith("Query: ") and lines[1].startswith("Passage A: ")
+        q_pred, a_pred = lines[0][len("Query: "):-1], lines[1][len("Passage A: "):-1]
+        assert query.endswith(" " + q_pred) and any(first[k].endswith(" " + q_pred) for k in "AB")
+        assert first["A"].endswith(" " + a_pred) and not first["B"].endswith(" " + a_pred)
+        assert (" not " in f" {q_pred} ") == (" not " in query) and not q_pred.startswith("The ")
+        assert (" not " in f" {a_pred} ") == (" not " in first["A"]) and not a_pred.startswith("The ")
+        same = q_pred == a_pred
+        assert lines[2:] == [f"Same: {'yes' if same else 'no'}.", f"ANSWER: {e.answer}"]
+        assert e.answer == ("A" if same else "B") and t.reward(e, e.reference) == 1.0
+    assert {e.reference.split("\n")[2] for e in exs} == {"Same: yes.", "Same: no."}
+    with pytest.raises(Exception, match="reasoning"):
+        Rank(reasoning="short")
+
+
 @pytest.mark.parametrize("completion,expected", [
     ("ANSWER: A", "A"), ("answer: b", None), ("The answer is B.", "B"), ("Answer: Passage B", "B"),
     ("**Answer:** A", "A"), ("Answer: **A**", "A"), ("B", "B"), ("(A)", "A"), ("ANSWER: 2", "B"),

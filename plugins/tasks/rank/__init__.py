@@ -9,7 +9,7 @@ methods.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -35,6 +35,10 @@ class Rank(Task):
         test_seed_offset: int = Field(1_000_003, description="split 'test' draws with seed + this offset")
         distinct: bool = Field(False, description="generated: no pair repeats within one set while the space "
                                "allows (360 pairs), so a greedy evaluation scores n different prompts")
+        reasoning: Literal["claims", "compare"] = Field(
+            "claims", description="generated: the reference responses' style: 'claims' restates the query and "
+            "both passages' claims; 'compare' copies the query's and Passage A's predicates and says whether "
+            "they are the same (shorter; rank.generator)")
 
     def examples(self, subset: str | None = None, *, split: str = "train", limit: int | None = None,
                  seed: int = 0, path: str | None = None) -> list[Example]:
@@ -46,7 +50,7 @@ class Rank(Task):
         if subset == "generated" and path is None:
             n_pairs = -(-limit // 2) if limit else c.num_pairs
             rows = generate_pairs(n_pairs, seed + (c.test_seed_offset if split == "test" else 0),
-                                  distinct=c.distinct)
+                                  distinct=c.distinct, reasoning=c.reasoning)
         elif subset == "rank1":
             rows = load_rank1(path or c.rank1_dataset, split=split)
         else:

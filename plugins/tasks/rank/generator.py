@@ -1,6 +1,15 @@
 """Offline generator of the ``rank`` task's ``generated`` subset: negation pairs about invented places and
 things ("the Marrow lake freezes over every winter" / "does not freeze over"), each as two pairwise examples
-with reference responses."""
+with reference responses.
+
+Two styles of reference (``reasoning``):
+
+- ``claims``: restate what the query asks for and what each passage claims, then name the passage that matches
+  ("The query asks for a lake that ... Passage A says that ..., while Passage B says that ... Only Passage A
+  matches the query, negation included.");
+- ``compare``: copy the query's predicate and Passage A's, say whether the two are the same, and answer A if they
+  are and B if not. Each step looks at a few tokens just written, and the response is about a third as long.
+"""
 
 from __future__ import annotations
 
@@ -40,10 +49,23 @@ FACTS = (
 QUERY_FORMS = ("Which {kind} {pred}?", "a {kind} that {pred}", "find the {kind} which {pred}")
 
 
-def generate_pairs(n_pairs: int, seed: int = 0, *, distinct: bool = False) -> list[dict[str, Any]]:
-    """``n_pairs`` negation pairs as pairwise examples (two per pair), each with a reference response.
-    ``distinct``: no pair (subject, query form and passage order) repeats while the space allows (12 kinds x 5
-    names x 3 forms x 2 orders = 360 pairs, 720 prompts)."""
+REASONING = ("claims", "compare")
+
+
+def compare_reference(query_pred: str, passage_a_pred: str) -> str:
+    """The ``compare`` reference: the query's predicate, Passage A's, whether they are the same, the answer."""
+    same = query_pred == passage_a_pred
+    return (f"Query: {query_pred}.\nPassage A: {passage_a_pred}.\nSame: {'yes' if same else 'no'}.\n"
+            f"ANSWER: {'A' if same else 'B'}")
+
+
+def generate_pairs(n_pairs: int, seed: int = 0, *, distinct: bool = False,
+                   reasoning: str = "claims") -> list[dict[str, Any]]:
+    """``n_pairs`` negation pairs as pairwise examples (two per pair), each with a reference response in the
+    style ``reasoning`` (module docstring). ``distinct``: no pair (subject, query form and passage order)
+    repeats while the space allows (12 kinds x 5 names x 3 forms x 2 orders = 360 pairs, 720 prompts)."""
+    if reasoning not in REASONING:
+        raise ValueError(f"rank: reasoning must be one of {', '.join(REASONING)}, not {reasoning!r}")
     rng = random.Random(seed)
 
     def draw() -> tuple[tuple, str, str, bool]:
@@ -60,5 +82,9 @@ def generate_pairs(n_pairs: int, seed: int = 0, *, distinct: bool = False) -> li
         p1, p2 = f"{subject} {pos}. {filler}", f"{subject} {neg}. {filler}"
         subj = "t" + subject[1:]
         explain = (f"a {kind} that {pos}", f"a {kind} that {neg}", f"{subj} {pos}", f"{subj} {neg}")
-        out += pair_examples(f"gen-{seed}-{i}", q1, q2, p1, p2, None, explain, swap=swap)
+        pair = pair_examples(f"gen-{seed}-{i}", q1, q2, p1, p2, None, explain, swap=swap)
+        if reasoning == "compare":
+            for example, query_pred in zip(pair, (pos, neg)):
+                example["reference"] = compare_reference(query_pred, neg if swap else pos)
+        out += pair
     return out
