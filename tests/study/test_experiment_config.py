@@ -78,9 +78,9 @@ def test_quick_block_applies_and_sets_come_last():
     assert quick.warmup.trainer == full.warmup.trainer  # untouched keys of a merged mapping survive
     # issue 15: every cell of the embedded default is evaluated on at least 200 examples
     assert all(t.eval_size >= 200 for t in quick.tasks + full.tasks)
-    # ... by sampled pass@1 at the RL experts' temperature, the same in quick and full
-    for c in (quick, full):
-        assert c.eval.decoding() == {"temperature": 0.7, "top_p": 1.0, "n": 2, "seed": 0}
+    # ... by sampled pass@1 at the RL experts' temperature: 2 samples an example in full, 8 in quick
+    for c, n in ((quick, 8), (full, 2)):
+        assert c.eval.decoding() == {"temperature": 0.7, "top_p": 1.0, "n": n, "seed": 0}
         assert all(tr.config["temperature"] == c.eval.temperature for tr in c.trainers if tr.id != "sft")
     assert not quick.curve.enabled and full.curve.enabled
     assert len(plan_steps(quick)) < len(plan_steps(full))
@@ -484,7 +484,7 @@ def test_training_cost_orders_the_demo_longest_first():
     from rlm.core.study.plan import SFT_TOKEN_COST, training_cost
 
     plan = {s.name: s for s in plan_steps(load_experiment("cpu-tiny", quick=True))}
-    assert plan["train.grpo.code.s0"].cost == 20 * 32 * 8 * 64 == plan["train.rl_pos.code.s0"].cost
+    assert plan["train.grpo.code.s0"].cost == 24 * 32 * 8 * 64 == plan["train.rl_pos.code.s0"].cost
     assert plan["train.grpo.math.s0"].cost == 24 * 32 * 8 * 48
     assert plan["train.sft.math.s0"].cost == pytest.approx(SFT_TOKEN_COST * 60 * 16 * 192)
     assert plan["warmup"].cost == pytest.approx(SFT_TOKEN_COST * 300 * 16 * 192)
