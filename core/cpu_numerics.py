@@ -8,7 +8,9 @@ paths and 57.0 % / 72.5 % with the AVX2 paths, on the same machine and seed (doc
 all three to their AVX2 paths through the variables each library reads when it loads — torch's
 ``ATEN_CPU_CAPABILITY``, MKL's conditional numerical reproducibility ``MKL_CBWR`` and oneDNN's
 ``ONEDNN_MAX_CPU_ISA`` — so they must be set before torch is imported; :func:`pin_cpu_capability` refuses
-when it is too late. No library offers this as one switch, hence the few lines here.
+when it is too late. No library offers this as one switch, hence the few lines here. MKL applies a branch other
+than ``AUTO`` or ``COMPATIBLE`` on Intel processors only, so ``avx2`` makes Intel CPUs agree with each other, not
+with AMD ones (``COMPATIBLE`` would, at about twice the training time of the tiny model: docs/study.md).
 """
 
 from __future__ import annotations
