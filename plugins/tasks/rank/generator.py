@@ -82,7 +82,8 @@ def generate_pairs(n_pairs: int, seed: int = 0, *, distinct: bool = False,
         p1, p2 = f"{subject} {pos}. {filler}", f"{subject} {neg}. {filler}"
         subj = "t" + subject[1:]
         explain = (f"a {kind} that {pos}", f"a {kind} that {neg}", f"{subj} {pos}", f"{subj} {neg}")
-        pair = pair_examples(f"gen-{seed}-{i}", q1, q2, p1, p2, None, explain, swap=swap)
+        pair = pair_examples(f"gen-{seed}-{i}", q1, q2, p1, p2, None, explain if reasoning == "claims" else None,
+                             swap=swap)
         if reasoning == "compare":
             for example, query_pred in zip(pair, (pos, neg)):
                 example["reference"] = compare_reference(query_pred, neg if swap else pos)
